@@ -1,10 +1,16 @@
 """Masked token gather: ``tokens[b, idx[b, k]] (+ pos_embed[idx[b, k]])`` for each mask of a list.
 
 The I-JEPA context path gathers the context-block tokens after patch embedding; the official ``apply_masks``
-builds a ``[B, K, D]`` int64 index (8 bytes per gathered element) to call ``torch.gather``.
+builds a ``[B, K, D]`` int64 index (8 bytes per gathered element) to call ``torch.gather``. The fused op reads the
+``[M*B, K]`` indices once per row, adds the positional embedding in the same pass, and its backward writes every
+element of the tokens' gradient exactly once (no zero-fill, no atomics) through an inverse index map.
 """
 
 import torch
+import triton
+import triton.language as tl
+
+from fastjepa.kernels._switch import fused_enabled, interpreting
 
 
 def as_mask_list(masks) -> list[torch.Tensor]:
@@ -23,15 +29,169 @@ def masked_gather_ref(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | Non
     return out
 
 
+@triton.jit
+def _masked_gather_fwd_kernel(x, idx, pos, out, B, N, K, D, HAS_POS: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    i_k, i_r = tl.program_id(0), tl.program_id(1)  # i_r = m * B + b: one output row
+    i_b = i_r % B
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_d = tl.arange(0, BLOCK_D)
+    m_k = o_k < K
+    m = m_k[:, None] & (o_d < D)[None, :]
+    b_idx = tl.load(idx + i_r.to(tl.int64) * K + o_k, mask=m_k, other=0).to(tl.int64)
+    b_x = tl.load(x + (i_b.to(tl.int64) * N + b_idx[:, None]) * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+    if HAS_POS:
+        b_x += tl.load(pos + b_idx[:, None] * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+    p_out = out + (i_r.to(tl.int64) * K + o_k[:, None]) * D + o_d[None, :]
+    tl.store(p_out, b_x.to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _masked_gather_bwd_kernel(dy, inv, dx, M, B, N, K, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # inv[m, b, n] = the slot k of mask m that gathered token n of image b, or -1: each program owns a tile of
+    # dx rows and sums over the masks, so every element of dx is written once and no atomics are needed.
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < N
+    m_d = (o_d < D)[None, :]
+    b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i_m in range(M):
+        i_r = (i_m * B + i_b).to(tl.int64)
+        b_k = tl.load(inv + i_r * N + o_n, mask=m_n, other=-1).to(tl.int64)
+        m = (b_k >= 0)[:, None] & m_d
+        b_acc += tl.load(dy + (i_r * K + b_k[:, None]) * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+    p_dx = dx + (i_b.to(tl.int64) * N + o_n[:, None]) * D + o_d[None, :]
+    tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_d)
+
+
+def _row_blocks(rows: int, dim: int) -> tuple[int, int]:
+    """(rows per program, BLOCK_D): one program covers whole rows of the feature dimension. The interpreter runs
+    programs one after another, so it gets as many rows per program as possible."""
+    block_d = triton.next_power_of_2(dim)
+    budget = 1 << 16 if interpreting() else 8192
+    return max(1, min(triton.next_power_of_2(rows), budget // block_d)), block_d
+
+
+def stack_masks(masks, batch: int, num_tokens: int, name: str = "masks") -> torch.Tensor:
+    """Check a mask list against ``[batch, N, D]`` tokens and concatenate it to ``[M*batch, K]`` (contiguous)."""
+    masks = as_mask_list(masks)
+    if not masks:
+        raise ValueError(f"{name}: empty list; pass at least one [B, K] index tensor")
+    shape = masks[0].shape
+    for i, m in enumerate(masks):
+        if m.dim() != 2 or m.shape[0] != batch or m.shape != shape:
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(m.shape)}; every mask must be [B, K] = [{batch}, K] with the same K "
+                "(the collator cuts every list to a common length)"
+            )
+        if m.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name}[{i}] has dtype {m.dtype}; pass int64 (or int32) token indices in [0, {num_tokens})")
+    return torch.cat(masks, dim=0).contiguous() if len(masks) > 1 else masks[0].contiguous()
+
+
+def masked_gather_fwd(
+    tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, N, D]`` tokens, ``[M*B, K]`` indices -> ``[M*B, K, D]`` in the promoted dtype of tokens and pos
+    (written into ``out`` when given, which tests fill with NaN)."""
+    if tokens.dim() != 3:
+        raise ValueError(f"masked_gather: tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
+    batch, num_tokens, dim = tokens.shape
+    rows, k = idx.shape
+    if rows % batch:
+        raise ValueError(f"masked_gather: {rows} index rows is not a multiple of the batch size {batch}")
+    tokens = tokens.contiguous()
+    dtype = tokens.dtype
+    if pos_embed is not None:
+        if pos_embed.numel() != num_tokens * dim:
+            raise ValueError(
+                f"masked_gather: pos_embed has shape {tuple(pos_embed.shape)}; expected [N, D] = [{num_tokens}, {dim}]"
+            )
+        pos_embed = pos_embed.reshape(num_tokens, dim).contiguous()
+        dtype = torch.promote_types(dtype, pos_embed.dtype)
+    if out is None:
+        out = torch.empty(rows, k, dim, dtype=dtype, device=tokens.device)
+    if out.numel() == 0:
+        return out
+    block_k, block_d = _row_blocks(k, dim)
+    grid = (triton.cdiv(k, block_k), rows)
+    _masked_gather_fwd_kernel[grid](
+        tokens, idx, pos_embed if pos_embed is not None else tokens, out, batch, num_tokens, k, dim,
+        HAS_POS=pos_embed is not None, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def inverse_index(idx: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
+    """``[M*B, K]`` indices -> ``[M*B, N]`` int32 map from token to slot (-1 where not gathered).
+
+    The map holds one slot per token, so indices must be distinct within each row (I-JEPA masks are); a repeated
+    index raises a device-side assertion instead of silently dropping a gradient term."""
+    rows, k = idx.shape
+    slots = torch.arange(k, dtype=torch.int32, device=idx.device).expand(rows, k)
+    inv = torch.full((rows, num_tokens), -1, dtype=torch.int32, device=idx.device).scatter_(1, idx.long(), slots)
+    torch._assert_async(
+        (inv.gather(1, idx.long()) == slots).all(),
+        "masked_gather backward: an index repeats within a row of a mask; indices must be distinct per row",
+    )
+    return inv
+
+
+def masked_gather_bwd(
+    grad_out: torch.Tensor, inv: torch.Tensor, batch: int, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[M*B, K, D]`` output gradient -> ``[B, N, D]`` tokens gradient (zeros where nothing was gathered)."""
+    grad_out = grad_out.contiguous()
+    rows, k, dim = grad_out.shape
+    num_tokens = inv.shape[1]
+    dx = torch.empty(batch, num_tokens, dim, dtype=dtype, device=grad_out.device) if out is None else out
+    block_n, block_d = _row_blocks(num_tokens, dim)
+    grid = (triton.cdiv(num_tokens, block_n), batch)
+    _masked_gather_bwd_kernel[grid](
+        grad_out, inv, dx, rows // batch, batch, num_tokens, k, dim, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4
+    )
+    return dx
+
+
+class MaskedGatherFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, idx, pos_embed):
+        ctx.batch, ctx.num_tokens = tokens.shape[0], tokens.shape[1]
+        ctx.tokens_dtype = tokens.dtype
+        ctx.pos_shape = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
+        ctx.save_for_backward(idx)
+        return masked_gather_fwd(tokens, idx, pos_embed)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (idx,) = ctx.saved_tensors
+        need_tokens, _, need_pos = ctx.needs_input_grad
+        inv = inverse_index(idx, ctx.batch, ctx.num_tokens)
+        # The positional embedding's gradient is the tokens' gradient summed over the batch: accumulate it in fp32.
+        dx = masked_gather_bwd(grad_out, inv, ctx.batch, torch.float32 if need_pos else ctx.tokens_dtype)
+        grad_pos = None
+        if need_pos:
+            shape, dtype = ctx.pos_shape
+            grad_pos = dx.sum(0).to(dtype).reshape(shape)
+        return dx.to(ctx.tokens_dtype) if need_tokens else None, None, grad_pos
+
+
 def masked_gather(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
     """Gather the tokens named by each mask, optionally adding the positional embedding at those positions.
 
     Args:
         tokens: ``[B, N, D]``.
-        masks: one ``[B, K]`` int64 index tensor or a list of M of them (the official mask format).
+        masks: one ``[B, K]`` int64 index tensor or a list of M of them (the official mask format); indices in
+            ``[0, N)``, distinct within each row of a mask (as the I-JEPA collator makes them).
         pos_embed: optional ``[N, D]`` (or ``[1, N, D]``) added at the gathered positions.
     Returns:
-        ``[M*B, K, D]``, masks concatenated on the batch dimension (the order of the official ``apply_masks``).
+        ``[M*B, K, D]``, masks concatenated on the batch dimension (the order of the official ``apply_masks``), in
+        the promoted dtype of ``tokens`` and ``pos_embed``.
     Backward scatter-adds into the gradient of ``tokens`` (and of ``pos_embed`` when it requires grad).
     """
-    return masked_gather_ref(tokens, masks, pos_embed)
+    check = [tokens] + as_mask_list(masks) + ([pos_embed] if pos_embed is not None else [])
+    if not fused_enabled(*check):
+        return masked_gather_ref(tokens, masks, pos_embed)
+    idx = stack_masks(masks, tokens.shape[0], tokens.shape[1])
+    return MaskedGatherFunction.apply(tokens, idx, pos_embed)
