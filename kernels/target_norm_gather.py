@@ -1,13 +1,19 @@
 """Targets of I-JEPA: parameter-free LayerNorm of the target encoder's output, gathered at each target block.
 
 The official code normalises all N tokens, gathers with ``apply_masks`` and copies the result once per context
-block (``repeat_interleave_batch``); only the gathered tokens are ever used.
+block (``repeat_interleave_batch``); only the gathered tokens are ever used. The fused op normalises only the
+gathered rows and writes each one straight to its nenc places in the predictor's output order. The fused loss
+``target_norm_smooth_l1`` goes further: the targets never reach memory, the forward writes one partial sum per
+program and the backward recomputes them to write the predictions' gradient.
 """
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from fastjepa.kernels.masked_gather import as_mask_list, masked_gather_ref
+from fastjepa.kernels._switch import fused_enabled
+from fastjepa.kernels.masked_gather import _row_blocks, as_mask_list, masked_gather_ref, stack_masks
 
 
 def repeat_interleave_batch(x: torch.Tensor, batch_size: int, repeat: int) -> torch.Tensor:
@@ -26,14 +32,157 @@ def target_norm_gather_ref(h: torch.Tensor, masks_pred, num_context_blocks: int 
     return repeat_interleave_batch(out, h.shape[0], num_context_blocks)
 
 
+def target_norm_smooth_l1_ref(pred, h, masks_pred, num_context_blocks: int = 1, eps: float = 1e-5):
+    """Reference: the official loss, ``smooth_l1_loss(pred, targets)`` (beta 1, mean), targets from ``h``."""
+    return F.smooth_l1_loss(pred, target_norm_gather_ref(h, masks_pred, num_context_blocks, eps))
+
+
+@triton.jit
+def _gathered_layer_norm(h, idx, i_r, B, N, K, D, eps, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The normalised rows ``h[b, idx[i_r, k]]`` of one tile (fp32), with the tile's offsets and mask."""
+    i_b = i_r % B
+    o_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = (o_d < D)[None, :]
+    m = (o_k < K)[:, None] & m_d
+    b_idx = tl.load(idx + i_r.to(tl.int64) * K + o_k, mask=o_k < K, other=0).to(tl.int64)
+    b_h = tl.load(h + (i_b.to(tl.int64) * N + b_idx[:, None]) * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+    b_mean = tl.sum(b_h, axis=1) / D
+    b_c = tl.where(m_d, b_h - b_mean[:, None], 0.0)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_c * b_c, axis=1) / D + eps)
+    return b_c * b_rstd[:, None], o_k, o_d, m
+
+
+@triton.jit
+def _target_norm_gather_fwd_kernel(h, idx, out, B, N, K, D, NENC, eps, BLOCK_K: tl.constexpr,
+                                   BLOCK_D: tl.constexpr):
+    i_r = tl.program_id(1)  # m * B + b
+    b_y, o_k, o_d, m = _gathered_layer_norm(h, idx, i_r, B, N, K, D, eps, BLOCK_K, BLOCK_D)
+    b_y = b_y.to(out.dtype.element_ty)
+    i_m, i_b = i_r // B, i_r % B
+    for i_j in range(NENC):
+        i_o = ((i_m * NENC + i_j) * B + i_b).to(tl.int64)
+        tl.store(out + (i_o * K + o_k[:, None]) * D + o_d[None, :], b_y, mask=m)
+
+
+@triton.jit
+def _target_norm_smooth_l1_kernel(pred, h, idx, partial, dpred, dloss, B, N, K, D, NENC, eps, scale,
+                                  BACKWARD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Forward: one fp32 partial sum of the elementwise loss per program (summed on the host side in fixed
+    # order, so the loss is deterministic). Backward: d loss / d pred = clamp(pred - target, -1, 1) * scale * dloss.
+    i_r = tl.program_id(1)
+    b_y, o_k, o_d, m = _gathered_layer_norm(h, idx, i_r, B, N, K, D, eps, BLOCK_K, BLOCK_D)
+    i_m, i_b = i_r // B, i_r % B
+    if BACKWARD:
+        b_g = tl.load(dloss).to(tl.float32) * scale
+    else:
+        b_acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for i_j in range(NENC):
+        i_o = ((i_m * NENC + i_j) * B + i_b).to(tl.int64)
+        o_p = (i_o * K + o_k[:, None]) * D + o_d[None, :]
+        b_d = tl.load(pred + o_p, mask=m, other=0).to(tl.float32) - b_y
+        if BACKWARD:
+            b_dp = tl.minimum(tl.maximum(b_d, -1.0), 1.0) * b_g
+            tl.store(dpred + o_p, b_dp.to(dpred.dtype.element_ty), mask=m)
+        else:
+            b_ad = tl.abs(b_d)
+            b_acc += tl.where(m, tl.where(b_ad < 1.0, 0.5 * b_d * b_d, b_ad - 0.5), 0.0)
+    if not BACKWARD:
+        tl.store(partial + i_r * tl.num_programs(0) + tl.program_id(0), tl.sum(tl.sum(b_acc, axis=1), axis=0))
+
+
+def _check_h(h: torch.Tensor, name: str) -> None:
+    if h.dim() != 3:
+        raise ValueError(f"{name}: h must be the [B, N, D] target-encoder output, got shape {tuple(h.shape)}")
+
+
+def target_norm_gather_fwd(h, idx, num_context_blocks: int = 1, eps: float = 1e-5, out=None) -> torch.Tensor:
+    """``[B, N, D]`` h, ``[M*B, K]`` indices -> ``[M*nenc*B, K, D]`` normalised targets in h's dtype."""
+    _check_h(h, "target_norm_gather")
+    h = h.contiguous()
+    batch, num_tokens, dim = h.shape
+    rows, k = idx.shape
+    if out is None:
+        out = torch.empty(rows * num_context_blocks, k, dim, dtype=h.dtype, device=h.device)
+    if out.numel() == 0:
+        return out
+    block_k, block_d = _row_blocks(k, dim)
+    _target_norm_gather_fwd_kernel[(triton.cdiv(k, block_k), rows)](
+        h, idx, out, batch, num_tokens, k, dim, num_context_blocks, eps, BLOCK_K=block_k, BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
+
+
+def _smooth_l1_launch(pred, h, idx, num_context_blocks, eps, dloss=None, dpred=None):
+    batch, num_tokens, dim = h.shape
+    rows, k = idx.shape
+    block_k, block_d = _row_blocks(k, dim)
+    grid = (triton.cdiv(k, block_k), rows)
+    partial = torch.empty(rows, grid[0], dtype=torch.float32, device=h.device)
+    _target_norm_smooth_l1_kernel[grid](
+        pred, h, idx, partial, pred if dpred is None else dpred, partial if dloss is None else dloss,
+        batch, num_tokens, k, dim, num_context_blocks, eps, 1.0 / pred.numel(),
+        BACKWARD=dpred is not None, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+    )
+    return partial
+
+
+class TargetNormSmoothL1Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, h, idx, num_context_blocks, eps):
+        pred, h = pred.contiguous(), h.contiguous()
+        ctx.save_for_backward(pred, h, idx)
+        ctx.num_context_blocks, ctx.eps = num_context_blocks, eps
+        partial = _smooth_l1_launch(pred, h, idx, num_context_blocks, eps)
+        return (partial.sum() / pred.numel()).to(torch.promote_types(pred.dtype, h.dtype))
+
+    @staticmethod
+    def backward(ctx, dloss):
+        pred, h, idx = ctx.saved_tensors
+        dpred = torch.empty_like(pred)
+        _smooth_l1_launch(pred, h, idx, ctx.num_context_blocks, ctx.eps, dloss=dloss.contiguous(), dpred=dpred)
+        return dpred, None, None, None, None
+
+
 def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1, eps: float = 1e-5):
     """Normalised (no affine) target features at every target block, in the order of the predictor's outputs.
 
     Args:
-        h: ``[B, N, D]`` target-encoder output (after its final norm); no gradient flows to it.
+        h: ``[B, N, D]`` target-encoder output (after its final norm); no gradient flows to it on the fused path
+            (with grad enabled and ``h.requires_grad`` the reference runs, so autograd stays exact).
         masks_pred: a list of M ``[B, K]`` int64 index tensors (the target blocks).
         num_context_blocks: nenc; each target block's rows are repeated that many times, as the official code does.
     Returns:
-        ``[M*nenc*B, K, D]`` in ``h``'s dtype.
+        ``[M*nenc*B, K, D]`` in ``h``'s dtype (statistics in fp32).
     """
-    return target_norm_gather_ref(h, masks_pred, num_context_blocks, eps)
+    masks = as_mask_list(masks_pred)
+    if not fused_enabled(h, *masks) or (torch.is_grad_enabled() and h.requires_grad):
+        return target_norm_gather_ref(h, masks, num_context_blocks, eps)
+    _check_h(h, "target_norm_gather")
+    return target_norm_gather_fwd(h, stack_masks(masks, h.shape[0], h.shape[1], "masks_pred"), num_context_blocks, eps)
+
+
+def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_context_blocks: int = 1,
+                          eps: float = 1e-5) -> torch.Tensor:
+    """The I-JEPA loss without materialising the targets: ``F.smooth_l1_loss(pred, target_norm_gather(h, ...))``.
+
+    Args:
+        pred: ``[M*nenc*B, K, D]`` predictor outputs; h: ``[B, N, D]`` target-encoder output (treated as constant);
+        masks_pred: list of M ``[B, K]`` target indices; num_context_blocks: nenc.
+    Returns:
+        The mean smooth-L1 loss (beta 1), accumulated in fp32, in the promoted dtype of pred and h.
+    Backward writes the gradient w.r.t. ``pred`` only, recomputing the targets from ``h``.
+    """
+    masks = as_mask_list(masks_pred)
+    if not fused_enabled(pred, h, *masks):
+        return target_norm_smooth_l1_ref(pred, h.detach(), masks, num_context_blocks, eps)
+    _check_h(h, "target_norm_smooth_l1")
+    idx = stack_masks(masks, h.shape[0], h.shape[1], "masks_pred")
+    expected = (idx.shape[0] * num_context_blocks, idx.shape[1], h.shape[2])
+    if tuple(pred.shape) != expected:
+        raise ValueError(
+            f"target_norm_smooth_l1: pred has shape {tuple(pred.shape)}; expected [M*nenc*B, K, D] = {expected} "
+            f"for {len(masks)} target masks, nenc={num_context_blocks} and h of shape {tuple(h.shape)}"
+        )
+    return TargetNormSmoothL1Function.apply(pred, h.detach(), idx, num_context_blocks, eps)
