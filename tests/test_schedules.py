@@ -26,7 +26,8 @@ class _OfficialLR:
         if self._step < self.warmup_steps:
             return self.start_lr + self._step / max(1, self.warmup_steps) * (self.ref_lr - self.start_lr)
         progress = (self._step - self.warmup_steps) / max(1, self.T_max)
-        return max(self.final_lr, self.final_lr + (self.ref_lr - self.final_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+        cosine = self.final_lr + (self.ref_lr - self.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        return max(self.final_lr, cosine)
 
 
 class _OfficialWD:
