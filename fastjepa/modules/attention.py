@@ -1,16 +1,11 @@
 """Multi-head self-attention with selectable backends and the official I-JEPA parameter names."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_BACKENDS = ("sdpa", "math")
-
-
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The official numerics: scores materialised, scaled after the matmul, softmax (fp32 under autocast)."""
-    attn = (q @ k.transpose(-2, -1)) * scale
-    return attn.softmax(dim=-1) @ v
+# The backends (sdpa, pinned SDPA kernels, flash-attn, xformers, math, auto) live in attention_backends.
+from fastjepa.modules.attention_backends import BACKENDS as ATTENTION_BACKENDS
+from fastjepa.modules.attention_backends import attention, attention_math  # noqa: F401 (attention_math re-exported)
 
 
 class Attention(nn.Module):
@@ -30,8 +25,5 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.backend == "math":
-            out = attention_math(q, k, v, self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = attention(q, k, v, self.scale, self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))

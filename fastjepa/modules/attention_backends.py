@@ -1,0 +1,183 @@
+"""Attention backends for the ViT blocks, chosen by name (``fastjepa.attn_backend`` in the config).
+
+Every backend computes ``softmax(q k^T * scale) v`` on ``[B, H, L, D]`` tensors and returns ``[B, H, L, D]``:
+
+- ``math``: the official numerics (scores materialised, scaled after the matmul, softmax in fp32); the reference.
+- ``sdpa``: ``F.scaled_dot_product_attention`` with PyTorch's own dispatch.
+- ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient`` / ``sdpa_math``: SDPA pinned to one kernel with
+  ``torch.nn.attention.sdpa_kernel``.
+- ``flash_attn`` (``flash_attn.flash_attn_func``) and ``xformers`` (``memory_efficient_attention``) when
+  those packages are installed.
+- ``auto``: on a GPU, the fastest of the available backends for this shape, dtype and grad mode, timed once on
+  first use (forward, plus backward when gradients are needed) and cached for the process; on CPU, and while
+  torch.compile traces before anything was timed, the deterministic choice ``sdpa``.
+"""
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn", "xformers",
+            "math")
+_SDPA_PINNED = {
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa_math": SDPBackend.MATH,
+}
+DEFAULT = "sdpa"
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The official I-JEPA attention: ``(q @ k^T) * scale``, softmax in fp32 (at least), probabilities back in v's
+    dtype. Under autocast this is exactly the official numerics."""
+    attn = (q @ k.transpose(-2, -1)) * scale
+    return attn.softmax(dim=-1, dtype=torch.promote_types(attn.dtype, torch.float32)).to(v.dtype) @ v
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _sdpa_pinned(kind: SDPBackend):
+    def run(q, k, v, scale):
+        with sdpa_kernel(kind):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    return run
+
+
+def _flash_attn(q, k, v, scale):
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale).transpose(
+        1, 2
+    )
+
+
+def _xformers(q, k, v, scale):
+    from xformers.ops import memory_efficient_attention
+
+    out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+_IMPLS = {
+    "math": attention_math,
+    "sdpa": _sdpa,
+    **{name: _sdpa_pinned(kind) for name, kind in _SDPA_PINNED.items()},
+    "flash_attn": _flash_attn,
+    "xformers": _xformers,
+}
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def supports(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``backend`` can run on this device, dtype and head dim (documented kernel constraints; SDPA may still
+    refuse a shape it cannot handle, which ``attention`` reports with PyTorch's reason)."""
+    device = torch.device(device)
+    half = dtype in (torch.float16, torch.bfloat16)
+    cuda = device.type == "cuda"
+    if backend in ("math", "sdpa", "sdpa_math"):
+        return True
+    if backend == "sdpa_flash":
+        # PyTorch also ships a CPU flash kernel (any float dtype); on CUDA, fp16/bf16 with head dim % 8 == 0.
+        return not cuda or (half and head_dim % 8 == 0 and head_dim <= 256)
+    if backend == "sdpa_cudnn":
+        return cuda and half and torch.cuda.get_device_capability(device) >= (8, 0)
+    if backend == "sdpa_efficient":
+        return cuda
+    if backend == "flash_attn":
+        return cuda and half and installed("flash_attn")
+    if backend == "xformers":
+        return cuda and installed("xformers")
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def available_backends(device, dtype: torch.dtype, head_dim: int) -> list[str]:
+    """Concrete backends (not ``auto``) that can run here, the reference ``math`` last."""
+    return [b for b in BACKENDS[1:] if supports(b, device, dtype, head_dim)]
+
+
+_AUTO_CACHE: dict[tuple, str] = {}
+
+
+def _auto_key(q: torch.Tensor, grad: bool) -> tuple:
+    return (str(q.device), q.dtype, tuple(q.shape), grad)
+
+
+def _time_backend(name: str, q, k, v, scale: float, grad: bool, iters: int = 5) -> float:
+    impl = _IMPLS[name]
+    q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
+
+    def once():
+        out = impl(q, k, v, scale)
+        if grad:
+            torch.autograd.grad(out, (q, k, v), out)
+
+    once()  # warm-up (kernel selection, lazy init) outside the timing
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        once()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def pick_fastest(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, grad: bool) -> tuple[str, dict]:
+    """Time every available backend except the two materialising ones (``math``, ``sdpa_math``) on these inputs;
+    returns the fastest name and ``{name: milliseconds or the error that excluded it}``."""
+    times: dict[str, float | str] = {}
+    for name in available_backends(q.device, q.dtype, q.shape[-1]):
+        if name in ("math", "sdpa_math"):
+            continue
+        try:
+            times[name] = _time_backend(name, q, k, v, scale, grad)
+        except (RuntimeError, NotImplementedError, ValueError) as err:  # a kernel that rejects this shape/dtype
+            times[name] = f"unsupported: {str(err).splitlines()[0][:120]}"
+    timed = {n: t for n, t in times.items() if isinstance(t, float)}
+    return (min(timed, key=timed.get) if timed else DEFAULT), times
+
+
+def resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> str:
+    """The concrete backend ``backend`` stands for on these inputs (``auto`` -> cached or timed choice)."""
+    if backend != "auto":
+        return backend
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = _auto_key(q, grad)
+    if key in _AUTO_CACHE:
+        return _AUTO_CACHE[key]
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return DEFAULT
+    _AUTO_CACHE[key], _ = pick_fastest(q, k, v, scale, grad)
+    return _AUTO_CACHE[key]
+
+
+def auto_choices() -> dict[tuple, str]:
+    """What ``auto`` picked so far: ``{(device, dtype, shape, grad): backend}``."""
+    return dict(_AUTO_CACHE)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose one of {BACKENDS} (fastjepa.attn_backend in the config)"
+        )
+    return backend
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str = "auto") -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` with the named backend. q, k, v: ``[B, H, L, D]`` -> ``[B, H, L, D]``."""
+    name = resolve(check_backend(backend), q, k, v, scale)
+    if not supports(name, q.device, q.dtype, q.shape[-1]):
+        raise RuntimeError(
+            f"attention backend {name!r} cannot run on {q.device.type} with {q.dtype} and head dim {q.shape[-1]}"
+            f"; available here: {available_backends(q.device, q.dtype, q.shape[-1])} (or use 'auto')"
+        )
+    return _IMPLS[name](q, k, v, scale)
