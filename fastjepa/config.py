@@ -1,0 +1,620 @@
+"""Run configuration: dataclasses mirroring the official I-JEPA YAML sections; load, override, validate, dump.
+
+The official recipes (``configs/in1k_vith14_ep300.yaml`` ...) load unchanged. Sections and keys are the official
+ones (``data``, ``logging``, ``mask``, ``meta``, ``optimization``) plus fastjepa's ``fastjepa`` (method-level
+options) and ``train`` (trainer options).
+
+A key the file leaves out takes the value all four official recipes share (the paper's settings: masks,
+optimizer, schedules, augmentation). Where the recipes differ, the default is ``src/helper.py``'s ``init_model``
+default (``vit_base``, patch 16, crop 224, predictor depth 6 and width 384) or the in1k ViT-H/14 recipe's value
+(batch 128, 300 epochs, 40 warmup epochs). ``ipe_scale`` defaults to 1.0 as ``src/train.py`` documents it (the
+unused ``init_opt`` signature says 1.25). ``data.root_path`` and ``logging.folder`` default to "" (unset).
+
+Every user error (unknown key, wrong type, impossible setting) raises :class:`ConfigError` at load, naming the
+dotted key, the value, the nearest valid key or the valid choices, and the fix. Paths are not checked at load
+(the official recipes carry ``$replace_this_with_...`` placeholders): the trainer calls
+:meth:`Config.require_paths` before it builds anything.
+
+``python -m fastjepa.config PATH [section.key=value ...]`` prints the resolved config as YAML.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import itertools
+import math
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
+
+import yaml
+
+# The valid names, kept here so that config stays free of torch; tests check them against fastjepa.models
+# (VIT_SIZES) and fastjepa.modules.attention (ATTENTION_BACKENDS). Extend both together.
+MODEL_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
+ATTN_BACKENDS = ("sdpa", "math")
+MODES = ("parity", "fixed")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Strings PyYAML (YAML 1.1) leaves unparsed but that are plain numbers, e.g. "1e-6"; the official train.py calls
+# float() on such values, so float fields accept them.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class ConfigError(ValueError):
+    """A user error in a config: the message names the key, the value and the fix. ``key`` is the dotted key."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _show(value) -> str:
+    """A value as the user wrote it in YAML (lists, true/false, null); strings quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
+
+
+def _fail(key: str, value, problem: str, fix: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}={_show(value)}: {problem}. Fix: {fix}", key=key)
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if origin is tuple:
+        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _coerce(key: str, value, tp, example):
+    """``value`` as type ``tp``: lists become tuples, ints and numeric strings become floats; anything else that
+    does not match (a bool for an int, text for a number, a number for a string) is an error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _coerce(key, value, inner, example)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
+            eg = f", e.g. {_show(example)}" if example is not None else ""
+            _fail(key, value, f"expected {_describe(tp)}", f"write {_describe(tp)}{eg}")
+        item_types = args if origin is tuple else args * len(value)
+        items = zip(value, item_types, strict=True)
+        return origin(_coerce(f"{key}[{i}]", v, t, None) for i, (v, t) in enumerate(items))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: (isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (isinstance(value, str) and _NUMBER.fullmatch(value.strip()) is not None),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        eg = f", e.g. {_show(example)}" if example is not None else ""
+        hint = " (quote it in YAML)" if tp is str else ""
+        _fail(key, value, f"expected {_describe(tp)}, got {type(value).__name__}", f"write {_describe(tp)}{eg}{hint}")
+    return float(value) if tp is float else value
+
+
+def _at_least(key: str, value, low, fix: str = "") -> None:
+    if value < low:
+        _fail(key, value, f"must be >= {low}", fix or f"set {key} to {low} or more")
+
+
+def _choice(key: str, value: str, choices: Iterable[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        _fail(key, value, f"unknown value; {hint}valid: {', '.join(choices)}",
+              f"set {key} to one of {', '.join(choices)}")
+
+
+def _scale_range(key: str, value: tuple[float, float], example: tuple[float, float]) -> None:
+    lo, hi = value
+    if not 0 < lo <= hi <= 1:
+        _fail(key, value, "must be [min, max] with 0 < min <= max <= 1 (fractions of the image or patch grid)",
+              f"set it within those bounds, e.g. {_show(example)}")
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+class _Section:
+    """Base of the section dataclasses: coerces field types on construction, then checks the section's values."""
+
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = _coerce(f"{self.name}.{f.name}", getattr(self, f.name), _hints(type(self))[f.name], default)
+            setattr(self, f.name, value)
+        self.check()
+
+    def check(self) -> None:
+        """Ranges and choices of this section's own values."""
+
+
+# Field order within a section is the official files' (alphabetical), so dumps read like the recipes.
+@dataclass
+class Data(_Section):
+    name: ClassVar[str] = "data"
+    batch_size: int = 128  # per process
+    color_jitter_strength: float = 0.0
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # random-resized-crop area range
+    crop_size: int = 224
+    image_folder: str = "imagenet_full_size/061417/"  # relative to root_path
+    num_workers: int = 10
+    pin_mem: bool = True
+    root_path: str = ""
+    use_color_distortion: bool = False
+    use_gaussian_blur: bool = False
+    use_horizontal_flip: bool = False
+
+    def check(self) -> None:
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.color_jitter_strength", self.color_jitter_strength, 0)
+        _scale_range("data.crop_scale", self.crop_scale, (0.3, 1.0))
+        _at_least("data.crop_size", self.crop_size, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+
+
+@dataclass
+class Logging(_Section):
+    name: ClassVar[str] = "logging"
+    folder: str = ""  # logs and checkpoints
+    write_tag: str = "jepa"  # file-name prefix: <tag>_r<rank>.csv, <tag>-latest.pth.tar
+
+
+@dataclass
+class Mask(_Section):
+    name: ClassVar[str] = "mask"
+    allow_overlap: bool = False  # may the context block overlap the target blocks
+    aspect_ratio: tuple[float, float] = (0.75, 1.5)  # of the target blocks (height / width)
+    enc_mask_scale: tuple[float, float] = (0.85, 1.0)  # context block area, fraction of the patch grid
+    min_keep: int = 10  # a block is redrawn until it has more than min_keep patches
+    num_enc_masks: int = 1  # context blocks per image
+    num_pred_masks: int = 4  # target blocks per image
+    patch_size: int = 16
+    pred_mask_scale: tuple[float, float] = (0.15, 0.2)  # target block area, fraction of the patch grid
+
+    def check(self) -> None:
+        lo, hi = self.aspect_ratio
+        if not 0 < lo <= hi:
+            _fail("mask.aspect_ratio", self.aspect_ratio, "must be [min, max] with 0 < min <= max",
+                  "set it within those bounds, e.g. [0.75, 1.5]")
+        _scale_range("mask.enc_mask_scale", self.enc_mask_scale, (0.85, 1.0))
+        _scale_range("mask.pred_mask_scale", self.pred_mask_scale, (0.15, 0.2))
+        _at_least("mask.min_keep", self.min_keep, 0)
+        _at_least("mask.num_enc_masks", self.num_enc_masks, 1)
+        _at_least("mask.num_pred_masks", self.num_pred_masks, 1)
+        _at_least("mask.patch_size", self.patch_size, 1)
+
+
+@dataclass
+class Meta(_Section):
+    name: ClassVar[str] = "meta"
+    copy_data: bool = False
+    load_checkpoint: bool = False  # resume from read_checkpoint (or <folder>/<tag>-latest.pth.tar)
+    model_name: str = "vit_base"
+    pred_depth: int = 6
+    pred_emb_dim: int = 384
+    read_checkpoint: str | None = None  # file name inside logging.folder
+    use_bfloat16: bool = False
+
+    def check(self) -> None:
+        _choice("meta.model_name", self.model_name, MODEL_NAMES)
+        _at_least("meta.pred_depth", self.pred_depth, 1)
+        _at_least("meta.pred_emb_dim", self.pred_emb_dim, 1)
+
+
+@dataclass
+class Optimization(_Section):
+    name: ClassVar[str] = "optimization"
+    ema: tuple[float, float] = (0.996, 1.0)  # target-encoder momentum, linear from ema[0] to ema[1]
+    epochs: int = 300
+    final_lr: float = 1e-6
+    final_weight_decay: float = 0.4
+    ipe_scale: float = 1.0  # schedules span ipe_scale * epochs * iterations_per_epoch
+    lr: float = 1e-3  # peak lr, reached after warmup
+    start_lr: float = 2e-4
+    warmup: int = 40  # epochs
+    weight_decay: float = 0.04
+
+    def check(self) -> None:
+        for i, m in enumerate(self.ema):
+            if not 0 <= m <= 1:
+                _fail(f"optimization.ema[{i}]", m, "an EMA momentum must lie in [0, 1]", "e.g. ema: [0.996, 1.0]")
+        _at_least("optimization.epochs", self.epochs, 1)
+        for key in ("final_lr", "final_weight_decay", "lr", "start_lr", "weight_decay"):
+            _at_least(f"optimization.{key}", getattr(self, key), 0)
+        # The official momentum schedule has ipe*epochs*ipe_scale + 1 values and is drawn once per step: with
+        # ipe_scale < 1 it runs out before training ends (and the momentum would pass ema[1]).
+        _at_least("optimization.ipe_scale", self.ipe_scale, 1.0,
+                  "set optimization.ipe_scale >= 1.0 (the official recipes use 1.0); to train shorter, lower epochs")
+        _at_least("optimization.warmup", self.warmup, 0)
+
+
+@dataclass
+class FastJepa(_Section):
+    name: ClassVar[str] = "fastjepa"
+    mode: str = "parity"  # "parity": reproduce the official training, quirks included; "fixed": quirks corrected
+    seed: int = 0
+    attn_backend: str = "sdpa"
+    in_chans: int = 3
+    fused: bool = True  # fused Triton/CUDA ops where available, PyTorch references otherwise
+
+    def check(self) -> None:
+        _choice("fastjepa.mode", self.mode, MODES)
+        if not 0 <= self.seed < 2**32:
+            _fail("fastjepa.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)", "e.g. seed: 0")
+        _choice("fastjepa.attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _at_least("fastjepa.in_chans", self.in_chans, 1)
+
+
+@dataclass
+class Train(_Section):
+    name: ClassVar[str] = "train"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    log_every: int = 10  # iterations between log lines (official log_freq)
+    checkpoint_every: int = 50  # epochs between numbered checkpoints (official checkpoint_freq); latest every epoch
+    keep_last: int = 0  # numbered checkpoints kept on disk; 0 keeps all (official)
+
+    def check(self) -> None:
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            _fail("train.device", self.device, "unknown device", "use auto, cpu, cuda or cuda:N")
+        _at_least("train.log_every", self.log_every, 1)
+        _at_least("train.checkpoint_every", self.checkpoint_every, 1)
+        _at_least("train.keep_last", self.keep_last, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mask geometry. The official multi-block sampler draws one r ~ U[0, 1) per batch for the target blocks and
+# another for the context blocks and computes a block size from it:
+#     keep = int(G*G * (s0 + r*(s1 - s0))),  ar = a0 + r*(a1 - a0)     (context: ar fixed to 1)
+#     h = round(sqrt(keep*ar)), w = round(sqrt(keep/ar)),  each clamped to G - 1     (G = crop_size // patch_size)
+# then places each block with its top-left corner in [0, G - h) x [0, G - w), so every block lies inside the
+# first G-1 rows and columns. A target block is redrawn until it has more than min_keep patches -- forever if its
+# size has h*w <= min_keep. A context block is redrawn until, cut by the target blocks, it keeps more than
+# min_keep patches; after 20 failures it drops one target's constraint, so it ends only if h*w > min_keep.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def block_sizes(grid: int, scale: tuple[float, float], aspect_ratio: tuple[float, float]) -> set[tuple[int, int]]:
+    """Every block size (h, w), in patches, that the official sampler draws with nonzero probability.
+
+    The size is piecewise constant in r: pieces end where ``keep`` steps or where ``keep*ar`` or ``keep/ar``
+    crosses a square of a half-integer (where the rounding flips). One evaluation inside every piece gives the
+    exact set.
+    """
+    n = grid * grid
+    (s0, s1), (a0, a1) = scale, aspect_ratio
+
+    def ratio(r: float) -> float:
+        return a0 + r * (a1 - a0)
+
+    def size(r: float) -> tuple[int, int]:
+        keep = int(n * (s0 + r * (s1 - s0)))
+        ar = ratio(r)
+        h, w = round(math.sqrt(keep * ar)), round(math.sqrt(keep / ar))
+        return min(h, grid - 1), min(w, grid - 1)
+
+    def r_of_ratio(ar: float) -> float:
+        return (ar - a0) / (a1 - a0)
+
+    sizes = set()
+    for keep in range(int(n * s0), int(n * s1) + 1):
+        lo, hi = 0.0, 1.0
+        if s1 > s0:  # the r interval over which int(n * s) == keep
+            lo = max(lo, (keep / n - s0) / (s1 - s0))
+            hi = min(hi, ((keep + 1) / n - s0) / (s1 - s0))
+        if hi <= lo:
+            continue
+        cuts = {lo, hi}
+        if a1 > a0 and keep > 0:
+            ar_lo, ar_hi = ratio(lo), ratio(hi)
+            for k in range(math.ceil(math.sqrt(keep * ar_lo) - 0.5), math.floor(math.sqrt(keep * ar_hi) - 0.5) + 1):
+                cuts.add(r_of_ratio((k + 0.5) ** 2 / keep))
+            for k in range(math.ceil(math.sqrt(keep / ar_hi) - 0.5), math.floor(math.sqrt(keep / ar_lo) - 0.5) + 1):
+                cuts.add(r_of_ratio(keep / (k + 0.5) ** 2))
+        cuts = sorted(c for c in cuts if lo <= c <= hi)
+        sizes.update(size((x + y) / 2) for x, y in itertools.pairwise(cuts) if y > x)
+    return sizes
+
+
+def _check_mask_geometry(data: Data, mask: Mask) -> None:
+    grid = data.crop_size // mask.patch_size
+    where = f"on the {grid}x{grid} patch grid (data.crop_size={data.crop_size} / mask.patch_size={mask.patch_size})"
+    k = mask.min_keep
+    targets = block_sizes(grid, mask.pred_mask_scale, mask.aspect_ratio)
+    contexts = block_sizes(grid, mask.enc_mask_scale, (1.0, 1.0))
+
+    h, w = min(targets, key=lambda s: s[0] * s[1])
+    if h * w <= k:
+        _fail("mask.pred_mask_scale", mask.pred_mask_scale,
+              f"{where} the sampler can draw {h}x{w} = {h * w}-patch target blocks (mask.aspect_ratio="
+              f"{_show(mask.aspect_ratio)}), and it redraws a target block until it has more than mask.min_keep={k} "
+              "patches: it would loop forever",
+              f"lower mask.min_keep to {max(h * w - 1, 0)} or less, raise mask.pred_mask_scale[0], "
+              "or use a finer patch grid (larger data.crop_size or smaller mask.patch_size)")
+    h, w = min(contexts, key=lambda s: s[0] * s[1])
+    if h * w <= k:
+        _fail("mask.enc_mask_scale", mask.enc_mask_scale,
+              f"{where} the sampler can draw {h}x{w} = {h * w}-patch context blocks, and it redraws a context block "
+              f"until it has more than mask.min_keep={k} patches: it would loop forever",
+              f"lower mask.min_keep to {max(h * w - 1, 0)} or less, raise mask.enc_mask_scale[0], "
+              "or use a finer patch grid")
+    if mask.allow_overlap:
+        return
+    # Targets are drawn independently and may all coincide, so the best case for the context removes one target
+    # block placed to overlap it least; both lie inside the first G-1 rows/columns, so they overlap by at least
+    # max(0, he + ht - (G-1)) rows and max(0, we + wt - (G-1)) columns. If even that best case leaves <= min_keep
+    # patches, keeping the context apart from the targets is impossible for that pair of draws.
+    span = grid - 1
+
+    def best_kept(c: tuple[int, int], t: tuple[int, int]) -> int:
+        return c[0] * c[1] - max(0, c[0] + t[0] - span) * max(0, c[1] + t[1] - span)
+
+    c, t = min(((c, t) for c in contexts for t in targets), key=lambda ct: best_kept(*ct))
+    kept = best_kept(c, t)
+    if kept <= k:
+        _fail("mask.min_keep", k,
+              f"{where} a {c[0]}x{c[1]} context block (mask.enc_mask_scale={_show(mask.enc_mask_scale)}) cut by "
+              f"{t[0]}x{t[1]} target blocks (mask.pred_mask_scale={_show(mask.pred_mask_scale)}) keeps at most "
+              f"{kept} patches, not more than mask.min_keep={k}; with mask.allow_overlap=false the sampler then "
+              "gives up keeping context and targets apart",
+              f"lower mask.min_keep to {max(kept - 1, 0)} or less, raise mask.enc_mask_scale[0], "
+              "lower mask.pred_mask_scale[1], or set mask.allow_overlap=true")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole config.
+# --------------------------------------------------------------------------------------------------------------
+
+# Paths a run may need; a value is a placeholder while empty or while it holds a "$name" that is not an
+# environment variable (the official recipes ship "$replace_this_with_...").
+PATH_KEYS = ("data.root_path", "data.image_folder", "logging.folder")
+
+
+@dataclass
+class Config:
+    """A resolved run configuration. Sections in the official files' order, then fastjepa's."""
+
+    data: Data = field(default_factory=Data)
+    logging: Logging = field(default_factory=Logging)
+    mask: Mask = field(default_factory=Mask)
+    meta: Meta = field(default_factory=Meta)
+    optimization: Optimization = field(default_factory=Optimization)
+    fastjepa: FastJepa = field(default_factory=FastJepa)
+    train: Train = field(default_factory=Train)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        crop, patch = self.data.crop_size, self.mask.patch_size
+        if crop % patch:
+            near = sorted({max(patch, crop // patch * patch), (crop // patch + 1) * patch})
+            _fail("data.crop_size", crop, f"not divisible by mask.patch_size={patch} (the image is cut into "
+                  "patch_size x patch_size patches)", f"set data.crop_size to {' or '.join(map(str, near))}, "
+                  "or pick a mask.patch_size that divides it")
+        _check_mask_geometry(self.data, self.mask)
+
+    def validate(self) -> "Config":
+        """Re-run every check (types, ranges, cross-section), e.g. after changing fields in place."""
+        for section in self.sections():
+            section.__post_init__()
+        self._check()
+        return self
+
+    def sections(self) -> Iterator[_Section]:
+        return (getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        """Build from a nested dict as YAML gives it; missing sections and keys take their defaults."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a mapping of sections ({', '.join(_SECTIONS)}), got {type(raw).__name__}. "
+                              "Fix: write the config as 'section:' lines with indented 'key: value' lines")
+        for name, values in raw.items():
+            if name not in _SECTIONS:
+                _unknown(str(name), values)
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                _fail(name, values, "a section must be a mapping of keys", f"write '{name}:' then indented "
+                      f"'key: value' lines; {name} accepts: {', '.join(_keys(section_cls))}")
+            for key, value in values.items():
+                if key not in _keys(section_cls):
+                    _unknown(f"{name}.{key}", value)
+            sections[name] = section_cls(**values)
+        return cls(**sections)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (tuples as lists) in the official key order; YAML-able, and loads back equal."""
+        return {
+            s.name: {f.name: list(v) if isinstance(v := getattr(s, f.name), tuple) else v for f in fields(s)}
+            for s in self.sections()
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def dump(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    def get(self, key: str):
+        """Value of a dotted key, e.g. ``cfg.get("data.root_path")``."""
+        section, name = key.split(".", 1)
+        return getattr(getattr(self, section), name)
+
+    def placeholder_paths(self, keys: Iterable[str] = PATH_KEYS) -> dict[str, str]:
+        """The path keys among ``keys`` that are still unset: empty, or holding an unexpanded ``$name``."""
+        unset = {}
+        for key in keys:
+            value = self.get(key)
+            if not value or "$" in os.path.expandvars(value):
+                unset[key] = value
+        return unset
+
+    def require_paths(self, keys: Iterable[str] = PATH_KEYS) -> None:
+        """Raise ConfigError for the first of ``keys`` that is still a placeholder (call before building)."""
+        for key, value in self.placeholder_paths(keys).items():
+            what = "is empty" if not value else "still holds a placeholder (or an unset environment variable)"
+            _fail(key, value, f"{what}; this run needs a real path there",
+                  f"pass the override {key}=/absolute/path or edit the config file")
+
+
+_SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def _keys(section_cls) -> list[str]:
+    return [f.name for f in fields(section_cls)]
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in _SECTIONS.items() for k in _keys(cls)]
+
+
+def _unknown(key: str, value) -> typing.NoReturn:
+    """Error for an unknown section or key, with the nearest valid one (also across sections)."""
+    section, _, name = key.partition(".")
+    if not name:
+        close = difflib.get_close_matches(section, _SECTIONS, n=1)
+        valid = ", ".join(_SECTIONS)
+        hint = f"did you mean {close[0]}? " if close else ""
+        fix = f"rename it to {close[0]}" if close else "remove it"
+        raise ConfigError(f"{key}: unknown section; {hint}valid sections: {valid}. Fix: {fix}", key=key)
+    if section in _SECTIONS:
+        candidates = [f"{section}.{k}" for k in _keys(_SECTIONS[section])]
+        close = difflib.get_close_matches(key, candidates, n=1) or [k for k in _all_keys() if k.endswith("." + name)]
+    else:
+        candidates = _all_keys()
+        close = difflib.get_close_matches(key, candidates, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    fix = f"rename it to {close[0]}" if close else "remove it"
+    valid = ", ".join(k.split(".", 1)[1] for k in candidates) if section in _SECTIONS else ", ".join(_SECTIONS)
+    where = f"{section} accepts" if section in _SECTIONS else "valid sections"
+    raise ConfigError(f"{key}={_show(value)}: unknown key; {hint}{where}: {valid}. Fix: {fix}", key=key)
+
+
+def _parse_override(text: str) -> tuple[str, str, object]:
+    """``section.key=value`` -> (section, key, value); the value is read as YAML, except for string fields,
+    which take the text as written (so ``logging.write_tag=2024`` is the string "2024")."""
+    key, eq, raw = text.partition("=")
+    key = key.strip()
+    if not eq or "." not in key:
+        raise ConfigError("expected section.key=value. Fix: write it like optimization.lr=5e-4", key=key)
+    section, name = key.split(".", 1)
+    if section not in _SECTIONS or name not in _keys(_SECTIONS[section]):
+        _unknown(key, raw)
+    tp = _hints(_SECTIONS[section])[name]
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    if tp is str or (optional and str in typing.get_args(tp) and raw.strip() not in ("", "null", "~")):
+        return section, name, raw
+    try:
+        return section, name, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"the value is not valid YAML ({e}). Fix: write YAML values, e.g. "
+                          "mask.aspect_ratio=[0.75,1.5]", key=key) from None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The config file for ``path``; a bare name like ``test_tiny`` also finds ``configs/test_tiny.yaml``."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.parent == Path("."):
+        for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    shipped = sorted(f.name for f in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(p.name, shipped, n=1)
+    hint = f" (did you mean {CONFIG_DIR / close[0]}?)" if close else ""
+    raise ConfigError(f"config file {str(path)!r} not found{hint}. Fix: pass an existing YAML file or one of "
+                      f"the shipped configs in {CONFIG_DIR}: {', '.join(shipped)}")
+
+
+def load(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """Read a config file (official recipes unchanged), apply ``section.key=value`` overrides, validate.
+
+    Raises ConfigError, prefixed with the file or the override it comes from.
+    """
+    path = resolve(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}. Fix: correct the YAML syntax at that line") from None
+    sources = {}
+    for text in overrides:
+        try:
+            section, name, value = _parse_override(text)
+        except ConfigError as e:
+            raise ConfigError(f"override {text!r}: {e}", key=e.key) from None
+        if not isinstance(raw, dict) or not isinstance(raw.get(section) or {}, dict):
+            break  # from_dict reports the malformed file
+        raw[section] = raw.get(section) or {}
+        raw[section][name] = value
+        sources[f"{section}.{name}"] = f"override {text!r}"
+    try:
+        return Config.from_dict(raw)
+    except ConfigError as e:
+        # Name the overrides the error involves (its key, or keys its message cites), else the file.
+        involved = [s for k, s in sources.items() if e.key and e.key.split("[")[0] == k or f"{k}=" in str(e)]
+        raise ConfigError(f"{', '.join(involved) or path}: {e}", key=e.key) from None
+
+
+@contextmanager
+def exit_on_config_error():
+    """Turn a ConfigError into ``error: <message>`` on stderr and exit status 2, without a traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def load_or_exit(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """:func:`load` for command-line entry points: a user error ends the process with status 2."""
+    with exit_on_config_error():
+        return load(path, overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastjepa.config",
+        description="Load, validate and print a fastjepa / official I-JEPA config as resolved YAML.",
+    )
+    parser.add_argument("config", help="YAML file, or the name of a config shipped in configs/ (e.g. test_tiny)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimization.lr=5e-4")
+    args = parser.parse_args(argv)
+    print(load_or_exit(args.config, args.overrides).to_yaml(), end="")
+
+
+if __name__ == "__main__":
+    main()
