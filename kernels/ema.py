@@ -1,6 +1,26 @@
-"""EMA of the target encoder: ``target <- m * target + (1 - m) * online`` over every parameter."""
+"""EMA of the target encoder: ``target <- m * target + (1 - m) * online`` over every parameter.
+
+The official update is a Python loop with two kernels per parameter (~1000 launches for a ViT-H). The fused update
+is multi-tensor: the addresses of all tensors and the chunks they are cut into go once into a small int64 table
+on the device (cached, keyed on the tensors' addresses), and one kernel walks all chunks. It can also write a
+low-precision copy of the new target (the bf16 weights its forward reads) in the same pass, so the cast costs no
+extra read. FSDP2 parameters (DTensor) are updated through their local shards.
+"""
 
 import torch
+import triton
+import triton.language as tl
+
+from fastjepa.kernels._switch import fused_enabled, interpreting
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# Columns of the chunk table: target address, online address, copy address (0: none), first and end element.
+_TABLE_COLUMNS = 5
 
 
 @torch.no_grad()
@@ -10,9 +30,150 @@ def ema_update_ref(target: list[torch.Tensor], online: list[torch.Tensor], momen
         p_t.mul_(momentum).add_((1.0 - momentum) * p_o.detach())
 
 
+@triton.jit
+def _ema_update_kernel(table, momentum, weight, T_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr,
+                       C_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per chunk of one tensor; the same expression as the official loop (m * t + (1 - m) * o) in fp32.
+    p_row = table + tl.program_id(0).to(tl.int64) * 5
+    p_t = tl.load(p_row).to(tl.pointer_type(T_DTYPE))
+    p_o = tl.load(p_row + 1).to(tl.pointer_type(O_DTYPE))
+    i_start = tl.load(p_row + 3)
+    i_end = tl.load(p_row + 4)
+    for i in range(0, CHUNK, BLOCK):
+        o = i_start + i + tl.arange(0, BLOCK)
+        m = o < i_end
+        b_t = tl.load(p_t + o, mask=m).to(tl.float32)
+        b_o = tl.load(p_o + o, mask=m).to(tl.float32)
+        b_new = momentum * b_t + weight * b_o
+        tl.store(p_t + o, b_new.to(T_DTYPE), mask=m)
+        if HAS_COPY:
+            p_c = tl.load(p_row + 2).to(tl.pointer_type(C_DTYPE))
+            tl.store(p_c + o, b_new.to(C_DTYPE), mask=m)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def chunk_sizes() -> tuple[int, int]:
+    """(elements per program, elements per inner step). The interpreter gets big chunks: few programs."""
+    return (1 << 16, 1 << 16) if interpreting() else (16384, 4096)
+
+
+def build_chunk_table(target, online, copy, chunk: int) -> torch.Tensor:
+    """``[C, 5]`` int64 table (see ``_TABLE_COLUMNS``) covering every element of every tensor, on their device."""
+    numel = torch.tensor([t.numel() for t in target], dtype=torch.int64)
+    ptrs = torch.tensor(
+        [[t.data_ptr(), o.data_ptr(), 0 if c is None else c.data_ptr()] for t, o, c in zip(target, online, copy)],
+        dtype=torch.int64,
+    ).reshape(-1, 3)
+    per_tensor = (numel + chunk - 1) // chunk
+    tensor_id = torch.repeat_interleave(torch.arange(len(target)), per_tensor)
+    first = torch.cumsum(per_tensor, 0) - per_tensor
+    start = (torch.arange(len(tensor_id)) - first[tensor_id]) * chunk
+    end = torch.minimum(start + chunk, numel[tensor_id])
+    table = torch.cat([ptrs[tensor_id], start[:, None], end[:, None]], dim=1)
+    return table.to(target[0].device)
+
+
+class _TableCache:
+    """Chunk tables keyed on the tensors' addresses and sizes: built once, reused every step."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.tables = size, {}
+
+    def get(self, target, online, copy, chunk) -> torch.Tensor:
+        key = (chunk,) + tuple(
+            (t.data_ptr(), o.data_ptr(), 0 if c is None else c.data_ptr(), t.numel())
+            for t, o, c in zip(target, online, copy)
+        )
+        table = self.tables.get(key)
+        if table is None:
+            if len(self.tables) >= self.size:
+                self.tables.pop(next(iter(self.tables)))
+            table = self.tables[key] = build_chunk_table(target, online, copy, chunk)
+        return table
+
+
+_TABLES = _TableCache()
+
+
+def _check_lists(target, online, copy) -> None:
+    if len(target) != len(online) or (copy is not None and len(copy) != len(target)):
+        raise ValueError(
+            f"ema_update: {len(target)} target, {len(online)} online"
+            + ("" if copy is None else f" and {len(copy)} copy")
+            + " tensors; the lists must pair up (same parameters in the same order)"
+        )
+
+
+def _groups(target, online, copy):
+    """Local tensors grouped by (device, dtypes); tensors the kernel cannot take (non-contiguous, other dtypes)
+    come back separately for the reference loop."""
+    groups, rest = {}, []
+    for i, (t, o) in enumerate(zip(target, online)):
+        t, o = _local(t), _local(o).detach()
+        c = None if copy is None else _local(copy[i])
+        if t.shape != o.shape or (c is not None and c.shape != t.shape):
+            raise ValueError(
+                f"ema_update: tensor {i} has target shape {tuple(t.shape)}, online {tuple(o.shape)}"
+                + ("" if c is None else f", copy {tuple(c.shape)}")
+                + "; pair the same parameters (for FSDP2 both models must be sharded the same way)"
+            )
+        tensors = (t, o) if c is None else (t, o, c)
+        if not all(x.is_contiguous() and x.dtype in _TL_DTYPES for x in tensors) or t.numel() == 0:
+            rest.append((t, o, c))
+            continue
+        key = (t.device, t.dtype, o.dtype, None if c is None else c.dtype)
+        groups.setdefault(key, ([], [], []))
+        for lst, x in zip(groups[key], (t, o, c)):
+            lst.append(x)
+    return groups, rest
+
+
 @torch.no_grad()
-def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
-    """In-place EMA of ``target`` towards ``online`` (lists of same-shaped tensors, e.g. FSDP2 local shards)."""
-    if len(target) != len(online):
-        raise ValueError(f"ema_update: {len(target)} target tensors but {len(online)} online tensors")
-    torch._foreach_lerp_(target, [p.detach() for p in online], 1.0 - momentum)
+def ema_update_fused(target, online, momentum: float, copy=None, backend: str = "triton") -> None:
+    """Fused multi-tensor EMA (see ``ema_update``); ``backend`` "triton" or "cuda" (the ``fastjepa._C`` twin)."""
+    _check_lists(target, online, copy)
+    groups, rest = _groups(target, online, copy)
+    chunk, block = chunk_sizes()
+    momentum, weight = float(momentum), 1.0 - float(momentum)
+    for (_, t_dtype, o_dtype, c_dtype), (ts, os_, cs) in groups.items():
+        table = _TABLES.get(ts, os_, cs, chunk)
+        if backend == "cuda":
+            from fastjepa.kernels.cuda_ext import ema_update_cuda
+
+            ema_update_cuda(table, ts[0], os_[0], cs[0], momentum, weight)
+            continue
+        _ema_update_kernel[(table.shape[0],)](
+            table, momentum, weight, T_DTYPE=_TL_DTYPES[t_dtype], O_DTYPE=_TL_DTYPES[o_dtype],
+            C_DTYPE=_TL_DTYPES[c_dtype or t_dtype], HAS_COPY=c_dtype is not None, CHUNK=chunk, BLOCK=block,
+            num_warps=8,
+        )
+    for t, o, c in rest:
+        t.mul_(momentum).add_(weight * o)
+        if c is not None:
+            c.copy_(t)
+
+
+@torch.no_grad()
+def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float,
+               copy: list[torch.Tensor] | None = None) -> None:
+    """In-place EMA ``target <- momentum * target + (1 - momentum) * online``.
+
+    Args:
+        target, online: lists of same-shaped tensors (parameters, or FSDP2 DTensors: their local shards are used).
+        momentum: the EMA momentum m.
+        copy: optional list of tensors (e.g. bf16) that receive the new target values in the same pass.
+    On GPU (or under the Triton interpreter) all tensors of the same dtypes go through one launch; otherwise, or
+    with ``FASTJEPA_FUSED=0``, the reference loop runs.
+    """
+    _check_lists(target, online, copy)
+    if not target:
+        return
+    if not fused_enabled(_local(target[0])):
+        ema_update_ref([_local(t) for t in target], [_local(o) for o in online], momentum)
+        if copy is not None:
+            torch._foreach_copy_([_local(c) for c in copy], [_local(t) for t in target])
+        return
+    ema_update_fused(target, online, momentum, copy)
