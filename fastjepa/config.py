@@ -42,6 +42,7 @@ import yaml
 MODEL_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
 ATTN_BACKENDS = ("sdpa", "math")
 MODES = ("parity", "fixed")
+DATA_SOURCES = ("imagefolder", "webdataset", "synthetic", "mnist")  # fastjepa.data.SOURCES
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -171,6 +172,15 @@ class Data(_Section):
     use_color_distortion: bool = False
     use_gaussian_blur: bool = False
     use_horizontal_flip: bool = False
+    # fastjepa's own (fastjepa.data): where samples come from and how the streaming loader treats them
+    source: str = "imagefolder"  # "imagefolder" (official: root_path/image_folder/train/), "webdataset", ...
+    shards: str = ""  # webdataset: brace pattern / '::'-list of tar urls (local, pipe:cmd, http)
+    shard_index: str = ""  # webdataset: index.json of per-shard counts; default: next to the first local shard
+    shuffle_buffer: int = 1000  # webdataset: samples held per worker for shuffling within shards
+    max_bad_fraction: float = 0.01  # share of unreadable samples that aborts the run (0: abort on the first)
+    synthetic_samples: int = 10000  # synthetic: samples per epoch
+    synthetic_image_size: tuple[int, int] = (500, 375)  # synthetic: JPEG width, height
+    fast_decode: bool = True  # JPEG DCT-scaled decode when the crop is >= 2x the output (resampling noise only)
 
     def check(self) -> None:
         _at_least("data.batch_size", self.batch_size, 1)
@@ -178,6 +188,20 @@ class Data(_Section):
         _scale_range("data.crop_scale", self.crop_scale, (0.3, 1.0))
         _at_least("data.crop_size", self.crop_size, 1)
         _at_least("data.num_workers", self.num_workers, 0)
+        _choice("data.source", self.source, DATA_SOURCES)
+        if self.source == "webdataset" and not self.shards:
+            _fail("data.shards", self.shards, "data.source=webdataset needs the shard urls",
+                  "set data.shards, e.g. '/data/in1k/train-{000000..001281}.tar' (written by "
+                  "python -m fastjepa.data.make_shards)")
+        if self.source == "mnist" and self.use_horizontal_flip:
+            _fail("data.use_horizontal_flip", True, "a mirrored digit is not a digit (data.source=mnist)",
+                  "set data.use_horizontal_flip=false")
+        _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
+        if not 0 <= self.max_bad_fraction <= 1:
+            _fail("data.max_bad_fraction", self.max_bad_fraction, "must be a fraction in [0, 1]",
+                  "set it to e.g. 0.01 (abort when more than 1% of the samples read are unusable)")
+        _at_least("data.synthetic_samples", self.synthetic_samples, 1)
+        _at_least("data.synthetic_image_size[0]", min(self.synthetic_image_size), 1)
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""Input pipeline for I-JEPA pretraining: sources, official augmentations on PIL/numpy, the distributed loader.
+
+    loader = build_pretrain_loader(cfg, rank=rank, world_size=world_size)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for (images, labels), masks_enc, masks_pred in loader:      # images: uint8 [B, C, H, W]
+            images = normalize_on_device(images.to(device, non_blocking=True), mean, std, torch.bfloat16)
+
+`len(loader)` is the same on every rank; `loader.state_dict()` goes into the checkpoint and
+`loader.load_state_dict()` continues the epoch where it stopped. Workers ship uint8 (a quarter of the float32
+bytes) and the normalisation runs on the device.
+"""
+
+import os
+
+import torch
+
+from fastjepa.data.loader import PretrainLoader
+from fastjepa.data.sources import ImageFolderSource, MnistSource, ShardSource, SyntheticSource
+from fastjepa.data.transforms import PretrainTransform, build_transform
+
+SOURCES = ("imagefolder", "webdataset", "synthetic", "mnist")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+__all__ = ["build_pretrain_loader", "build_source", "normalize_on_device", "mean_std", "PretrainLoader",
+           "PretrainTransform", "ImageFolderSource", "ShardSource", "SyntheticSource", "MnistSource", "SOURCES"]
+
+
+def build_source(cfg):
+    d = cfg.data
+    source = getattr(d, "source", "imagefolder")
+    if source == "imagefolder":
+        # the official layout: root_path/image_folder/train/<class>/<image>
+        return ImageFolderSource(os.path.join(d.root_path or "", d.image_folder or "", "train"))
+    if source == "webdataset":
+        if not d.shards:
+            raise ValueError("data.source=webdataset needs data.shards, e.g. '/data/in1k/train-{000000..001023}.tar' "
+                             "or 'pipe:aws s3 cp s3://b/train-{000..999}.tar -'")
+        return ShardSource(d.shards, d.shard_index or None)
+    if source == "synthetic":
+        return SyntheticSource(d.synthetic_samples, tuple(d.synthetic_image_size), seed=cfg.fastjepa.seed)
+    if source == "mnist":
+        if d.use_horizontal_flip:
+            raise ValueError("data.source=mnist with data.use_horizontal_flip=true mirrors digits (a flipped 2, 3, "
+                             "7 is not a digit); set data.use_horizontal_flip=false")
+        return MnistSource()
+    raise ValueError(f"data.source={source!r} is not one of {SOURCES}")
+
+
+def build_pretrain_loader(cfg, *, rank=0, world_size=1, collator=None):
+    """The pretraining loader of a Config: source from `data.source`, official augmentations, the multi-block
+    mask collator (built from the config unless given). Yields ((images uint8 [B,C,H,W], labels [B]),
+    masks_enc, masks_pred); see fastjepa.data.loader for the epoch plan, resume and bad-data handling."""
+    if collator is None:
+        from fastjepa.masks import MultiBlockMaskCollator
+
+        collator = MultiBlockMaskCollator.from_config(cfg, rank=rank)
+    d = cfg.data
+    source = build_source(cfg)
+    shards = getattr(source, "urls", None)
+    num_workers = int(d.num_workers)
+    if shards is not None and len(shards) < world_size * max(num_workers, 1):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%d shards for %d ranks x %d workers: it works (workers split shards by sample), but every worker "
+            "reads past the samples of the workers before it in a shared shard; write at least %d shards "
+            "(make_shards --shard-size %d) to read each byte once", len(shards), world_size, max(num_workers, 1),
+            world_size * max(num_workers, 1), max(1, source.num_samples // (world_size * max(num_workers, 1))))
+    return PretrainLoader(
+        source, build_transform(cfg), collator, int(d.batch_size), rank=rank, world_size=world_size,
+        num_workers=num_workers, seed=int(cfg.fastjepa.seed),
+        shuffle_buffer=int(d.shuffle_buffer) if shards is not None else 0,
+        max_bad_fraction=float(d.max_bad_fraction), pin_memory=bool(d.pin_mem) and torch.cuda.is_available())
+
+
+def mean_std(cfg):
+    """Normalisation constants for a Config: MNIST's for the mnist source, else ImageNet's (the official)."""
+    if getattr(cfg.data, "source", "imagefolder") == "mnist":
+        mean, std = MNIST_MEAN, MNIST_STD
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    in_chans = int(getattr(cfg.fastjepa, "in_chans", 3))
+    if len(mean) != in_chans:
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return mean, std
+
+
+def normalize_on_device(images_uint8, mean, std, dtype=torch.float32):
+    """uint8 [B, C, H, W] (already on the device) -> (x / 255 - mean) / std in `dtype`, computed in float32 as
+    one fused multiply-add (scale = 1 / (255 std), shift = -mean / std) and cast once."""
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+        raise ValueError(f"normalize_on_device expects uint8 [B, C, H, W], got {images_uint8.dtype} "
+                         f"{tuple(images_uint8.shape)}")
+    channels = images_uint8.shape[1]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {channels} channels")
+    device = images_uint8.device
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return torch.addcmul(-mean_t / std_t, images_uint8.float(), 1.0 / (255.0 * std_t)).to(dtype)

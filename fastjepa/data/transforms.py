@@ -1,0 +1,144 @@
+"""The official I-JEPA pretraining augmentations on PIL/numpy, without torchvision.
+
+Behaviour matched (facebookresearch/ijepa src/transforms.py, torchvision semantics on PIL images):
+RandomResizedCrop(crop_size, scale=crop_scale, ratio=(3/4, 4/3)) with bilinear resampling; optional horizontal
+flip (p=0.5); optional colour distortion = ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) applied with p=0.8 (the four
+adjustments in random order) then RandomGrayscale(p=0.2); optional Gaussian blur (p=0.5, radius U[0.1, 2]).
+
+Differences, on purpose: the output is uint8 (normalisation runs on the device after the transfer, see
+`normalize_on_device`), and every random draw comes from a numpy Generator handed in per sample, so a sample's
+augmentation depends only on (seed, epoch, rank, worker, position) and survives a resume.
+
+Fast path that changes pixels only by resampling noise: a JPEG whose crop is at least twice the output size is
+decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (`Image.draft`) and the crop and resize run in one
+resampling pass (`Image.resize(box=...)`). The crop box is drawn on the full-resolution size first, so the crop
+distribution is the official one.
+"""
+
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_resized_crop_params(width, height, scale, ratio, rng):
+    """torchvision's RandomResizedCrop.get_params: (left, top, w, h) in pixels of the full image."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # Fallback after 10 misses: the whole image, centre-cropped to the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _adjust_hue(img, hue_factor):
+    # torchvision's PIL hue shift: rotate the H channel of HSV by hue_factor * 255 with uint8 wrap-around.
+    if img.mode in ("L", "1", "I", "F"):
+        return img
+    h, s, v = img.convert("HSV").split()
+    h_arr = np.asarray(h, dtype=np.uint8) + np.uint8(int(round(hue_factor * 255)) % 256)
+    return Image.merge("HSV", (Image.fromarray(h_arr, "L"), s, v)).convert(img.mode)
+
+
+def color_distortion(img, strength, rng):
+    """Official get_color_distortion(s): RandomApply(ColorJitter(.8s, .8s, .8s, .2s), p=.8), RandomGrayscale(.2)."""
+    if rng.random() < 0.8:
+        b = c = s = 0.8 * strength
+        h = 0.2 * strength
+        ops = [
+            lambda im: ImageEnhance.Brightness(im).enhance(rng.uniform(max(0.0, 1 - b), 1 + b)),
+            lambda im: ImageEnhance.Contrast(im).enhance(rng.uniform(max(0.0, 1 - c), 1 + c)),
+            lambda im: ImageEnhance.Color(im).enhance(rng.uniform(max(0.0, 1 - s), 1 + s)),
+            lambda im: _adjust_hue(im, rng.uniform(-min(h, 0.5), min(h, 0.5))),
+        ]
+        for i in rng.permutation(4):
+            img = ops[i](img)
+    if rng.random() < 0.2:
+        img = img.convert("L").convert(img.mode)
+    return img
+
+
+class PretrainTransform:
+    """Image (encoded bytes, PIL image or uint8 array) -> uint8 array [H, W, C] with the official augmentations.
+
+    `mode` is "RGB" (in_chans 3) or "L" (in_chans 1). Raises PIL's errors on undecodable input; the loader
+    classifies them as bad samples.
+    """
+
+    def __init__(self, crop_size=224, crop_scale=(0.3, 1.0), ratio=DEFAULT_RATIO, horizontal_flip=False,
+                 color_distortion=False, color_jitter=1.0, gaussian_blur=False, mode="RGB", fast_decode=True):
+        if mode not in ("RGB", "L"):
+            raise ValueError(f"PretrainTransform mode must be 'RGB' (in_chans 3) or 'L' (in_chans 1), got {mode!r}")
+        self.crop_size = int(crop_size)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.horizontal_flip = horizontal_flip
+        self.color_distortion = color_distortion
+        self.color_jitter = color_jitter
+        self.gaussian_blur = gaussian_blur
+        self.mode = mode
+        self.fast_decode = fast_decode
+
+    def __call__(self, image, rng):
+        img = open_image(image)
+        width, height = img.size
+        left, top, w, h = random_resized_crop_params(width, height, self.crop_scale, self.ratio, rng)
+        if self.fast_decode and img.format == "JPEG":
+            # Ask for the smallest DCT-scaled size that keeps the crop at least crop_size on both sides.
+            need = (math.ceil(width * self.crop_size / w), math.ceil(height * self.crop_size / h))
+            img.draft(self.mode, need)
+        if img.mode != self.mode:
+            img = img.convert(self.mode)
+        sx, sy = img.size[0] / width, img.size[1] / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        img = img.resize((self.crop_size, self.crop_size), Image.BILINEAR, box=box)
+        if self.horizontal_flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.color_distortion:
+            img = color_distortion(img, self.color_jitter, rng)
+        if self.gaussian_blur and rng.random() < 0.5:
+            img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+        arr = np.asarray(img)
+        return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def open_image(image):
+    """Encoded bytes / PIL image / uint8 array ([H, W] or [H, W, C]) -> PIL image (lazy for bytes)."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    return Image.open(io.BytesIO(image))
+
+
+def build_transform(cfg):
+    """PretrainTransform from a Config's `data` section and fastjepa.in_chans."""
+    d = cfg.data
+    in_chans = int(getattr(cfg.fastjepa, "in_chans", 3))
+    return PretrainTransform(
+        crop_size=d.crop_size,
+        crop_scale=tuple(d.crop_scale),
+        horizontal_flip=d.use_horizontal_flip,
+        color_distortion=d.use_color_distortion,
+        color_jitter=d.color_jitter_strength,
+        gaussian_blur=d.use_gaussian_blur,
+        mode="L" if in_chans == 1 else "RGB",
+        fast_decode=getattr(d, "fast_decode", True),
+    )
