@@ -38,9 +38,10 @@ from typing import ClassVar
 import yaml
 
 # The valid names, kept here so that config stays free of torch; tests check them against fastjepa.models
-# (VIT_SIZES) and fastjepa.modules.attention (ATTENTION_BACKENDS). Extend both together.
+# (VIT_SIZES) and fastjepa.modules.attention_backends (BACKENDS, documented there). Extend both together.
 MODEL_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
-ATTN_BACKENDS = ("sdpa", "math")
+ATTN_BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn", "xformers",
+                 "math")
 MODES = ("parity", "fixed")
 DATA_SOURCES = ("imagefolder", "webdataset", "synthetic", "mnist")  # fastjepa.data.SOURCES
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
