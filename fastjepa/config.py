@@ -114,7 +114,11 @@ def _coerce(key: str, value, tp, example):
         eg = f", e.g. {_show(example)}" if example is not None else ""
         hint = " (quote it in YAML)" if tp is str else ""
         _fail(key, value, f"expected {_describe(tp)}, got {type(value).__name__}", f"write {_describe(tp)}{eg}{hint}")
-    return float(value) if tp is float else value
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            _fail(key, value, "must be a finite number", f"write a finite number, e.g. {_show(example)}")
+    return value
 
 
 def _at_least(key: str, value, low, fix: str = "") -> None:
@@ -303,8 +307,22 @@ class Train(_Section):
     name: ClassVar[str] = "train"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     log_every: int = 10  # iterations between log lines (official log_freq)
-    checkpoint_every: int = 50  # epochs between numbered checkpoints (official checkpoint_freq); latest every epoch
-    keep_last: int = 0  # numbered checkpoints kept on disk; 0 keeps all (official)
+    checkpoint_every: int = 50  # epochs between permanent checkpoints (official checkpoint_freq); latest every epoch
+    keep_last: int = 3  # rolling checkpoints (every epoch / checkpoint_steps / preemption) kept; 0 keeps all
+    checkpoint_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends, preemption and the end)
+    resume: str = "auto"  # "auto": latest checkpoint in logging.folder if any; "none"; or a checkpoint path
+    parallel: str = "auto"  # "auto" (fsdp under torchrun, else none), "none", "ddp", "fsdp" (FSDP2)
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute encoder/predictor block activations in the backward
+    max_steps: int = 0  # stop after this many steps (0: optimization.epochs); schedules keep the full horizon
+    max_bad_steps: int = 20  # consecutive non-finite loss/gradient steps (each skipped) that stop the run
+    clip_grad: float = 0.0  # clip the global gradient norm to this (0: off, as the official)
+    rankme_every: int = 0  # steps between RankMe evaluations of the target encoder (0: off)
+    rankme_samples: int = 512  # images per rank for RankMe (>= the embedding width for a meaningful value)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: detected for known GPUs, else MFU not reported
+    dist_timeout_s: float = 600.0  # collective timeout: a rank that died makes the others exit after this
+    progress: str = "auto"  # "auto" (progress bar on a terminal, log lines otherwise), "bar", "lines"
+    export: bool = True  # write the final target encoder (full state dict + timm-named file) to logging.folder
 
     def check(self) -> None:
         if not re.fullmatch(DEVICE_PATTERN, self.device):
@@ -312,6 +330,13 @@ class Train(_Section):
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)
         _at_least("train.keep_last", self.keep_last, 0)
+        for key in ("checkpoint_steps", "max_steps", "rankme_every", "clip_grad", "peak_tflops"):
+            _at_least(f"train.{key}", getattr(self, key), 0)
+        _at_least("train.max_bad_steps", self.max_bad_steps, 1)
+        _at_least("train.rankme_samples", self.rankme_samples, 2)
+        _at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
+        _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
+        _choice("train.progress", self.progress, ("auto", "bar", "lines"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -323,6 +348,7 @@ class Train(_Section):
 # first G-1 rows and columns. A target block is redrawn until it has more than min_keep patches -- forever if its
 # size has h*w <= min_keep. A context block is redrawn until, cut by the target blocks, it keeps more than
 # min_keep patches; after 20 failures it drops one target's constraint, so it ends only if h*w > min_keep.
+# The checks below use this geometry in both modes: "fixed" mode only widens the placement range.
 # --------------------------------------------------------------------------------------------------------------
 
 
