@@ -1,0 +1,324 @@
+"""Multi-block mask sampler of I-JEPA, vectorised.
+
+`MultiBlockMaskCollator` is a drop-in for the official `src.masks.multiblock.MaskCollator`: same constructor
+arguments, called on a list of samples, returns `(default_collate(samples), masks_enc, masks_pred)` where
+`masks_enc` is a list of `nenc` int64 tensors `[B, K_enc]` and `masks_pred` a list of `npred` int64 tensors
+`[B, K_pred]` of row-major patch indices (ascending within each row).
+
+Two modes:
+
+- ``parity`` reproduces the official sampler's distribution, quirks included: one block size per batch, drawn
+  from a `torch.Generator` seeded with the step counter exactly as the official one (so the block sizes of a step
+  equal the official ones), with scale and aspect ratio taken from the same uniform draw (correlated); block
+  height/width clamped to at most grid-1; top-left corners drawn with an exclusive upper bound (the last patch
+  row/column is never a corner, so a block never touches it unless it spans the grid); the context block avoids
+  that image's target blocks, and after 20 failed tries per level the last target is dropped from the
+  constraints (level t keeps the first npred-t targets); a block is valid only with MORE than `min_keep` tokens;
+  every context list is cut to the shortest context of the batch. Target blocks are whole blocks of the same
+  size, so their lists never need cutting.
+- ``fixed`` corrects the quirks: corners drawn with an inclusive bound (every position reachable), blocks up to
+  the full grid, scale and aspect ratio drawn independently. Everything else is as in parity.
+
+Positions (and, in fixed mode, block sizes) come from a numpy Generator seeded by (seed, rank, dataloader worker
+id, step): the masks are a deterministic function of those four numbers. The official draws positions from the
+unseeded global RNG; the distribution is the same.
+
+Step counter: like the official, a `multiprocessing.Value` shared by the dataloader workers (they inherit it at
+fork/spawn) and incremented under its lock at every call, so steps keep advancing across epochs even when the
+workers are re-created. Which worker gets which step is decided by the race between workers, as in the official;
+given (seed, rank, worker, step) the masks are reproducible.
+
+Vectorised: the hot path has no per-image or per-block Python loop. Target corners for all images are drawn at
+once; target occupancy is a broadcast [B, npred, H, W] boolean; context candidates are scored with an integral
+image of each image's free area (one count per corner for every image at once); 20 i.i.d. candidate corners per
+context block are drawn at once and the first valid one is taken (the first valid element of an i.i.d. sequence
+has exactly the distribution of the official rejection loop). Only (image, block) pairs without a valid
+candidate go through the relaxation levels, looping over levels, not images. Row-major indices come from
+`np.nonzero` on a mask cut to its first K tokens with a cumulative count.
+"""
+
+import math
+from dataclasses import dataclass
+from multiprocessing import Value
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate, get_worker_info
+
+MODES = ("parity", "fixed")
+TRIES_PER_LEVEL = 20  # official timeout: failed context draws before one more target constraint is dropped
+
+
+@dataclass
+class MultiBlockMasks:
+    """One batch of masks, with what the cut to the batch minimum hides (for tests and statistics)."""
+
+    masks_enc: list[torch.Tensor]  # nenc x [B, K_enc] int64
+    masks_pred: list[torch.Tensor]  # npred x [B, K_pred] int64
+    context_counts: np.ndarray  # [nenc, B] tokens of each context before cutting to the batch minimum
+    pred_size: tuple[int, int]
+    enc_size: tuple[int, int]
+
+
+def _pair(value, name, cast):
+    try:
+        first, second = value
+        return cast(first), cast(second)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
+
+
+def _smallest_block_area(grid, max_hw, scale, ratio):
+    """Smallest h*w the block-size rule can give for any scale in `scale` and aspect ratio in `ratio`.
+
+    A pair (h, w) is reachable for a token budget mk = int(H*W*s) when some aspect ratio r in `ratio` rounds
+    sqrt(mk*r) to h and sqrt(mk/r) to w, i.e. when the r-intervals of h, of w and `ratio` intersect. Intervals
+    are closed (ties count as reachable), and scale and ratio are treated as independent, so the bound is never
+    above the true minimum: a configuration that passes can never hang.
+    """
+    n = grid[0] * grid[1]
+    mk = np.arange(int(n * scale[0]), int(n * scale[1]) + 1, dtype=np.float64)
+    if mk[0] == 0:
+        return 0
+    hs = np.arange(0, math.isqrt(int(n * scale[1] * ratio[1])) + 3, dtype=np.float64)
+    ws = np.arange(0, math.isqrt(int(n * scale[1] / ratio[0])) + 3, dtype=np.float64)
+    mk, h, w = mk[:, None, None], hs[None, :, None], ws[None, None, :]
+    with np.errstate(divide="ignore"):
+        r_low = np.maximum(np.maximum(np.maximum(h - 0.5, 0) ** 2 / mk, mk / (w + 0.5) ** 2), ratio[0])
+        r_high = np.minimum(np.minimum((h + 0.5) ** 2 / mk, mk / np.maximum(w - 0.5, 0) ** 2), ratio[1])
+    area = np.broadcast_to(np.minimum(h, max_hw[0]) * np.minimum(w, max_hw[1]), r_low.shape)
+    return int(area[r_low <= r_high].min())
+
+
+class MultiBlockMaskCollator:
+    """I-JEPA multi-block collator; see the module docstring for the two modes and the seeding."""
+
+    def __init__(
+        self,
+        input_size=(224, 224),
+        patch_size=16,
+        enc_mask_scale=(0.2, 0.8),
+        pred_mask_scale=(0.2, 0.8),
+        aspect_ratio=(0.3, 3.0),
+        nenc=1,
+        npred=2,
+        min_keep=4,
+        allow_overlap=False,
+        mode="parity",
+        seed=0,
+        rank=0,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(input_size, int):
+            input_size = (input_size, input_size)
+        input_size = _pair(input_size, "input_size", int)
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        height, width = input_size[0] // patch_size, input_size[1] // patch_size
+        if height < 1 or width < 1:
+            raise ValueError(f"input_size {input_size} is smaller than patch_size {patch_size}: no patch grid")
+        enc_mask_scale = _pair(enc_mask_scale, "enc_mask_scale", float)
+        pred_mask_scale = _pair(pred_mask_scale, "pred_mask_scale", float)
+        for name, (low, high) in (("enc_mask_scale", enc_mask_scale), ("pred_mask_scale", pred_mask_scale)):
+            if not 0 < low <= high <= 1:
+                raise ValueError(
+                    f"{name}={(low, high)} must satisfy 0 < low <= high <= 1 (fractions of the patch grid)"
+                )
+        aspect_ratio = _pair(aspect_ratio, "aspect_ratio", float)
+        if not 0 < aspect_ratio[0] <= aspect_ratio[1]:
+            raise ValueError(f"aspect_ratio={aspect_ratio} must satisfy 0 < low <= high (height / width)")
+        for name, value in (("nenc", nenc), ("npred", npred)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(min_keep, int) or min_keep < 0:
+            raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
+        for name, value in (("seed", seed), ("rank", rank)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+        self.mode = mode
+        self.patch_size = patch_size
+        self.height, self.width = height, width
+        self.enc_mask_scale = enc_mask_scale
+        self.pred_mask_scale = pred_mask_scale
+        self.aspect_ratio = aspect_ratio
+        self.nenc, self.npred = nenc, npred
+        self.min_keep = min_keep
+        self.allow_overlap = bool(allow_overlap)
+        self.seed, self.rank = seed, rank
+        # parity: corners in [0, grid - block) and blocks at most grid - 1, as the official
+        self._corner_span = 0 if mode == "parity" else 1
+        self._max_hw = (height - 1, width - 1) if mode == "parity" else (height, width)
+        self._check_blocks_can_be_valid()
+        self._itr_counter = Value("q", -1)  # shared with dataloader workers, as the official counter
+
+    def _check_blocks_can_be_valid(self):
+        grid = (self.height, self.width)
+        for name, scale, ratio in (
+            ("pred_mask_scale", self.pred_mask_scale, self.aspect_ratio),
+            ("enc_mask_scale", self.enc_mask_scale, (1.0, 1.0)),
+        ):
+            area = _smallest_block_area(grid, self._max_hw, scale, ratio)
+            if area <= self.min_keep:
+                raise ValueError(
+                    f"min_keep={self.min_keep} is too large for {name}={scale} on the {grid[0]}x{grid[1]} patch "
+                    f"grid ({self.mode} mode): the smallest block this can draw has {area} tokens, and a block is "
+                    f"valid only with MORE than min_keep tokens, so sampling would never finish (the official "
+                    f"collator hangs). Use min_keep < {area}, or a larger {name} / input_size / smaller patch_size."
+                )
+
+    @classmethod
+    def from_config(cls, cfg, rank=0):
+        """Build from a fastjepa Config (or anything with the same attributes: cfg.mask.*, cfg.data.crop_size,
+        cfg.fastjepa.mode, cfg.fastjepa.seed)."""
+        mask = cfg.mask
+        return cls(
+            input_size=cfg.data.crop_size,
+            patch_size=mask.patch_size,
+            enc_mask_scale=mask.enc_mask_scale,
+            pred_mask_scale=mask.pred_mask_scale,
+            aspect_ratio=mask.aspect_ratio,
+            nenc=mask.num_enc_masks,
+            npred=mask.num_pred_masks,
+            min_keep=mask.min_keep,
+            allow_overlap=mask.allow_overlap,
+            mode=cfg.fastjepa.mode,
+            seed=cfg.fastjepa.seed,
+            rank=rank,
+        )
+
+    def step(self):
+        """Advance the shared step counter and return the new step (0 on the first call)."""
+        with self._itr_counter.get_lock():
+            self._itr_counter.value += 1
+            return self._itr_counter.value
+
+    def state_dict(self):
+        return {"step": self._itr_counter.value}
+
+    def load_state_dict(self, state):
+        if "step" not in state:
+            raise ValueError(f"collator state needs a 'step' entry (from state_dict()), got keys {sorted(state)}")
+        with self._itr_counter.get_lock():
+            self._itr_counter.value = int(state["step"])
+
+    def __call__(self, batch):
+        collated = default_collate(batch)
+        info = get_worker_info()
+        masks = self.sample(len(batch), self.step(), worker=0 if info is None else info.id)
+        return collated, masks.masks_enc, masks.masks_pred
+
+    def block_sizes(self, step, rng=None):
+        """(target (h, w), context (h, w)) of a step. Parity: from a torch.Generator seeded with `step`, one
+        uniform draw per block kind shared by scale and aspect ratio. Fixed: independent draws from `rng`."""
+        if self.mode == "parity":
+            gen = torch.Generator()
+            gen.manual_seed(step)
+            u_pred = torch.rand(1, generator=gen).item()
+            u_enc = torch.rand(1, generator=gen).item()
+            return (
+                self._block_size(u_pred, u_pred, self.pred_mask_scale, self.aspect_ratio),
+                self._block_size(u_enc, u_enc, self.enc_mask_scale, (1.0, 1.0)),
+            )
+        u_scale_pred, u_ratio_pred, u_scale_enc = rng.random(3).tolist()
+        return (
+            self._block_size(u_scale_pred, u_ratio_pred, self.pred_mask_scale, self.aspect_ratio),
+            self._block_size(u_scale_enc, 0.0, self.enc_mask_scale, (1.0, 1.0)),
+        )
+
+    def _block_size(self, u_scale, u_ratio, scale, ratio):
+        # same float operations, in the same order, as the official rule, so parity sizes match bit for bit
+        tokens = int(self.height * self.width * (scale[0] + u_scale * (scale[1] - scale[0])))
+        r = ratio[0] + u_ratio * (ratio[1] - ratio[0])
+        h = int(round(math.sqrt(tokens * r)))
+        w = int(round(math.sqrt(tokens / r)))
+        return min(h, self._max_hw[0]), min(w, self._max_hw[1])
+
+    def sample(self, batch_size, step, worker=0):
+        """Masks for one batch, a deterministic function of (seed, rank, worker, step)."""
+        rng = np.random.default_rng((self.seed, self.rank, worker, step))
+        (ph, pw), (eh, ew) = self.block_sizes(step, rng)
+        grid_w, span = self.width, self._corner_span
+        n_img, n_pred, n_enc = batch_size, self.npred, self.nenc
+
+        # targets: whole blocks of ph*pw tokens (never cut); corner + row-major offsets -> [npred, B, ph*pw]
+        top = rng.integers(0, self.height - ph + span, size=(n_pred, n_img))
+        left = rng.integers(0, grid_w - pw + span, size=(n_pred, n_img))
+        pred = (top * grid_w + left)[..., None] + self._block_offsets(ph, pw)
+
+        # context corners, numbered corner = left * n_top + top
+        n_top, n_left = self.height - eh + span, grid_w - ew + span
+        level = np.zeros((n_enc, n_img), dtype=np.int64)
+        if self.allow_overlap:  # no constraint: the first draw is valid (block area > min_keep was checked)
+            corner = rng.integers(0, n_top * n_left, size=(n_enc, n_img))
+        else:
+            free = self._free(pred)
+            valid = self._valid_corners(free, eh, ew, n_top, n_left)
+            found, corner = self._first_valid(rng, np.tile(valid, (n_enc, 1)))
+            corner = corner.reshape(n_enc, n_img)
+            enc, img = np.nonzero(~found.reshape(n_enc, n_img))  # pairs that fall back to the relaxation levels
+            for lvl in range(1, n_pred + 1):
+                if len(img) == 0:
+                    break
+                relaxed = self._valid_corners(self._free(pred[: n_pred - lvl, img]), eh, ew, n_top, n_left)
+                found, first = self._first_valid(rng, relaxed)
+                corner[enc[found], img[found]] = first[found]
+                level[enc[found], img[found]] = lvl
+                enc, img = enc[~found], img[~found]
+
+        c_left, c_top = np.divmod(corner, n_top)
+        context = (c_top * grid_w + c_left)[..., None] + self._block_offsets(eh, ew)  # [nenc, B, eh*ew]
+        if self.allow_overlap:
+            counts = np.full((n_enc, n_img), eh * ew)
+            index = context
+        else:
+            kept = self._gather(free, context)  # block tokens outside the excluded targets
+            for lvl in np.unique(level[level > 0]).tolist():
+                enc, img = np.nonzero(level == lvl)
+                kept[enc, img] = self._gather(self._free(pred[: n_pred - lvl, img]), context[enc, img])
+            counts = np.count_nonzero(kept, axis=-1)
+            # first `keep` kept tokens of every row: offsets of the rows' runs in the flat list of kept tokens
+            keep = counts.min()
+            starts = np.cumsum(counts.ravel()) - counts.ravel()
+            first_k = np.flatnonzero(kept)[starts[:, None] + np.arange(keep)]
+            index = context.reshape(-1)[first_k].reshape(n_enc, n_img, keep)
+        return MultiBlockMasks(
+            list(torch.from_numpy(index).unbind(0)), list(torch.from_numpy(pred).unbind(0)), counts, (ph, pw), (eh, ew)
+        )
+
+    def _block_offsets(self, h, w):
+        """Row-major flat offsets of an h x w block from its top-left token."""
+        return (np.arange(h)[:, None] * self.width + np.arange(w)).ravel()
+
+    def _free(self, pred):
+        """[k, n, K] target indices -> [n, H*W] bool: tokens outside all k targets of each image."""
+        n_img, n_tokens = pred.shape[1], self.height * self.width
+        covered = np.zeros(n_img * n_tokens, dtype=bool)
+        covered[(pred + np.arange(n_img)[:, None] * n_tokens).ravel()] = True
+        return ~covered.reshape(n_img, n_tokens)
+
+    @staticmethod
+    def _gather(rows, index):
+        """rows [n, M], index [..., n, K] -> rows[i, index[..., i, :]] as one flat take (fancy 2-D indexing
+        is several times slower)."""
+        n, m = rows.shape
+        return rows.reshape(-1)[index + (np.arange(n) * m)[:, None]]
+
+    def _valid_corners(self, free, eh, ew, n_top, n_left):
+        """[n, H*W] free tokens -> [n, n_left*n_top] bool: corners whose eh x ew block keeps MORE than min_keep
+        free tokens. Box sums as two small matmuls with band matrices (exact in fp32 for counts < 2^24)."""
+        rows, cols = np.arange(self.height)[:, None], np.arange(self.width)[:, None]
+        row_band = ((rows >= np.arange(n_top)) & (rows < np.arange(n_top) + eh)).astype(np.float32)  # [H, n_top]
+        col_band = ((cols >= np.arange(n_left)) & (cols < np.arange(n_left) + ew)).astype(np.float32)
+        n = len(free)
+        by_col = free.reshape(n * self.height, self.width).astype(np.float32) @ col_band  # [n*H, n_left]
+        by_col = by_col.reshape(n, self.height, n_left).transpose(0, 2, 1).reshape(n * n_left, self.height)
+        return (by_col @ row_band > self.min_keep).reshape(n, n_left * n_top)
+
+    def _first_valid(self, rng, valid):
+        """valid [n, corners] -> (found [n], corner [n]): the first valid of TRIES_PER_LEVEL i.i.d. uniform
+        corners per row, i.e. the outcome of that many rounds of the official rejection loop."""
+        cand = rng.integers(0, valid.shape[-1], size=(len(valid), TRIES_PER_LEVEL))
+        ok = self._gather(valid, cand)
+        return ok.any(-1), self._gather(cand, ok.argmax(-1)[:, None])[:, 0]
