@@ -340,36 +340,40 @@ class Train(_Section):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Mask geometry. The official multi-block sampler draws one r ~ U[0, 1) per batch for the target blocks and
-# another for the context blocks and computes a block size from it:
+# Mask geometry. The official multi-block sampler (fastjepa.masks "parity") draws one r ~ U[0, 1) per batch for
+# the target blocks and another for the context blocks and computes a block size from it:
 #     keep = int(G*G * (s0 + r*(s1 - s0))),  ar = a0 + r*(a1 - a0)     (context: ar fixed to 1)
 #     h = round(sqrt(keep*ar)), w = round(sqrt(keep/ar)),  each clamped to G - 1     (G = crop_size // patch_size)
 # then places each block with its top-left corner in [0, G - h) x [0, G - w), so every block lies inside the
 # first G-1 rows and columns. A target block is redrawn until it has more than min_keep patches -- forever if its
 # size has h*w <= min_keep. A context block is redrawn until, cut by the target blocks, it keeps more than
 # min_keep patches; after 20 failures it drops one target's constraint, so it ends only if h*w > min_keep.
-# The checks below use this geometry in both modes: "fixed" mode only widens the placement range.
+# fastjepa's "fixed" mode draws scale and aspect ratio independently, clamps to G and places corners anywhere a
+# block fits (blocks span all G rows and columns); the checks follow the mode.
 # --------------------------------------------------------------------------------------------------------------
 
 
-def block_sizes(grid: int, scale: tuple[float, float], aspect_ratio: tuple[float, float]) -> set[tuple[int, int]]:
-    """Every block size (h, w), in patches, that the official sampler draws with nonzero probability.
+def block_sizes(
+    grid: int, scale: tuple[float, float], aspect_ratio: tuple[float, float], mode: str = "parity"
+) -> set[tuple[int, int]]:
+    """Every block size (h, w), in patches, that the sampler draws with nonzero probability on a grid x grid
+    patch grid: the official rule in "parity" mode, independent scale and ratio draws clamped to the grid in
+    "fixed" mode.
 
-    The size is piecewise constant in r: pieces end where ``keep`` steps or where ``keep*ar`` or ``keep/ar``
-    crosses a square of a half-integer (where the rounding flips). One evaluation inside every piece gives the
-    exact set.
+    For each ``keep`` the size is piecewise constant in the ratio draw: pieces end where ``keep*ar`` or
+    ``keep/ar`` crosses the square of a half-integer (where the rounding flips). One evaluation inside every
+    piece gives the exact set.
     """
     n = grid * grid
     (s0, s1), (a0, a1) = scale, aspect_ratio
+    largest = grid - 1 if mode == "parity" else grid
 
     def ratio(r: float) -> float:
         return a0 + r * (a1 - a0)
 
-    def size(r: float) -> tuple[int, int]:
-        keep = int(n * (s0 + r * (s1 - s0)))
+    def size(keep: int, r: float) -> tuple[int, int]:
         ar = ratio(r)
-        h, w = round(math.sqrt(keep * ar)), round(math.sqrt(keep / ar))
-        return min(h, grid - 1), min(w, grid - 1)
+        return min(round(math.sqrt(keep * ar)), largest), min(round(math.sqrt(keep / ar)), largest)
 
     def r_of_ratio(ar: float) -> float:
         return (ar - a0) / (a1 - a0)
@@ -377,11 +381,13 @@ def block_sizes(grid: int, scale: tuple[float, float], aspect_ratio: tuple[float
     sizes = set()
     for keep in range(int(n * s0), int(n * s1) + 1):
         lo, hi = 0.0, 1.0
-        if s1 > s0:  # the r interval over which int(n * s) == keep
+        if s1 > s0:  # the scale draws for which int(n * s) == keep
             lo = max(lo, (keep / n - s0) / (s1 - s0))
             hi = min(hi, ((keep + 1) / n - s0) / (s1 - s0))
         if hi <= lo:
             continue
+        if mode != "parity":  # the ratio draw is independent of the scale draw
+            lo, hi = 0.0, 1.0
         cuts = {lo, hi}
         if a1 > a0 and keep > 0:
             ar_lo, ar_hi = ratio(lo), ratio(hi)
@@ -390,16 +396,17 @@ def block_sizes(grid: int, scale: tuple[float, float], aspect_ratio: tuple[float
             for k in range(math.ceil(math.sqrt(keep / ar_hi) - 0.5), math.floor(math.sqrt(keep / ar_lo) - 0.5) + 1):
                 cuts.add(r_of_ratio(keep / (k + 0.5) ** 2))
         cuts = sorted(c for c in cuts if lo <= c <= hi)
-        sizes.update(size((x + y) / 2) for x, y in itertools.pairwise(cuts) if y > x)
+        sizes.update(size(keep, (x + y) / 2) for x, y in itertools.pairwise(cuts) if y > x)
     return sizes
 
 
-def _check_mask_geometry(data: Data, mask: Mask) -> None:
+def _check_mask_geometry(data: Data, mask: Mask, mode: str) -> None:
     grid = data.crop_size // mask.patch_size
-    where = f"on the {grid}x{grid} patch grid (data.crop_size={data.crop_size} / mask.patch_size={mask.patch_size})"
+    where = (f"on the {grid}x{grid} patch grid (data.crop_size={data.crop_size} / mask.patch_size={mask.patch_size}"
+             f", fastjepa.mode={mode})")
     k = mask.min_keep
-    targets = block_sizes(grid, mask.pred_mask_scale, mask.aspect_ratio)
-    contexts = block_sizes(grid, mask.enc_mask_scale, (1.0, 1.0))
+    targets = block_sizes(grid, mask.pred_mask_scale, mask.aspect_ratio, mode)
+    contexts = block_sizes(grid, mask.enc_mask_scale, (1.0, 1.0), mode)
 
     h, w = min(targets, key=lambda s: s[0] * s[1])
     if h * w <= k:
@@ -418,11 +425,12 @@ def _check_mask_geometry(data: Data, mask: Mask) -> None:
               "or use a finer patch grid")
     if mask.allow_overlap:
         return
-    # Targets are drawn independently and may all coincide, so the best case for the context removes one target
-    # block placed to overlap it least; both lie inside the first G-1 rows/columns, so they overlap by at least
-    # max(0, he + ht - (G-1)) rows and max(0, we + wt - (G-1)) columns. If even that best case leaves <= min_keep
-    # patches, keeping the context apart from the targets is impossible for that pair of draws.
-    span = grid - 1
+    # Targets are placed independently and may all coincide, so the best case for the context removes one target
+    # block placed to overlap it least; both lie inside the first `span` rows/columns (G-1 in parity, G in fixed),
+    # so they overlap by at least max(0, hc + ht - span) rows and max(0, wc + wt - span) columns. If even that
+    # best case leaves <= min_keep patches, keeping the context apart from the targets is impossible for that
+    # pair of draws.
+    span = grid - 1 if mode == "parity" else grid
 
     def best_kept(c: tuple[int, int], t: tuple[int, int]) -> int:
         return c[0] * c[1] - max(0, c[0] + t[0] - span) * max(0, c[1] + t[1] - span)
@@ -470,7 +478,7 @@ class Config:
             _fail("data.crop_size", crop, f"not divisible by mask.patch_size={patch} (the image is cut into "
                   "patch_size x patch_size patches)", f"set data.crop_size to {' or '.join(map(str, near))}, "
                   "or pick a mask.patch_size that divides it")
-        _check_mask_geometry(self.data, self.mask)
+        _check_mask_geometry(self.data, self.mask, self.fastjepa.mode)
 
     def validate(self) -> "Config":
         """Re-run every check (types, ranges, cross-section), e.g. after changing fields in place."""

@@ -181,6 +181,7 @@ def test_unknown_section_in_file(tmp_path):
     ("mask.aspect_ratio=[1.0]", "mask.aspect_ratio=[1.0]: expected a list of 2 numbers"),
     ("mask.aspect_ratio=0.75", "mask.aspect_ratio=0.75: expected a list of 2 numbers"),
     ("optimization.ema=[0.99,yes]", "optimization.ema[1]=true: expected a number"),
+    ("optimization.lr=.nan", "optimization.lr=nan: must be a finite number"),
 ])
 def test_wrong_type(override, fragment):
     message = error_of(override)
@@ -219,24 +220,51 @@ def test_impossible_setting(overrides, fragments):
 # ---- mask geometry -------------------------------------------------------------------------------------------------
 
 
-def official_block_size(grid, scale, aspect_ratio, r):
-    """The official sampler's block size for one uniform draw r (src/masks/multiblock.py, restated)."""
-    keep = int(grid * grid * (scale[0] + r * (scale[1] - scale[0])))
-    ar = aspect_ratio[0] + r * (aspect_ratio[1] - aspect_ratio[0])
-    return min(round(math.sqrt(keep * ar)), grid - 1), min(round(math.sqrt(keep / ar)), grid - 1)
+def drawn_block_size(grid, scale, aspect_ratio, u_scale, u_ratio, largest):
+    """The block-size rule of src/masks/multiblock.py, restated, for scale and ratio draws u_scale, u_ratio."""
+    keep = int(grid * grid * (scale[0] + u_scale * (scale[1] - scale[0])))
+    ar = aspect_ratio[0] + u_ratio * (aspect_ratio[1] - aspect_ratio[0])
+    return min(round(math.sqrt(keep * ar)), largest), min(round(math.sqrt(keep / ar)), largest)
 
 
-@pytest.mark.parametrize("grid, scale, aspect_ratio", [
+GEOMETRIES = [
     (16, (0.15, 0.2), (0.75, 1.5)),
     (7, (0.15, 0.2), (0.75, 1.5)),
     (14, (0.05, 0.6), (0.3, 3.0)),
     (32, (0.85, 1.0), (1.0, 1.0)),
     (10, (0.2, 0.2), (0.5, 2.0)),
     (5, (0.01, 1.0), (0.2, 5.0)),
-])
+]
+
+
+@pytest.mark.parametrize("grid, scale, aspect_ratio", GEOMETRIES)
 def test_block_sizes_match_the_official_draw(grid, scale, aspect_ratio):
-    drawn = {official_block_size(grid, scale, aspect_ratio, i / 20000) for i in range(20000)}
-    assert block_sizes(grid, scale, aspect_ratio) == drawn
+    # parity: one draw r for both scale and ratio, clamped to grid - 1
+    drawn = {drawn_block_size(grid, scale, aspect_ratio, i / 20000, i / 20000, grid - 1) for i in range(20000)}
+    assert block_sizes(grid, scale, aspect_ratio, "parity") == drawn
+
+
+@pytest.mark.parametrize("grid, scale, aspect_ratio", GEOMETRIES)
+def test_block_sizes_match_independent_draws_in_fixed_mode(grid, scale, aspect_ratio):
+    u = [i / 200 for i in range(200)]
+    drawn = {drawn_block_size(grid, scale, aspect_ratio, a, b, grid) for a in u for b in u}
+    assert block_sizes(grid, scale, aspect_ratio, "fixed") == drawn
+
+
+@pytest.mark.parametrize("mode", ["parity", "fixed"])
+def test_block_sizes_cover_what_the_collator_draws(mode):
+    import numpy as np
+
+    from fastjepa.masks import MultiBlockMaskCollator
+
+    cfg = load("test_tiny", [f"fastjepa.mode={mode}"])
+    collator = MultiBlockMaskCollator.from_config(cfg)
+    grid = cfg.data.crop_size // cfg.mask.patch_size
+    targets = block_sizes(grid, cfg.mask.pred_mask_scale, cfg.mask.aspect_ratio, mode)
+    contexts = block_sizes(grid, cfg.mask.enc_mask_scale, (1.0, 1.0), mode)
+    rng = np.random.default_rng(0)
+    drawn = [collator.block_sizes(step, rng) for step in range(300)]
+    assert {t for t, _ in drawn} <= targets and {c for _, c in drawn} <= contexts
 
 
 def test_min_keep_boundary_is_exact():
@@ -246,6 +274,13 @@ def test_min_keep_boundary_is_exact():
     message = error_of("mask.min_keep=9")
     assert "3x3 = 9-patch target blocks" in message and "loop forever" in message
     assert "lower mask.min_keep to 8 or less" in message and "override 'mask.min_keep=9'" in message
+
+
+def test_min_keep_boundary_in_fixed_mode():
+    # Independent draws reach 4x2 = 8 patches on the same grid.
+    assert load("test_tiny", ["fastjepa.mode=fixed", "mask.min_keep=7"]).mask.min_keep == 7
+    message = error_of("fastjepa.mode=fixed", "mask.min_keep=8")
+    assert "4x2 = 8-patch target blocks" in message and "fastjepa.mode=fixed" in message
 
 
 def test_context_block_too_small_would_hang():
