@@ -185,24 +185,38 @@ class ShardSource:
         """Exactly `take` items for samples [skip, skip + take) of one shard; what the tar cannot deliver is
         reported as unreadable_shard (nothing read) or truncated_tar (the rest)."""
         errors = []
-
-        def record(exn):
-            errors.append(exn)
-            return True  # keep going: the shard's missing samples are accounted for below
-
-        position, delivered = 0, 0
-        for sample in tarfile_samples([{"url": url}], handler=record):
+        delivered = 0
+        for position, item in enumerate(self._shard_items(url, errors)):
             if position >= skip + take:
                 break
             if position >= skip:
-                yield decode_fields(sample, url)
+                yield item
                 delivered += 1
-            position += 1
         if delivered < take:
-            kind = "unreadable_shard" if position == 0 else "truncated_tar"
-            detail = repr(errors[0]) if errors else f"the tar ended after {position} samples, the index says more"
+            read = skip + delivered
+            kind = "unreadable_shard" if read == 0 else "truncated_tar"
+            detail = repr(errors[0]) if errors else f"the tar ended after {read} samples, the index says more"
             for i in range(take - delivered):
-                yield BadSample(kind, url, f"#{skip + delivered + i}", detail)
+                yield BadSample(kind, url, f"#{read + i}", detail)
+
+    @staticmethod
+    def _shard_items(url, errors):
+        def record(exn):
+            errors.append(exn)
+            return True  # keep going: the shard's missing samples are accounted for by read_shard
+
+        # the sample in flight when the tar broke may have lost members: it is held back until the next one
+        # arrives, and reported as truncated if the shard ends with an error
+        held = None
+        for sample in tarfile_samples([{"url": url}], handler=record):
+            if held is not None:
+                yield decode_fields(held, url)
+            held = sample
+        if held is not None:
+            if errors:
+                yield BadSample("truncated_tar", url, held.get("__key__", "?"), repr(errors[0]))
+            else:
+                yield decode_fields(held, url)
 
 
 def decode_fields(sample, url):
