@@ -120,8 +120,8 @@ def _block_attn_fwd_kernel(
                                tl.where(is_tgt, q_end, seg_start), o_n, o_d, m_d, qk_scale, PREC, BLOCK_N)
 
     acc = acc / l_i[:, None]
-    p_o = O + i_b * stride_ob + i_h * stride_oh
-    tl.store(p_o + o_m[:, None] * stride_ol + o_d[None, :], acc.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    p_o = O + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ol + o_d[None, :]
+    tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     # Log-sum-exp in base 2 (the scores above are scaled by log2(e)).
     tl.store(LSE + i_bh.to(tl.int64) * L + o_m, m_i + tl.log2(l_i), mask=m_m)
 

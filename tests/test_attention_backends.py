@@ -39,7 +39,7 @@ def test_cpu_backend_matches_math_fp32(backend, shape):
     grad_out = torch.randn(SHAPES[shape], generator=torch.Generator().manual_seed(1))
     ref = fwd_bwd("math", q.double(), k.double(), v.double(), grad_out.double())
     got = fwd_bwd(backend, q, k, v, grad_out)
-    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
         assert g.dtype == torch.float32
         assert rel_rms(g, r) < FP32_TOL, f"{backend} {name}: rel RMS {rel_rms(g, r):.2e}"
 
@@ -52,7 +52,7 @@ def test_cpu_backend_bf16_within_twice_math_error(backend):
     ref = fwd_bwd("math", q.double(), k.double(), v.double(), grad_out.double())
     math_bf16 = fwd_bwd("math", q, k, v, grad_out)
     got = fwd_bwd(backend, q, k, v, grad_out)
-    for name, g, m, r in zip(("out", "dq", "dk", "dv"), got, math_bf16, ref):
+    for name, g, m, r in zip(("out", "dq", "dk", "dv"), got, math_bf16, ref, strict=True):
         assert rel_rms(g, r) <= 2 * rel_rms(m, r), f"{backend} {name}: {rel_rms(g, r):.2e} vs math {rel_rms(m, r):.2e}"
 
 
@@ -101,7 +101,7 @@ def test_gpu_backends_within_twice_math_error(shape, dtype):
     math_low = fwd_bwd("math", q, k, v, grad_out)
     for backend in ab.available_backends("cuda", dtype, q.shape[-1]):
         got = fwd_bwd(backend, q, k, v, grad_out)
-        for name, g, m, r in zip(("out", "dq", "dk", "dv"), got, math_low, ref):
+        for name, g, m, r in zip(("out", "dq", "dk", "dv"), got, math_low, ref, strict=True):
             assert rel_rms(g, r) <= 2 * rel_rms(m, r) + 1e-4, f"{backend} {name}"
 
 

@@ -3,7 +3,6 @@ masked reference, and the reference against the official repeated-context layout
 
 import pytest
 import torch
-
 from fastjepa.kernels import block_attention as ba
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -46,7 +45,7 @@ def check_against_fp64(q, k, v, ctx_len, num_blocks, provider):
     tol = TOL[q.dtype]
     assert out.dtype == q.dtype and out.shape == q.shape
     assert rel_rms(out, ref) < tol, f"forward rel RMS {rel_rms(out, ref):.2e} >= {tol}"
-    for name, g, rg in zip("qkv", grads, ref_grads):
+    for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
         assert torch.isfinite(g).all(), f"d{name} has non-finite entries"
         assert rel_rms(g, rg) < tol, f"d{name} rel RMS {rel_rms(g, rg):.2e} >= {tol}"
 
@@ -129,5 +128,5 @@ def test_gpu_bf16_predictor_shape(provider, head_dim):
     plain = ba.block_attention_ref(*plain_in, 70, 4)
     plain_grads = torch.autograd.grad(plain, plain_in, grad_out)
     assert rel_rms(out, ref) <= 2 * rel_rms(plain, ref) + 1e-4
-    for g, rg, pg in zip(grads, ref_grads, plain_grads):
+    for g, rg, pg in zip(grads, ref_grads, plain_grads, strict=True):
         assert rel_rms(g, rg) <= 2 * rel_rms(pg, rg) + 1e-4

@@ -4,9 +4,9 @@ reference, agrees across its attention providers, and equals the official forwar
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fastjepa.kernels import fused_enabled, set_fused
 from fastjepa.kernels.block_attention import block_attention_mask
+
 from fastjepa.models import VisionTransformerPredictor
 from fastjepa.models.shared_context import predictor_forward, set_predictor_layout, shared_context_tokens
 
@@ -67,7 +67,7 @@ def test_repeat_layout_equals_official_forward(nenc):
     out = predictor_forward(pred, x, masks_enc, masks_pred, layout="repeat")
     assert out.shape == ref.shape == (3 * nenc * 2, 3, EMBED)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for g, rg in zip(grads(out, pred, x), grads(ref, pred, x)):
+    for g, rg in zip(grads(out, pred, x), grads(ref, pred, x), strict=True):
         torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
 
 
@@ -98,7 +98,7 @@ def test_shared_layout_triton_matches_reference_fp32():
     ref = predictor_forward(pred, x, masks_enc, masks_pred, layout="shared", provider="ref")
     out = predictor_forward(pred, x, masks_enc, masks_pred, layout="shared", provider="triton")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for g, rg in zip(grads(out, pred, x), grads(ref, pred, x)):
+    for g, rg in zip(grads(out, pred, x), grads(ref, pred, x), strict=True):
         rel = ((g - rg).norm() / rg.norm()).item()
         assert rel < 1e-5, f"gradient rel error {rel:.2e}"
 
