@@ -117,6 +117,9 @@ def test_normalize_on_device_matches_float64_reference():
     assert ((out.double() - ref).norm() / ref.norm()) < 1e-6
     half = normalize_on_device(x, mean, std, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and ((half.double() - ref).norm() / ref.norm()) < 1e-2
+    # the loader's batches are channels-last strided; the result is contiguous NCHW with the same values
+    cl = normalize_on_device(x.contiguous(memory_format=torch.channels_last), mean, std, torch.float32)
+    assert cl.is_contiguous() and torch.equal(cl, out)
     with pytest.raises(ValueError, match="uint8"):
         normalize_on_device(x.float(), mean, std)
 

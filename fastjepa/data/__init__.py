@@ -88,8 +88,9 @@ def mean_std(cfg):
 
 
 def normalize_on_device(images_uint8, mean, std, dtype=torch.float32):
-    """uint8 [B, C, H, W] (already on the device) -> (x / 255 - mean) / std in `dtype`, computed in float32 as
-    one fused multiply-add (scale = 1 / (255 std), shift = -mean / std) and cast once."""
+    """uint8 [B, C, H, W] (already on the device) -> contiguous (x / 255 - mean) / std in `dtype`, computed in
+    float32 as one multiply-add (scale = 1 / (255 std), shift = -mean / std) and cast once. The loader's batches
+    have channels-last strides (the workers skip the transpose); it is done here, on the uint8 bytes."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(f"normalize_on_device expects uint8 [B, C, H, W], got {images_uint8.dtype} "
                          f"{tuple(images_uint8.shape)}")
@@ -99,4 +100,5 @@ def normalize_on_device(images_uint8, mean, std, dtype=torch.float32):
     device = images_uint8.device
     std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return torch.addcmul(-mean_t / std_t, images_uint8.float(), 1.0 / (255.0 * std_t)).to(dtype)
+    images = images_uint8.contiguous()
+    return torch.addcmul(-mean_t / std_t, images.float(), 1.0 / (255.0 * std_t)).to(dtype)

@@ -161,7 +161,9 @@ class _EpochStream(IterableDataset):
                     return
 
     def _collate(self, images, labels, step):
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        # [B, C, H, W] with channels-last strides: no transpose on the worker's core; normalize_on_device makes it
+        # contiguous on the device, where the transpose is nearly free
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         targets = torch.tensor(labels, dtype=torch.int64)
         if hasattr(self.collator, "sample"):
             masks = self.collator.sample(len(images), step, worker=0)

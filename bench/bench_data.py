@@ -1,0 +1,211 @@
+"""Input-pipeline throughput: images/s of ONE worker process for decode + random-resized-crop + collate (+ masks).
+
+    python bench/bench_data.py                      # 500x375 JPEGs at quality 90, 224 crops, batch 128
+    python bench/bench_data.py --images 1024 --workers 2   # also the full DataLoader with 2 worker processes
+
+Providers, run interleaved in the same process on the same generated ImageNet-sized JPEGs:
+- `plain_pil`: the plain loop: Image.open -> convert RGB -> crop -> resize (bilinear) -> uint8 array, then
+  stacked into a [B, C, H, W] batch (torchvision's RandomResizedCrop on PIL, minus the float conversion).
+- `official_float`: the plain loop plus the official ToTensor + Normalize on the CPU (float32 batch).
+- `fastjepa`: fastjepa.data's worker path, exactly what a DataLoader worker runs: per-sample seeded draws,
+  JPEG DCT-scaled decode where the crop allows it, crop+resize in one pass, uint8 batch, multi-block masks.
+- `simplejpeg` (when installed): simplejpeg decode + the same one-pass crop/resize, to show whether it pays.
+- `nvjpeg_gpu` (when torchvision and CUDA are importable): torchvision.io.decode_jpeg on the GPU + crop/resize
+  with F.interpolate(antialias=True) per image.
+Per-worker images/s is what matters on a GPU node: cores per GPU x this = the input rate one GPU can get.
+"""
+
+import argparse
+import csv
+import datetime
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, device_dir, git_commit  # noqa: E402
+from fastjepa.data.loader import PretrainLoader  # noqa: E402
+from fastjepa.data.sources import RandomAccessSource, RawSample, synthetic_jpeg  # noqa: E402
+from fastjepa.data.transforms import DEFAULT_RATIO, PretrainTransform, random_resized_crop_params  # noqa: E402
+from fastjepa.masks import MultiBlockMaskCollator  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class PoolSource(RandomAccessSource):
+    """`n` samples cycling over a pool of encoded JPEGs (decode work is per sample, as with real data)."""
+
+    def __init__(self, pool, n):
+        self.pool, self.num_samples = pool, n
+
+    def get(self, index):
+        return RawSample(str(index), self.pool[index % len(self.pool)], index % 1000, "bench")
+
+
+def plain_batches(pool, n, batch, crop, scale, official_float=False):
+    rng = np.random.default_rng(0)
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    for start in range(0, n, batch):
+        images = []
+        for i in range(start, start + batch):
+            img = Image.open(io.BytesIO(pool[i % len(pool)])).convert("RGB")
+            left, top, w, h = random_resized_crop_params(img.size[0], img.size[1], scale, DEFAULT_RATIO, rng)
+            arr = np.asarray(img.crop((left, top, left + w, top + h)).resize((crop, crop), Image.BILINEAR))
+            t = torch.from_numpy(arr).permute(2, 0, 1)
+            images.append((t.float().div(255) - mean) / std if official_float else t)
+        torch.stack(images)
+
+
+def simplejpeg_batches(pool, n, batch, crop, scale):
+    import simplejpeg
+
+    rng = np.random.default_rng(0)
+    for start in range(0, n, batch):
+        out = np.empty((batch, crop, crop, 3), dtype=np.uint8)
+        for j, i in enumerate(range(start, start + batch)):
+            arr = simplejpeg.decode_jpeg(pool[i % len(pool)], fastdct=False, fastupsample=False)
+            left, top, w, h = random_resized_crop_params(arr.shape[1], arr.shape[0], scale, DEFAULT_RATIO, rng)
+            out[j] = np.asarray(Image.fromarray(arr).resize((crop, crop), Image.BILINEAR,
+                                                            box=(left, top, left + w, top + h)))
+        torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def nvjpeg_batches(pool, n, batch, crop, scale):
+    import torch.nn.functional as F
+    from torchvision.io import decode_jpeg
+
+    rng = np.random.default_rng(0)
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in pool]
+    for start in range(0, n, batch):
+        decoded = decode_jpeg([encoded[i % len(pool)] for i in range(start, start + batch)], device="cuda")
+        crops = []
+        for img in decoded:
+            left, top, w, h = random_resized_crop_params(img.shape[2], img.shape[1], scale, DEFAULT_RATIO, rng)
+            crops.append(F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(crop, crop),
+                                       mode="bilinear", antialias=True, align_corners=False))
+        torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8)
+    torch.cuda.synchronize()
+
+
+def fastjepa_loader(pool, n, batch, crop, scale, num_workers=0):
+    collator = MultiBlockMaskCollator(input_size=crop, patch_size=16, enc_mask_scale=(0.85, 1.0),
+                                      pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
+                                      min_keep=10)
+    return PretrainLoader(PoolSource(pool, n), PretrainTransform(crop_size=crop, crop_scale=scale), collator, batch,
+                          num_workers=num_workers, shuffle_buffer=0, max_bad_fraction=0.0)
+
+
+def consume(loader):
+    for _ in loader:
+        pass
+
+
+def nvjpeg_available():
+    try:
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def simplejpeg_available():
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def timed(fn, n):
+    t0 = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=512, help="images per timed run of each provider")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per provider; the median is reported")
+    p.add_argument("--size", default="500x375", help="generated JPEG width x height")
+    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--pool", type=int, default=32, help="distinct generated JPEGs")
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--crop-scale", default="0.3,1.0")
+    p.add_argument("--workers", type=int, default=0, help="also time the DataLoader with this many worker "
+                                                          "processes (total and per-worker images/s)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # one worker process = one core
+    width, height = map(int, args.size.split("x"))
+    scale = tuple(float(v) for v in args.crop_scale.split(","))
+    rng = np.random.default_rng(0)
+    pool = [synthetic_jpeg(rng, (width, height), args.quality) for _ in range(args.pool)]
+    n = args.images // args.batch * args.batch
+    if n == 0:
+        p.error(f"--images {args.images} is smaller than --batch {args.batch}")
+    print(f"{len(pool)} JPEGs {width}x{height} q{args.quality} (mean {np.mean([len(d) for d in pool]) / 1e3:.0f} kB), "
+          f"crop {args.crop} scale {scale}, batch {args.batch}, {n} images per run, {args.repeats} runs; "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    providers = {
+        "plain_pil": lambda: plain_batches(pool, n, args.batch, args.crop, scale),
+        "official_float": lambda: plain_batches(pool, n, args.batch, args.crop, scale, official_float=True),
+        "fastjepa": lambda: consume(fastjepa_loader(pool, n, args.batch, args.crop, scale)),
+    }
+    if simplejpeg_available():
+        providers["simplejpeg"] = lambda: simplejpeg_batches(pool, n, args.batch, args.crop, scale)
+    if nvjpeg_available():
+        providers["nvjpeg_gpu"] = lambda: nvjpeg_batches(pool, n, args.batch, args.crop, scale)
+    else:
+        print("nvjpeg_gpu: skipped (needs torchvision and CUDA)")
+    for fn in providers.values():  # warm-up: imports, allocator, page cache
+        fn()
+    rates = {name: [] for name in providers}
+    for _ in range(args.repeats):
+        for name, fn in providers.items():
+            rates[name].append(timed(fn, n))
+    rows = [(name, statistics.median(r), min(r), max(r)) for name, r in rates.items()]
+    if args.workers:
+        loader = fastjepa_loader(pool, n * args.workers, args.batch, args.crop, scale, num_workers=args.workers)
+        consume(loader)
+        total = statistics.median(timed(lambda: consume(loader), n * args.workers) for _ in range(args.repeats))
+        rows.append((f"fastjepa_{args.workers}workers_per_worker", total / args.workers, total / args.workers,
+                     total / args.workers))
+        print(f"fastjepa DataLoader, {args.workers} workers: {total:.0f} images/s in total")
+
+    plain = dict((r[0], r[1]) for r in rows)["plain_pil"]
+    print(f"\n{'provider':34s} {'images/s per process':>22s} {'(min-max)':>16s} {'vs plain_pil':>13s}")
+    for name, med, lo, hi in rows:
+        print(f"{name:34s} {med:22.0f} {f'({lo:.0f}-{hi:.0f})':>16s} {med / plain:12.2f}x")
+    write_rows(rows, plain, args)
+
+
+def write_rows(rows, plain, args):
+    out = Path(args.out) if args.out else RESULTS / device_dir("cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "data.csv"
+    new = not path.exists()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["provider", "images_per_s", "min", "max", "vs_plain_pil", "jpeg", "crop", "batch", "cores",
+                        "load", "commit", "date"])
+        for name, med, lo, hi in rows:
+            w.writerow([name, round(med), round(lo), round(hi), round(med / plain, 3), f"{args.size}q{args.quality}",
+                        args.crop, args.batch, os.cpu_count(), round(os.getloadavg()[0], 1), git_commit(), date])
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
