@@ -26,4 +26,6 @@ def assert_matches(fused: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor
     assert not fused.isnan().any(), f"{name}: NaN in the result (an element was never written)"
     err, plain_err = rel_rms(fused, exact), rel_rms(plain, exact)
     bound = max(2 * plain_err, RMS_FLOOR[fused.dtype])
-    assert err <= bound, f"{name}: relative RMS error {err:.3e} > {bound:.3e} (PyTorch in {fused.dtype}: {plain_err:.3e})"
+    assert err <= bound, (
+        f"{name}: relative RMS error {err:.3e} > {bound:.3e} (PyTorch in {fused.dtype}: {plain_err:.3e})"
+    )

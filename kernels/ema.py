@@ -64,7 +64,10 @@ def build_chunk_table(target, online, copy, chunk: int) -> torch.Tensor:
     """``[C, 5]`` int64 table (see ``_TABLE_COLUMNS``) covering every element of every tensor, on their device."""
     numel = torch.tensor([t.numel() for t in target], dtype=torch.int64)
     ptrs = torch.tensor(
-        [[t.data_ptr(), o.data_ptr(), 0 if c is None else c.data_ptr()] for t, o, c in zip(target, online, copy)],
+        [
+            [t.data_ptr(), o.data_ptr(), 0 if c is None else c.data_ptr()]
+            for t, o, c in zip(target, online, copy, strict=True)
+        ],
         dtype=torch.int64,
     ).reshape(-1, 3)
     per_tensor = (numel + chunk - 1) // chunk
@@ -85,7 +88,7 @@ class _TableCache:
     def get(self, target, online, copy, chunk) -> torch.Tensor:
         key = (chunk,) + tuple(
             (t.data_ptr(), o.data_ptr(), 0 if c is None else c.data_ptr(), t.numel())
-            for t, o, c in zip(target, online, copy)
+            for t, o, c in zip(target, online, copy, strict=True)
         )
         table = self.tables.get(key)
         if table is None:
@@ -111,7 +114,7 @@ def _groups(target, online, copy):
     """Local tensors grouped by (device, dtypes); tensors the kernel cannot take (non-contiguous, other dtypes)
     come back separately for the reference loop."""
     groups, rest = {}, []
-    for i, (t, o) in enumerate(zip(target, online)):
+    for i, (t, o) in enumerate(zip(target, online, strict=True)):
         t, o = _local(t), _local(o).detach()
         c = None if copy is None else _local(copy[i])
         if t.shape != o.shape or (c is not None and c.shape != t.shape):
@@ -126,7 +129,7 @@ def _groups(target, online, copy):
             continue
         key = (t.device, t.dtype, o.dtype, None if c is None else c.dtype)
         groups.setdefault(key, ([], [], []))
-        for lst, x in zip(groups[key], (t, o, c)):
+        for lst, x in zip(groups[key], (t, o, c), strict=True):
             lst.append(x)
     return groups, rest
 

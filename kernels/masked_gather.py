@@ -86,7 +86,9 @@ def stack_masks(masks, batch: int, num_tokens: int, name: str = "masks") -> torc
                 "(the collator cuts every list to a common length)"
             )
         if m.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name}[{i}] has dtype {m.dtype}; pass int64 (or int32) token indices in [0, {num_tokens})")
+            raise ValueError(
+                f"{name}[{i}] has dtype {m.dtype}; pass int64 (or int32) token indices in [0, {num_tokens})"
+            )
     return torch.cat(masks, dim=0).contiguous() if len(masks) > 1 else masks[0].contiguous()
 
 

@@ -1,0 +1,232 @@
+"""Shared benchmark machinery: timing, the copy-bandwidth roof, result rows and their CSV / markdown / PNG files.
+
+A benchmark script builds ``Case`` objects (an op at one shape, with ideal bytes per mode and one callable per
+provider and mode) and hands them to ``run_cases``; ``write_results`` appends the rows to
+``bench/results/<device>/<suite>.csv`` and rewrites ``<suite>.md`` and one PNG per op from this run's rows.
+"""
+
+import csv
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV_COLUMNS = [
+    "op", "provider", "mode", "shape", "dtype", "median", "p20", "p80", "unit", "gbps", "frac_of_copy",
+    "speedup_vs_reference", "device", "torch", "triton", "commit", "date",
+]
+
+
+@dataclass
+class BenchConfig:
+    """What one invocation of a suite runs: ``quick`` = tiny shapes for smoke tests."""
+
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    quick: bool = False
+    compile_backend: str = "inductor"
+    out_dir: Path | None = None
+    ops: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    """One op at one shape. ``providers[name][mode]`` is a no-argument callable that does the work once;
+    ``bytes_moved[mode]`` the ideal DRAM traffic of that work (what a perfect kernel reads and writes)."""
+
+    op: str
+    shape: str
+    dtype: torch.dtype
+    bytes_moved: dict[str, int]
+    providers: dict[str, dict[str, Callable[[], object]]]
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_dir(device: str) -> str:
+    """Folder name for a device: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``; CPUs -> ``cpu-<arch>``."""
+    name = device_name(device) if device.startswith("cuda") else f"cpu-{platform.machine()}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "-"
+
+
+def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn``. GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed
+    between runs, warm-up excluded). CPU: wall clock after one warm-up call (smoke tests only)."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100,
+                                                quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    fn()
+    times = []
+    for _ in range(2 if quick else 10):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return statistics.median(times), q[0], q[3]
+
+
+_COPY_GBPS: dict[str, float] = {}
+
+
+def copy_bandwidth(device: str, quick: bool = False) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + written per second): the roof that
+    memory-bound ops are reported against."""
+    if device not in _COPY_GBPS:
+        n = (16 if quick else 512) * 2**20 if device.startswith("cuda") else (4 if quick else 64) * 2**20
+        src = torch.randn(n // 4, device=device)
+        dst = torch.empty_like(src)
+        ms, _, _ = time_fn(lambda: dst.copy_(src), device, quick)
+        _COPY_GBPS[device] = 2 * n / ms / 1e6
+    return _COPY_GBPS[device]
+
+
+def grad_fn(make_out: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor | None = None):
+    """Callables for the backward alone (graph built once, kept) and forward + backward of ``make_out``."""
+    out = make_out()
+    grad = torch.randn_like(out) if grad is None else grad
+
+    def bwd():
+        return torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(make_out(), inputs, grad)
+
+    return bwd, fwd_bwd
+
+
+def run_cases(cases: list[Case], cfg: BenchConfig) -> list[dict]:
+    """Time every provider and mode of every case; rows carry GB/s, the fraction of the copy roof and the
+    speedup over the ``reference`` provider of the same mode."""
+    roof = copy_bandwidth(cfg.device, cfg.quick)
+    info = {
+        "device": device_name(cfg.device), "torch": torch.__version__, "triton": triton_version(),
+        "commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    rows = []
+    for case in cases:
+        ref_ms = {}
+        for provider, modes in case.providers.items():
+            for mode, fn in modes.items():
+                med, p20, p80 = time_fn(fn, cfg.device, cfg.quick)
+                if provider == "reference":
+                    ref_ms[mode] = med
+                gbps = case.bytes_moved.get(mode, 0) / med / 1e6
+                rows.append({
+                    "op": case.op, "provider": provider, "mode": mode, "shape": case.shape,
+                    "dtype": str(case.dtype).replace("torch.", ""), "median": round(med, 5), "p20": round(p20, 5),
+                    "p80": round(p80, 5), "unit": "ms", "gbps": float(f"{gbps:.4g}"),
+                    "frac_of_copy": float(f"{gbps / roof:.4g}"),
+                    "speedup_vs_reference": round(ref_ms[mode] / med, 3) if mode in ref_ms else "",
+                    **info,
+                })
+                print(f"{case.op:24s} {case.shape:34s} {provider:22s} {mode:16s} {med:10.4f} ms {gbps:9.1f} GB/s "
+                      f"({gbps / roof:6.1%} of copy {roof:.3g} GB/s)", flush=True)
+    return rows
+
+
+def write_results(rows: list[dict], suite: str, cfg: BenchConfig) -> Path:
+    """Append to ``<suite>.csv``; rewrite ``<suite>.md`` and ``<suite>_<op>.png`` from this run's rows."""
+    out = Path(cfg.out_dir) if cfg.out_dir else RESULTS / device_dir(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"{suite}.csv"
+    new_file = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{suite}.md").write_text(markdown_table(rows, cfg))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        bar_chart([r for r in rows if r["op"] == op], out / f"{suite}_{op}.png")
+    return out
+
+
+def markdown_table(rows: list[dict], cfg: BenchConfig) -> str:
+    head = rows[0] if rows else {}
+    lines = [
+        f"# Benchmarks on {head.get('device', '?')}",
+        "",
+        f"torch {head.get('torch', '?')}, triton {head.get('triton', '?')}, commit {head.get('commit', '?')}, "
+        f"{head.get('date', '?')}; copy roof {copy_bandwidth(cfg.device, cfg.quick):.3g} GB/s"
+        + (" (CPU smoke run: timings are not claims)" if not cfg.device.startswith("cuda") else ""),
+        "",
+        "| op | shape | dtype | mode | provider | median ms (p20-p80) | GB/s | % of copy | vs reference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
+            f"{r['median']:.4f} ({r['p20']:.4f}-{r['p80']:.4f}) | {r['gbps']:.3g} | {100 * r['frac_of_copy']:.1f} | "
+            f"{r['speedup_vs_reference']}{'x' if r['speedup_vs_reference'] != '' else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict], path: Path) -> None:
+    """Horizontal bars of GB/s per (shape, mode, provider), drawn with Pillow (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    width, bar_h, label_w = 1000, 16, 430
+    img = Image.new("RGB", (width, 30 + bar_h * len(rows) + 10), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((5, 5), f"{rows[0]['op']}: GB/s per provider ({rows[0]['device']})", fill="black")
+    top = max(r["gbps"] for r in rows) or 1.0
+    colors = {}
+    palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
+    for i, r in enumerate(rows):
+        y = 30 + i * bar_h
+        color = colors.setdefault(r["provider"], palette[len(colors) % len(palette)])
+        draw.text((5, y + 2), f"{r['shape'][:28]} {r['mode']} {r['provider']}"[:70], fill="black")
+        length = int((width - label_w - 140) * r["gbps"] / top)
+        draw.rectangle([label_w, y + 2, label_w + max(length, 1), y + bar_h - 2], fill=color)
+        draw.text((label_w + length + 4, y + 2), f"{r['gbps']:.3g} ({100 * r['frac_of_copy']:.0f}% of copy)",
+                  fill="black")
+    img.save(path)
+
+
+def compiled(fn: Callable, cfg: BenchConfig) -> Callable:
+    """``torch.compile`` of a reference (dynamic=False: shapes are fixed per case)."""
+    return torch.compile(fn, backend=cfg.compile_backend, dynamic=False)
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_available(cfg: BenchConfig) -> bool:
+    """Triton runs on a GPU, or on CPU through the interpreter (smoke runs only)."""
+    return cfg.device.startswith("cuda") or interpreter_on()
