@@ -159,6 +159,20 @@ def test_fewer_shards_than_ranks_x_workers_still_exactly_once(tmp_path):
     assert sorted(seen) == list(range(32))
 
 
+def test_pipe_urls_stream_like_object_stores_and_a_failing_command_is_an_unreadable_shard(tmp_path):
+    labelled_shards(tmp_path / "shards", 12, 6)
+    index = str(tmp_path / "shards" / "index.json")
+    shards = f"pipe:cat {tmp_path}/shards/s-{{0000..0001}}.tar"
+    loader = build_pretrain_loader(tiny_cfg(source="webdataset", shards=shards, shard_index=index, batch_size=4))
+    assert sorted(int(y) for b in run_epoch(loader) for y in b[1]) == list(range(12))
+    shards = f"pipe:cat {tmp_path}/shards/s-0000.tar::pipe:cat {tmp_path}/missing/s-0001.tar"
+    loader = build_pretrain_loader(tiny_cfg(source="webdataset", shards=shards, shard_index=index, batch_size=2,
+                                            max_bad_fraction=0.5))
+    batches = run_epoch(loader)
+    assert len(batches) == 6 and loader.bad_counts() == {"unreadable_shard": 6}
+    assert_images_match_labels(batches)
+
+
 def test_equal_batch_counts_per_rank_imagefolder_layout(tmp_path):
     root = tmp_path / "in1k"
     for c in range(3):  # 7 + 8 + 9 = 24 files, 3 ranks x batch 5: 1 batch each, 9 dropped
@@ -173,6 +187,20 @@ def test_equal_batch_counts_per_rank_imagefolder_layout(tmp_path):
         counts.append((len(loader), len(batches)))
         assert_images_match_labels(batches)
     assert counts == [(1, 1)] * 3
+
+
+def test_imagefolder_unreadable_and_empty_files_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "r" / "f" / "train" / "c0"
+    os.makedirs(folder)
+    for i in range(6):
+        (folder / f"{i}.jpg").write_bytes(flat_jpeg(value_of(0)))
+    (folder / "empty.jpg").write_bytes(b"")
+    os.symlink(tmp_path / "nowhere.jpg", folder / "dangling.jpg")
+    loader = build_pretrain_loader(tiny_cfg(source="imagefolder", root_path=str(tmp_path / "r"), image_folder="f",
+                                            batch_size=2, max_bad_fraction=0.3))
+    batches = run_epoch(loader)
+    assert len(batches) == 4 and loader.bad_counts() == {"empty_file": 1, "unreadable_file": 1}
+    assert_images_match_labels(batches)
 
 
 def test_deterministic_and_epochs_differ(tmp_path):

@@ -81,17 +81,21 @@ class ImageFolderSource(RandomAccessSource):
                                     f"root_path/image_folder/train/<class>/<image> (set data.root_path and "
                                     f"data.image_folder)")
         self.root = root
-        self.classes, self.files, self.labels = scan_image_folder(root)
-        self.num_samples = len(self.files)
+        self.classes, files, self.labels = scan_image_folder(root)
+        # relative paths as one fixed-width bytes array, not a list of str: forked DataLoader workers touching
+        # millions of Python objects would copy their pages (refcounts), growing memory per worker
+        self.relpaths = np.array([os.path.relpath(f, root).encode() for f in files])
+        self.num_samples = len(self.relpaths)
 
     def get(self, index):
-        path = self.files[index]
+        rel = self.relpaths[index].decode()
+        path = os.path.join(self.root, rel)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as exn:
-            return BadSample("unreadable_file", path, os.path.basename(path), repr(exn))
-        return RawSample(os.path.relpath(path, self.root), data, int(self.labels[index]), path)
+            return BadSample("unreadable_file", path, rel, repr(exn))
+        return RawSample(rel, data, int(self.labels[index]), path)
 
 
 def scan_image_folder(root):
