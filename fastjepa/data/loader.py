@@ -12,7 +12,7 @@ Why not webdataset's split_by_node / split_by_worker / WebDataset pipeline: they
 different sample counts (an FSDP job hangs on the uneven tail) unless every shard has the same size and the
 shard count divides by world_size * workers, and they have no position to resume from. The tar streaming
 itself, url opening (pipe:, http, local) and brace expansion are webdataset's (sources.py), as is the shuffle
-buffer (webdataset.filters._shuffle).
+buffer (webdataset.filters.shuffle).
 
 Each position yields one item; a broken one is counted per kind, logged with its shard and key, and skipped.
 A worker that has not filled its batches at the end of its positions goes over them again (same order, new
@@ -33,8 +33,8 @@ from collections import Counter
 import numpy as np
 import torch
 from PIL import UnidentifiedImageError
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.filters import _shuffle
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle
 
 from fastjepa.data.sources import BAD_KINDS, BadSample
 
@@ -97,8 +97,8 @@ class _EpochStream(IterableDataset):
             offset = start - n * span if start > n * span else 0
             if self.shuffle_buffer > 1:
                 seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, logical, 1]).generate_state(1)[0])
-                items = _shuffle(iter(self.source.read(self.epoch, self.seed, lo, hi)), bufsize=self.shuffle_buffer,
-                                 initial=self.shuffle_buffer, seed=seed)
+                stage = shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)
+                items = stage(iter(self.source.read(self.epoch, self.seed, lo, hi)))
                 items = itertools.islice(items, offset, None)  # the buffer's order needs the skipped items read
             else:
                 items = self.source.read(self.epoch, self.seed, lo + offset, hi)
@@ -267,7 +267,3 @@ class PretrainLoader:
     def bad_counts(self):
         return dict(self.bad)
 
-
-def default_collate_masks(collator):
-    """A collator without masks (evaluation): (default_collate(samples), [], [])."""
-    return collator if collator is not None else (lambda samples: (default_collate(samples), [], []))
