@@ -16,3 +16,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def reference_ops():
+    """Run the fastjepa.kernels ops through their PyTorch references: under the Triton interpreter (CPU) the
+    fused kernels are exact but slow, and they have their own tests (tests/test_kernels_*.py)."""
+    from fastjepa.kernels import fused_enabled, set_fused
+
+    was_on = fused_enabled()
+    set_fused(False)
+    yield
+    set_fused(was_on)

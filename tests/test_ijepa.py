@@ -9,6 +9,8 @@ from fastjepa.models import VisionTransformerPredictor, vit_tiny
 from fastjepa.optim import build_optimizer, param_groups
 
 GRID, PATCH, IMG = 6, 4, 24  # 36 patches
+# The fused ops have their own tests against these same references (tests/test_kernels_*.py, test_fused_convergence.py).
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def _tiny(backend="math", seed=0):

@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastjepa import config as fj_config
+from fastjepa.compat.ijepa import export_timm, load_official, save_official, strip_prefixes
+from fastjepa.ijepa import build_ijepa
+from fastjepa.optim import build_optimizer
+from fastjepa.schedules import build as build_schedules
+
+CONFIG = Path(__file__).parents[1] / "configs" / "test_tiny.yaml"
+# The fused ops have their own tests against these same references (tests/test_kernels_*.py, test_fused_convergence.py).
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
+
+def _batch(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, n = 2, (cfg.data.crop_size // cfg.mask.patch_size) ** 2
+    images = torch.randn(B, cfg.fastjepa.in_chans, cfg.data.crop_size, cfg.data.crop_size, generator=g)
+    masks_enc = [torch.stack([torch.randperm(n, generator=g)[: n // 2] for _ in range(B)])]
+    masks_pred = [torch.stack([torch.randperm(n, generator=g)[:4] for _ in range(B)]) for _ in range(2)]
+    return images, masks_enc, masks_pred
+
+
+def _step(model, opt, sched, i, batch):
+    sched.apply(opt, i)
+    loss = model(*batch)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.update_target(sched.momentum(i))
+    return loss.item()
+
+
+def test_official_checkpoint_round_trip_resumes_identically(tmp_path):
+    cfg = fj_config.load(CONFIG)
+    torch.manual_seed(0)
+    model = build_ijepa(cfg)
+    opt = build_optimizer(model.encoder, model.predictor)
+    sched = build_schedules(cfg.optimization, iterations_per_epoch=10)
+    _step(model, opt, sched, 0, _batch(cfg, 0))
+
+    path = tmp_path / "jepa-latest.pth.tar"
+    save_official(path, model, opt, epoch=1, loss=0.5, batch_size=2)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss", "batch_size",
+                        "world_size", "lr"}
+    assert all(k.startswith("module.") for k in raw["encoder"])
+
+    loaded = load_official(path, CONFIG)
+    assert loaded.epoch == 1 and loaded.extra["loss"] == 0.5
+    opt2 = build_optimizer(loaded.model.encoder, loaded.model.predictor)
+    opt2.load_state_dict(loaded.optimizer_state)
+
+    batch = _batch(cfg, 1)
+    with torch.no_grad():
+        assert model(*batch).item() == loaded.model(*batch).item()
+    # One more step on both: identical parameters, so the optimizer state (moments, step counts) came through.
+    _step(model, opt, sched, 1, batch)
+    _step(loaded.model, opt2, sched, 1, batch)
+    for (n, a), b in zip(model.named_parameters(), loaded.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_checkpoint_that_does_not_fit_the_config_names_the_fix(tmp_path):
+    cfg = fj_config.load(CONFIG)
+    model = build_ijepa(cfg)
+    path = tmp_path / "ckpt.pth.tar"
+    save_official(path, model, None, epoch=0)
+    with pytest.raises(ValueError, match="meta.model_name"):
+        load_official(path, CONFIG, overrides=["meta.pred_depth=1"])
+    torch.save({"encoder": {}}, tmp_path / "bad.pth.tar")
+    with pytest.raises(ValueError, match="lacks"):
+        load_official(tmp_path / "bad.pth.tar", CONFIG)
+    with pytest.raises(FileNotFoundError, match="missing.pth.tar"):
+        load_official(tmp_path / "missing.pth.tar", CONFIG)
+
+
+def test_strip_prefixes():
+    assert strip_prefixes({"module._orig_mod.blocks.0.norm1.weight": 1}) == {"blocks.0.norm1.weight": 1}
+
+
+def _timm_vit_keys(depth: int) -> set[str]:
+    """timm's VisionTransformer names with class_token=False, fc_norm=False, num_classes=0."""
+    keys = {"pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    for i in range(depth):
+        for sub in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            keys |= {f"blocks.{i}.{sub}.weight", f"blocks.{i}.{sub}.bias"}
+    return keys
+
+
+def test_export_timm_names_and_reload(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = fj_config.load(CONFIG)
+    model = build_ijepa(cfg)
+    out = export_timm(model.target_encoder, tmp_path / "encoder")
+    assert out.suffix == ".safetensors"
+    state = load_file(str(out))
+    assert set(state) == _timm_vit_keys(len(model.target_encoder.blocks))
+    fresh = build_ijepa(cfg).target_encoder
+    fresh.load_state_dict(state, strict=True)
+    for a, b in zip(fresh.parameters(), model.target_encoder.parameters(), strict=True):
+        assert torch.equal(a, b)
