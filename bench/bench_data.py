@@ -177,8 +177,13 @@ def main(argv=None):
     rows = [(name, statistics.median(r), min(r), max(r)) for name, r in rates.items()]
     if args.workers:
         loader = fastjepa_loader(pool, n * args.workers, args.batch, args.crop, scale, num_workers=args.workers)
-        consume(loader)
-        total = statistics.median(timed(lambda: consume(loader), n * args.workers) for _ in range(args.repeats))
+
+        def epoch(e):
+            loader.set_epoch(e)
+            consume(loader)
+
+        epoch(0)
+        total = statistics.median(timed(lambda e=e: epoch(e), n * args.workers) for e in range(1, args.repeats + 1))
         rows.append((f"fastjepa_{args.workers}workers_per_worker", total / args.workers, total / args.workers,
                      total / args.workers))
         print(f"fastjepa DataLoader, {args.workers} workers: {total:.0f} images/s in total")
