@@ -332,6 +332,20 @@ def test_make_shards_round_trip_resume_and_index(tmp_path, capsys):
     with pytest.raises(ValueError, match="different plan"):
         make_shards(str(src), str(dst), shard_size=4, progress=False)
 
+    # --index-only recounts existing shards (e.g. shards written by another tool)
+    recount = tmp_path / "recount"
+    make_shards_main(["--index-only", str(dst / "train-{000000..000003}.tar"), str(recount), "--workers", "1",
+                      "--quiet"])
+    assert json.loads((recount / "index.json").read_text())["shards"] == [
+        {"name": s["name"], "count": s["count"]} for s in index["shards"]]
+
+    # a file list with its own labels
+    (tmp_path / "list.txt").write_text("folder/ant/0.jpg 7\nfolder/bee/1.jpg 3\n")
+    listed = make_shards(str(tmp_path / "list.txt"), str(tmp_path / "listed"), shard_size=8, progress=False)
+    with tarfile.open(tmp_path / "listed" / "train-000000.tar") as tar:
+        labels = sorted(int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls"))
+    assert listed["num_samples"] == 2 and labels == [3, 7]
+
     # and the loader reads them back with the same labels
     loader = build_pretrain_loader(tiny_cfg(source="webdataset", shards=str(dst / "train-{000000..000003}.tar"),
                                             batch_size=5))
