@@ -368,3 +368,11 @@ def test_min_keep_limit_is_the_smallest_reachable_block():
     MultiBlockMaskCollator(**{**H14, "min_keep": int(smallest) - 1})
     with pytest.raises(ValueError, match="min_keep"):
         MultiBlockMaskCollator(**{**H14, "min_keep": int(smallest)})
+
+
+def test_bench_masks_runs(capsys):
+    from bench.bench_masks import main
+
+    main(["--batch", "16", "--repeats", "2", "--no-csv"])
+    out = capsys.readouterr().out
+    assert "fastjepa-parity" in out and "fastjepa-fixed" in out and "cpu clock" in out
