@@ -124,6 +124,17 @@ def test_normalize_on_device_matches_float64_reference():
         normalize_on_device(x.float(), mean, std)
 
 
+@pytest.mark.gpu
+def test_pinned_channels_last_batch_to_cuda_and_normalize():
+    cfg = tiny_cfg(source="synthetic", synthetic_samples=16, pin_mem=True)
+    (images, _), _, _ = next(iter(build_pretrain_loader(cfg)))
+    assert images.is_pinned()
+    mean, std = mean_std(cfg)
+    on_gpu = normalize_on_device(images.to("cuda", non_blocking=True), mean, std, torch.bfloat16)
+    ref = normalize_on_device(images, mean, std, torch.float32)
+    assert on_gpu.is_contiguous() and ((on_gpu.float().cpu() - ref).norm() / ref.norm()) < 1e-2
+
+
 # ---------------------------------------------------------------- distributed streaming
 
 
