@@ -23,3 +23,9 @@ def fused_enabled(*tensors: torch.Tensor) -> bool:
     if not _FUSED:
         return False
     return interpreting() or all(t.is_cuda for t in tensors)
+
+
+def op_or_launcher(op, launcher):
+    """The registered ``torch.library`` op while torch.compile traces (an opaque node with a fake implementation,
+    so graphs need not break), the launcher itself in eager mode (no dispatcher overhead)."""
+    return op if torch.compiler.is_compiling() else launcher

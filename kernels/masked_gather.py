@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastjepa.kernels._switch import fused_enabled, interpreting
+from fastjepa.kernels._switch import fused_enabled, interpreting, op_or_launcher
 
 
 def as_mask_list(masks) -> list[torch.Tensor]:
@@ -156,6 +156,34 @@ def masked_gather_bwd(
     return dx
 
 
+def masked_gather_grad(grad_out: torch.Tensor, idx: torch.Tensor, batch: int, num_tokens: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The tokens' gradient ``[B, N, D]`` in ``dtype`` from the output gradient and the ``[M*B, K]`` indices."""
+    return masked_gather_bwd(grad_out, inverse_index(idx, batch, num_tokens), batch, dtype)
+
+
+@torch.library.custom_op("fastjepa::masked_gather_fwd", mutates_args=())
+def _masked_gather_fwd_op(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
+    return masked_gather_fwd(tokens, idx, pos_embed)
+
+
+@_masked_gather_fwd_op.register_fake
+def _(tokens, idx, pos_embed):
+    dtype = tokens.dtype if pos_embed is None else torch.promote_types(tokens.dtype, pos_embed.dtype)
+    return tokens.new_empty((idx.shape[0], idx.shape[1], tokens.shape[2]), dtype=dtype)
+
+
+@torch.library.custom_op("fastjepa::masked_gather_bwd", mutates_args=())
+def _masked_gather_bwd_op(grad_out: torch.Tensor, idx: torch.Tensor, batch: int, num_tokens: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    return masked_gather_grad(grad_out, idx, batch, num_tokens, dtype)
+
+
+@_masked_gather_bwd_op.register_fake
+def _(grad_out, idx, batch, num_tokens, dtype):
+    return grad_out.new_empty((batch, num_tokens, grad_out.shape[2]), dtype=dtype)
+
+
 class MaskedGatherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, idx, pos_embed):
@@ -163,15 +191,15 @@ class MaskedGatherFunction(torch.autograd.Function):
         ctx.tokens_dtype = tokens.dtype
         ctx.pos_shape = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
         ctx.save_for_backward(idx)
-        return masked_gather_fwd(tokens, idx, pos_embed)
+        return op_or_launcher(_masked_gather_fwd_op, masked_gather_fwd)(tokens, idx, pos_embed)
 
     @staticmethod
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
         need_tokens, _, need_pos = ctx.needs_input_grad
-        inv = inverse_index(idx, ctx.batch, ctx.num_tokens)
         # The positional embedding's gradient is the tokens' gradient summed over the batch: accumulate it in fp32.
-        dx = masked_gather_bwd(grad_out, inv, ctx.batch, torch.float32 if need_pos else ctx.tokens_dtype)
+        dtype = torch.float32 if need_pos else ctx.tokens_dtype
+        dx = op_or_launcher(_masked_gather_bwd_op, masked_gather_grad)(grad_out, idx, ctx.batch, ctx.num_tokens, dtype)
         grad_pos = None
         if need_pos:
             shape, dtype = ctx.pos_shape

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastjepa.kernels._switch import fused_enabled
+from fastjepa.kernels._switch import fused_enabled, op_or_launcher
 from fastjepa.kernels.masked_gather import _row_blocks, as_mask_list, masked_gather_ref, stack_masks
 from fastjepa.kernels.target_norm_gather import repeat_interleave_batch
 
@@ -129,13 +129,38 @@ def predictor_tokens_bwd(grad_out, batch: int, nenc: int, kc: int, x_dtype, dx=N
     return dx, partial.sum((0, 1))
 
 
+@torch.library.custom_op("fastjepa::predictor_tokens_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, idx_enc: torch.Tensor, idx_pred: torch.Tensor, mask_token: torch.Tensor,
+            pos_embed: torch.Tensor, batch: int) -> torch.Tensor:
+    return predictor_tokens_fwd(x, idx_enc, idx_pred, mask_token, pos_embed, batch)
+
+
+@_fwd_op.register_fake
+def _(x, idx_enc, idx_pred, mask_token, pos_embed, batch):
+    dtype = torch.promote_types(torch.promote_types(x.dtype, pos_embed.dtype), mask_token.dtype)
+    rows = idx_pred.shape[0] // batch * idx_enc.shape[0]
+    return x.new_empty((rows, idx_enc.shape[1] + idx_pred.shape[1], x.shape[-1]), dtype=dtype)
+
+
+@torch.library.custom_op("fastjepa::predictor_tokens_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, batch: int, nenc: int, kc: int,
+            x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return predictor_tokens_bwd(grad_out, batch, nenc, kc, x_dtype)
+
+
+@_bwd_op.register_fake
+def _(grad_out, batch, nenc, kc, x_dtype):
+    dim = grad_out.shape[-1]
+    return grad_out.new_empty((nenc * batch, kc, dim), dtype=x_dtype), grad_out.new_empty((dim,), dtype=torch.float32)
+
+
 class PredictorTokensFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, idx_enc, idx_pred, mask_token, pos_embed, batch):
         ctx.batch, ctx.kc = batch, x.shape[1]
         ctx.meta = (x.dtype, mask_token.shape, mask_token.dtype, pos_embed.shape, pos_embed.dtype)
         ctx.save_for_backward(idx_enc, idx_pred)
-        return predictor_tokens_fwd(x, idx_enc, idx_pred, mask_token, pos_embed, batch)
+        return op_or_launcher(_fwd_op, predictor_tokens_fwd)(x, idx_enc, idx_pred, mask_token, pos_embed, batch)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -144,7 +169,8 @@ class PredictorTokensFunction(torch.autograd.Function):
         batch, kc = ctx.batch, ctx.kc
         nenc = idx_enc.shape[0] // batch
         need_x, _, _, need_mt, need_pos, _ = ctx.needs_input_grad
-        dx, dmt = predictor_tokens_bwd(grad_out, batch, nenc, kc, torch.float32 if need_pos else x_dtype)
+        bwd = op_or_launcher(_bwd_op, predictor_tokens_bwd)
+        dx, dmt = bwd(grad_out, batch, nenc, kc, torch.float32 if need_pos else x_dtype)
         dpos = None
         if need_pos:
             # Rare (I-JEPA's predictor embedding is fixed): scatter-add both halves with plain index_add_.

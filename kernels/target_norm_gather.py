@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastjepa.kernels._switch import fused_enabled
+from fastjepa.kernels._switch import fused_enabled, op_or_launcher
 from fastjepa.kernels.masked_gather import _row_blocks, as_mask_list, masked_gather_ref, stack_masks
 
 
@@ -128,21 +128,65 @@ def _smooth_l1_launch(pred, h, idx, num_context_blocks, eps, dloss=None, dpred=N
     return partial
 
 
+def target_norm_smooth_l1_partial(pred, h, idx, num_context_blocks: int, eps: float) -> torch.Tensor:
+    """``[M*B, tiles]`` fp32 partial sums of the elementwise smooth-L1 loss."""
+    return _smooth_l1_launch(pred, h, idx, num_context_blocks, eps)
+
+
+def target_norm_smooth_l1_grad(pred, h, idx, dloss, num_context_blocks: int, eps: float) -> torch.Tensor:
+    """d loss / d pred for the mean-reduced loss scaled by ``dloss`` (a 0-dim tensor: no host sync)."""
+    dpred = torch.empty_like(pred)
+    _smooth_l1_launch(pred, h, idx, num_context_blocks, eps, dloss=dloss.contiguous(), dpred=dpred)
+    return dpred
+
+
+@torch.library.custom_op("fastjepa::target_norm_gather", mutates_args=())
+def _target_norm_gather_op(h: torch.Tensor, idx: torch.Tensor, num_context_blocks: int, eps: float) -> torch.Tensor:
+    return target_norm_gather_fwd(h, idx, num_context_blocks, eps)
+
+
+@_target_norm_gather_op.register_fake
+def _(h, idx, num_context_blocks, eps):
+    return h.new_empty((idx.shape[0] * num_context_blocks, idx.shape[1], h.shape[2]))
+
+
+@torch.library.custom_op("fastjepa::target_norm_smooth_l1_partial", mutates_args=())
+def _partial_op(pred: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, num_context_blocks: int,
+                eps: float) -> torch.Tensor:
+    return target_norm_smooth_l1_partial(pred, h, idx, num_context_blocks, eps)
+
+
+@_partial_op.register_fake
+def _(pred, h, idx, num_context_blocks, eps):
+    block_k, _ = _row_blocks(idx.shape[1], h.shape[2])
+    return h.new_empty((idx.shape[0], triton.cdiv(idx.shape[1], block_k)), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastjepa::target_norm_smooth_l1_grad", mutates_args=())
+def _grad_op(pred: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, dloss: torch.Tensor, num_context_blocks: int,
+             eps: float) -> torch.Tensor:
+    return target_norm_smooth_l1_grad(pred, h, idx, dloss, num_context_blocks, eps)
+
+
+@_grad_op.register_fake
+def _(pred, h, idx, dloss, num_context_blocks, eps):
+    return torch.empty_like(pred)
+
+
 class TargetNormSmoothL1Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, h, idx, num_context_blocks, eps):
         pred, h = pred.contiguous(), h.contiguous()
         ctx.save_for_backward(pred, h, idx)
         ctx.num_context_blocks, ctx.eps = num_context_blocks, eps
-        partial = _smooth_l1_launch(pred, h, idx, num_context_blocks, eps)
+        partial = op_or_launcher(_partial_op, target_norm_smooth_l1_partial)(pred, h, idx, num_context_blocks, eps)
         return (partial.sum() / pred.numel()).to(torch.promote_types(pred.dtype, h.dtype))
 
     @staticmethod
     def backward(ctx, dloss):
         pred, h, idx = ctx.saved_tensors
-        dpred = torch.empty_like(pred)
-        _smooth_l1_launch(pred, h, idx, ctx.num_context_blocks, ctx.eps, dloss=dloss.contiguous(), dpred=dpred)
-        return dpred, None, None, None, None
+        grad = op_or_launcher(_grad_op, target_norm_smooth_l1_grad)
+        return grad(pred, h, idx, dloss, ctx.num_context_blocks, ctx.eps), None, None, None, None
 
 
 def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1, eps: float = 1e-5):
@@ -160,7 +204,8 @@ def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1,
     if not fused_enabled(h, *masks) or (torch.is_grad_enabled() and h.requires_grad):
         return target_norm_gather_ref(h, masks, num_context_blocks, eps)
     _check_h(h, "target_norm_gather")
-    return target_norm_gather_fwd(h, stack_masks(masks, h.shape[0], h.shape[1], "masks_pred"), num_context_blocks, eps)
+    idx = stack_masks(masks, h.shape[0], h.shape[1], "masks_pred")
+    return op_or_launcher(_target_norm_gather_op, target_norm_gather_fwd)(h, idx, num_context_blocks, eps)
 
 
 def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_context_blocks: int = 1,

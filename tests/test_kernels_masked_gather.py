@@ -109,3 +109,4 @@ def test_bf16_on_gpu(case):
     (plain_grad,) = torch.autograd.grad(masked_gather_ref(tokens, masks, pos), tokens, grad)
     (exact_grad,) = torch.autograd.grad(exact, exact_in, grad.double())
     assert_matches(fused_grad, plain_grad, exact_grad, case)
+
