@@ -132,7 +132,7 @@ class _EpochStream(IterableDataset):
                 rng = np.random.default_rng([self.seed, self.epoch, self.rank, logical, position])
                 try:
                     result = self.transform(item.image, rng)
-                except Exception as exn:  # noqa: BLE001 - whatever the bytes make PIL raise, it is one bad sample
+                except Exception as exn:  # whatever the bytes make PIL raise, it is one bad sample
                     result = BadSample(classify_decode_error(item.image, exn), item.origin, item.key, repr(exn))
             if n == 0:
                 seen += 1  # later passes repeat positions already counted
