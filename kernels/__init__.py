@@ -10,7 +10,12 @@ from fastjepa.kernels._switch import fused_enabled, set_fused
 from fastjepa.kernels.ema import ema_update, ema_update_ref
 from fastjepa.kernels.masked_gather import masked_gather, masked_gather_ref
 from fastjepa.kernels.predictor_tokens import predictor_tokens, predictor_tokens_ref
-from fastjepa.kernels.target_norm_gather import target_norm_gather, target_norm_gather_ref
+from fastjepa.kernels.target_norm_gather import (
+    target_norm_gather,
+    target_norm_gather_ref,
+    target_norm_smooth_l1,
+    target_norm_smooth_l1_ref,
+)
 
 __all__ = [
     "fused_enabled",
@@ -23,4 +28,6 @@ __all__ = [
     "predictor_tokens_ref",
     "target_norm_gather",
     "target_norm_gather_ref",
+    "target_norm_smooth_l1",
+    "target_norm_smooth_l1_ref",
 ]
