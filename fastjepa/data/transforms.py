@@ -49,11 +49,12 @@ def random_resized_crop_params(width, height, scale, ratio, rng):
 
 
 def _adjust_hue(img, hue_factor):
-    # torchvision's PIL hue shift: rotate the H channel of HSV by hue_factor * 255 with uint8 wrap-around.
+    # torchvision's PIL hue shift: rotate the H channel of HSV by hue_factor * 255 (truncated, as np.uint8 does)
+    # with uint8 wrap-around.
     if img.mode in ("L", "1", "I", "F"):
         return img
     h, s, v = img.convert("HSV").split()
-    h_arr = np.asarray(h, dtype=np.uint8) + np.uint8(int(round(hue_factor * 255)) % 256)
+    h_arr = np.asarray(h, dtype=np.uint8) + np.uint8(int(hue_factor * 255) % 256)
     return Image.merge("HSV", (Image.fromarray(h_arr, "L"), s, v)).convert(img.mode)
 
 
