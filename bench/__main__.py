@@ -18,6 +18,7 @@ SUITES: dict[str, list[str]] = {
         "bench.bench_predictor_tokens",
         "bench.bench_ema",
     ],
+    "step": ["bench.bench_step"],
 }
 
 

@@ -412,7 +412,7 @@ def write_results(rows: list[dict], out_dir: Path, quick: bool, command: str) ->
         writer.writerows(rows)
     lines = [f"# Training step on {rows[0]['device']}", "",
              f"torch {rows[0]['torch']}, triton {rows[0]['triton']}, commit {rows[0]['commit']}, {rows[0]['date']}; "
-             f"measured matmul rate {rows[0]['matmul_rate_tflops']:.1f} TFLOP/s", ""]
+             f"measured matmul rate {rows[0]['matmul_rate_tflops']:.3g} TFLOP/s", ""]
     if quick:
         lines += ["CPU smoke run of the script (tiny model, fp32): timings are not claims.", ""]
     lines += ["| model | provider | img/s | step ms (p20-p80) | vs official | MFU (peak) | MFU (measured) | peak GiB | "
@@ -492,7 +492,8 @@ QUICK = dict(models=["quick"], batch=4, warmup=1, steps=2)
 
 def run(cfg: BenchConfig) -> list[dict]:
     """The ``step`` suite of ``python -m bench``: rows in bench.common's columns (one per model and provider,
-    median step ms, speed-up over the official-style provider); the full table goes to train_step.md."""
+    median step ms, speed-up over the official-style provider; a whole step has no bytes model, so its GB/s
+    columns are 0). The full table (img/s, phases, MFU, memory, GPU-hours) goes to train_step.md."""
     sizes = QUICK if cfg.quick else dict(models=list(SETUPS)[:3], batch=128, warmup=5, steps=20)
     rows = benchmark(providers=list(PROVIDERS[:3]), compile_backend=cfg.compile_backend, out=cfg.out_dir,
                      quick=cfg.quick, command="python -m bench --suite step" + (" --quick" if cfg.quick else ""),
@@ -502,8 +503,8 @@ def run(cfg: BenchConfig) -> list[dict]:
         base = next(b for b in rows if b["model"] == r["model"] and b["provider"] == "official")
         out.append({"op": "train_step", "provider": r["provider"], "mode": "fwd+bwd+opt+ema",
                     "shape": f"{r['model']} bs{r['batch']}", "dtype": r["dtype"], "median": r["step_ms"],
-                    "p20": r["step_ms_p20"], "p80": r["step_ms_p80"], "unit": "ms", "gbps": float("nan"),
-                    "frac_of_copy": float("nan"), "speedup_vs_reference": round(base["step_ms"] / r["step_ms"], 2),
+                    "p20": r["step_ms_p20"], "p80": r["step_ms_p80"], "unit": "ms", "gbps": 0.0,
+                    "frac_of_copy": 0.0, "speedup_vs_reference": round(base["step_ms"] / r["step_ms"], 2),
                     **{k: r[k] for k in ("device", "torch", "triton", "commit", "date")}})
     return out
 
