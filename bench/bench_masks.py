@@ -45,15 +45,32 @@ H14 = dict(
     min_keep=10,
     allow_overlap=False,
 )
-CSV_COLUMNS = ["op", "provider", "mode", "shape", "clock", "median", "p20", "p80", "unit", "samples_per_s",
-               "speedup_vs_official", "device", "torch", "commit", "date"]
+CSV_COLUMNS = [
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "clock",
+    "median",
+    "p20",
+    "p80",
+    "unit",
+    "samples_per_s",
+    "speedup_vs_official",
+    "device",
+    "torch",
+    "commit",
+    "date",
+]
 
 
 def official_collator(path):
     root = Path(path).resolve()
     if not (root / "src" / "masks" / "multiblock.py").is_file():
-        raise SystemExit(f"--official {path}: no src/masks/multiblock.py there; pass a checkout of "
-                         f"facebookresearch/ijepa (the folder that holds src/)")
+        raise SystemExit(
+            f"--official {path}: no src/masks/multiblock.py there; pass a checkout of "
+            f"facebookresearch/ijepa (the folder that holds src/)"
+        )
     sys.path.insert(0, str(root))
     from src.masks.multiblock import MaskCollator
 
@@ -73,8 +90,12 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per provider (median reported)")
     parser.add_argument("--official", default=None, help="checkout of facebookresearch/ijepa to time against")
-    parser.add_argument("--samples", choices=["index", "image"], default="index",
-                        help="index: int samples (mask cost only); image: also collate 3x224x224 uint8 images")
+    parser.add_argument(
+        "--samples",
+        choices=["index", "image"],
+        default="index",
+        help="index: int samples (mask cost only); image: also collate 3x224x224 uint8 images",
+    )
     parser.add_argument("--no-csv", action="store_true", help="do not append rows to bench/results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -98,8 +119,12 @@ def main(argv=None):
             times[name].append(time_batches(collator, batch, calls[name]))
 
     shape = f"H/14 224px patch14 B={args.batch} nenc=1 npred=4 samples={args.samples}"
-    info = {"device": f"{device_name('cpu')} (1 thread)", "torch": torch.__version__, "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    info = {
+        "device": f"{device_name('cpu')} (1 thread)",
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     rows = []
     print(f"\n{shape}, one CPU thread, median of {args.repeats} repeats (p20-p80)")
     for clock, col in (("wall", 0), ("cpu", 1)):
@@ -112,12 +137,26 @@ def main(argv=None):
             med = statistics.median(values)
             q = statistics.quantiles(values, n=5, method="inclusive")
             ratio = round(official_ms / med, 1) if official_ms else ""
-            rows.append({"op": "mask_collator", "provider": name.split("-")[0], "mode": name.split("-")[-1],
-                         "shape": shape, "clock": clock, "median": round(med, 4), "p20": round(q[0], 4),
-                         "p80": round(q[3], 4), "unit": "ms", "samples_per_s": round(1e3 * args.batch / med),
-                         "speedup_vs_official": ratio, **info})
-            print(f"| {name} | {med:.3f} ({q[0]:.3f}-{q[3]:.3f}) | {1e3 * med / args.batch:.2f} | "
-                  f"{1e3 * args.batch / med:,.0f} | {f'{ratio}x' if ratio else '-'} |")
+            rows.append(
+                {
+                    "op": "mask_collator",
+                    "provider": name.split("-")[0],
+                    "mode": name.split("-")[-1],
+                    "shape": shape,
+                    "clock": clock,
+                    "median": round(med, 4),
+                    "p20": round(q[0], 4),
+                    "p80": round(q[3], 4),
+                    "unit": "ms",
+                    "samples_per_s": round(1e3 * args.batch / med),
+                    "speedup_vs_official": ratio,
+                    **info,
+                }
+            )
+            print(
+                f"| {name} | {med:.3f} ({q[0]:.3f}-{q[3]:.3f}) | {1e3 * med / args.batch:.2f} | "
+                f"{1e3 * args.batch / med:,.0f} | {f'{ratio}x' if ratio else '-'} |"
+            )
     if not args.no_csv:
         out = RESULTS / device_dir("cpu")
         out.mkdir(parents=True, exist_ok=True)

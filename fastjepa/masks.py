@@ -25,10 +25,12 @@ dataloader worker id, step): the masks are a deterministic function of those fou
 collator per process or thread (as DataLoader workers do). The official draws positions from the
 unseeded global RNG; the distribution is the same.
 
-Step counter: like the official, a `multiprocessing.Value` shared by the dataloader workers (they inherit it at
-fork/spawn) and incremented under its lock at every call, so steps keep advancing across epochs even when the
-workers are re-created. Which worker gets which step is decided by the race between workers, as in the official;
-given (seed, rank, worker, step) the masks are reproducible.
+Step counter: `__call__` works like the official: a `multiprocessing.Value` shared by the dataloader workers
+(they inherit it at fork/spawn), incremented under its lock at every call, so steps keep advancing across epochs
+even when the workers are re-created; which worker gets which step is decided by the race between workers, as in
+the official. `sample(batch_size, step, worker)` is the stateless entry point for loaders that know the batch's
+position: fastjepa.data calls it with step = epoch * batches_per_epoch + batch index and worker 0, so its masks
+do not depend on worker scheduling, and keeps the counter in step (state_dict) for resume.
 
 Vectorised: the hot path has no per-image or per-block Python loop. Target corners for all images are drawn at
 once; target occupancy is a broadcast [B, npred, H, W] boolean; context candidates are scored with an integral
@@ -40,8 +42,8 @@ candidate go through the relaxation levels, looping over levels, not images. Row
 """
 
 import math
+import multiprocessing
 from dataclasses import dataclass
-from multiprocessing import Value
 
 import numpy as np
 import torch
@@ -153,7 +155,9 @@ class MultiBlockMaskCollator:
         self._corner_span = 0 if mode == "parity" else 1
         self._max_hw = (height - 1, width - 1) if mode == "parity" else (height, width)
         self._check_blocks_can_be_valid()
-        self._itr_counter = Value("q", -1)  # shared with dataloader workers, as the official counter
+        # shared with dataloader workers, as the official counter; made in a spawn context so that spawn and
+        # forkserver workers can unpickle it too (fork workers inherit it either way)
+        self._itr_counter = multiprocessing.get_context("spawn").Value("q", -1)
         self._bits = np.random.Philox(0)
         self._rng = np.random.Generator(self._bits)
 
@@ -215,7 +219,8 @@ class MultiBlockMaskCollator:
 
     def block_sizes(self, step, rng=None):
         """(target (h, w), context (h, w)) of a step. Parity: from a torch.Generator seeded with `step`, one
-        uniform draw per block kind shared by scale and aspect ratio. Fixed: independent draws from `rng`."""
+        uniform draw per block kind shared by scale and aspect ratio. Fixed: independent draws from `rng`, by
+        default the generator of worker 0 at this step (so this equals `sample(B, step).pred_size/enc_size`)."""
         if self.mode == "parity":
             gen = torch.Generator()
             gen.manual_seed(step)
@@ -224,6 +229,7 @@ class MultiBlockMaskCollator:
                 self._block_size(u_pred, u_pred, self.pred_mask_scale, self.aspect_ratio),
                 self._block_size(u_enc, u_enc, self.enc_mask_scale, (1.0, 1.0)),
             )
+        rng = self._keyed_rng(0, step) if rng is None else rng
         u_scale_pred, u_ratio_pred, u_scale_enc = rng.random(3).tolist()
         return (
             self._block_size(u_scale_pred, u_ratio_pred, self.pred_mask_scale, self.aspect_ratio),

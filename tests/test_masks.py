@@ -169,6 +169,14 @@ def test_parity_block_sizes_equal_official_seeded_generator():
     assert (masks.pred_size, masks.enc_size) == collator.block_sizes(17)
 
 
+def test_fixed_block_sizes_are_the_ones_sampled():
+    collator = MultiBlockMaskCollator(**H14, mode="fixed")
+    for step in range(20):
+        masks = collator.sample(4, step)
+        assert (masks.pred_size, masks.enc_size) == collator.block_sizes(step)
+        assert masks.masks_pred[0].shape[1] == masks.pred_size[0] * masks.pred_size[1]
+
+
 def test_parity_statistics_at_h14():
     """Untruncated context tokens per image against their exact expectation, target tokens against the exact
     mean of the block-size rule, and the cut context length against the official collator's measured mean."""
@@ -376,3 +384,17 @@ def test_bench_masks_runs(capsys):
     main(["--batch", "16", "--repeats", "2", "--no-csv"])
     out = capsys.readouterr().out
     assert "fastjepa-parity" in out and "fastjepa-fixed" in out and "cpu clock" in out
+
+
+def test_step_counter_shared_by_dataloader_workers_across_epochs():
+    from torch.utils.data import DataLoader
+
+    collator = MultiBlockMaskCollator(**H14)
+    loader = DataLoader(
+        list(range(32)), batch_size=8, collate_fn=collator, num_workers=2, multiprocessing_context="fork"
+    )
+    sizes = [p[0].shape[1] for _ in range(2) for _, _, p in loader]
+    # 8 batches over 2 epochs and 2 (re-created) workers: steps 0..7, each used once, as with the official Value
+    assert collator.state_dict() == {"step": 7}
+    expected = [math.prod(collator.block_sizes(step)[0]) for step in range(8)]
+    assert sorted(sizes) == sorted(expected)
