@@ -96,14 +96,14 @@ def _check_h(h: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: h must be the [B, N, D] target-encoder output, got shape {tuple(h.shape)}")
 
 
-def target_norm_gather_fwd(h, idx, num_context_blocks: int = 1, eps: float = 1e-5, out=None) -> torch.Tensor:
-    """``[B, N, D]`` h, ``[M*B, K]`` indices -> ``[M*nenc*B, K, D]`` normalised targets in h's dtype."""
+def target_norm_gather_fwd(h, idx, num_context_blocks: int = 1, eps: float = 1e-5, dtype=None, out=None):
+    """``[B, N, D]`` h, ``[M*B, K]`` indices -> ``[M*nenc*B, K, D]`` normalised targets in ``dtype`` (h's)."""
     _check_h(h, "target_norm_gather")
     h = h.contiguous()
     batch, num_tokens, dim = h.shape
     rows, k = idx.shape
     if out is None:
-        out = torch.empty(rows * num_context_blocks, k, dim, dtype=h.dtype, device=h.device)
+        out = torch.empty(rows * num_context_blocks, k, dim, dtype=dtype or h.dtype, device=h.device)
     if out.numel() == 0:
         return out
     block_k, block_d = _row_blocks(k, dim)
@@ -141,13 +141,14 @@ def target_norm_smooth_l1_grad(pred, h, idx, dloss, num_context_blocks: int, eps
 
 
 @torch.library.custom_op("fastjepa::target_norm_gather", mutates_args=())
-def _target_norm_gather_op(h: torch.Tensor, idx: torch.Tensor, num_context_blocks: int, eps: float) -> torch.Tensor:
-    return target_norm_gather_fwd(h, idx, num_context_blocks, eps)
+def _target_norm_gather_op(h: torch.Tensor, idx: torch.Tensor, num_context_blocks: int, eps: float,
+                           dtype: torch.dtype) -> torch.Tensor:
+    return target_norm_gather_fwd(h, idx, num_context_blocks, eps, dtype)
 
 
 @_target_norm_gather_op.register_fake
-def _(h, idx, num_context_blocks, eps):
-    return h.new_empty((idx.shape[0] * num_context_blocks, idx.shape[1], h.shape[2]))
+def _(h, idx, num_context_blocks, eps, dtype):
+    return h.new_empty((idx.shape[0] * num_context_blocks, idx.shape[1], h.shape[2]), dtype=dtype)
 
 
 @torch.library.custom_op("fastjepa::target_norm_smooth_l1_partial", mutates_args=())
@@ -175,18 +176,18 @@ def _(pred, h, idx, dloss, num_context_blocks, eps):
 
 class TargetNormSmoothL1Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pred, h, idx, num_context_blocks, eps):
+    def forward(ctx, pred, h, idx, num_context_blocks, eps, loss_dtype):
         pred, h = pred.contiguous(), h.contiguous()
         ctx.save_for_backward(pred, h, idx)
         ctx.num_context_blocks, ctx.eps = num_context_blocks, eps
         partial = op_or_launcher(_partial_op, target_norm_smooth_l1_partial)(pred, h, idx, num_context_blocks, eps)
-        return (partial.sum() / pred.numel()).to(torch.promote_types(pred.dtype, h.dtype))
+        return (partial.sum() / pred.numel()).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, dloss):
         pred, h, idx = ctx.saved_tensors
         grad = op_or_launcher(_grad_op, target_norm_smooth_l1_grad)
-        return grad(pred, h, idx, dloss, ctx.num_context_blocks, ctx.eps), None, None, None, None
+        return grad(pred, h, idx, dloss, ctx.num_context_blocks, ctx.eps), None, None, None, None, None
 
 
 def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1, eps: float = 1e-5):
@@ -198,14 +199,16 @@ def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1,
         masks_pred: a list of M ``[B, K]`` int64 index tensors (the target blocks).
         num_context_blocks: nenc; each target block's rows are repeated that many times, as the official code does.
     Returns:
-        ``[M*nenc*B, K, D]`` in ``h``'s dtype (statistics in fp32).
+        ``[M*nenc*B, K, D]`` in ``h``'s dtype (statistics in fp32); fp32 under CUDA autocast, as the reference.
     """
     masks = as_mask_list(masks_pred)
     if not fused_enabled(h, *masks) or (torch.is_grad_enabled() and h.requires_grad):
         return target_norm_gather_ref(h, masks, num_context_blocks, eps)
     _check_h(h, "target_norm_gather")
     idx = stack_masks(masks, h.shape[0], h.shape[1], "masks_pred")
-    return op_or_launcher(_target_norm_gather_op, target_norm_gather_fwd)(h, idx, num_context_blocks, eps)
+    # CUDA autocast runs F.layer_norm in fp32, so the reference's targets are fp32 there: keep that dtype.
+    dtype = torch.float32 if h.is_cuda and torch.is_autocast_enabled("cuda") else h.dtype
+    return op_or_launcher(_target_norm_gather_op, target_norm_gather_fwd)(h, idx, num_context_blocks, eps, dtype)
 
 
 def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_context_blocks: int = 1,
@@ -216,7 +219,8 @@ def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_c
         pred: ``[M*nenc*B, K, D]`` predictor outputs; h: ``[B, N, D]`` target-encoder output (treated as constant);
         masks_pred: list of M ``[B, K]`` target indices; num_context_blocks: nenc.
     Returns:
-        The mean smooth-L1 loss (beta 1), accumulated in fp32, in the promoted dtype of pred and h.
+        The mean smooth-L1 loss (beta 1), accumulated in fp32, in the promoted dtype of pred and h (fp32 under
+        autocast, as the reference).
     Backward writes the gradient w.r.t. ``pred`` only, recomputing the targets from ``h``.
     """
     masks = as_mask_list(masks_pred)
@@ -230,4 +234,7 @@ def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_c
             f"target_norm_smooth_l1: pred has shape {tuple(pred.shape)}; expected [M*nenc*B, K, D] = {expected} "
             f"for {len(masks)} target masks, nenc={num_context_blocks} and h of shape {tuple(h.shape)}"
         )
-    return TargetNormSmoothL1Function.apply(pred, h.detach(), idx, num_context_blocks, eps)
+    # Autocast (CPU and CUDA) runs smooth_l1_loss in fp32: the reference's loss is fp32 there.
+    autocast = torch.is_autocast_enabled(pred.device.type)
+    loss_dtype = torch.float32 if autocast else torch.promote_types(pred.dtype, h.dtype)
+    return TargetNormSmoothL1Function.apply(pred, h.detach(), idx, num_context_blocks, eps, loss_dtype)

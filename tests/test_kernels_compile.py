@@ -43,7 +43,7 @@ def test_fake_implementations_match_the_kernels(op):
     idx_enc, idx_pred = stack_masks(masks_enc, B, N), stack_masks(masks_pred, B, N)
     args = {
         "masked_gather_fwd": (tokens.detach(), idx_enc, pos),
-        "target_norm_gather": (h, idx_pred, NENC, 1e-5),
+        "target_norm_gather": (h, idx_pred, NENC, 1e-5, torch.float32),
         "predictor_tokens_fwd": (torch.randn(NENC * B, KC, D), idx_enc, idx_pred, mask_token.detach(), pos, B),
     }[op]
     torch.library.opcheck(getattr(torch.ops.fastjepa, op), args, test_utils=("test_schema", "test_faketensor"))

@@ -63,6 +63,16 @@ def test_fused_loss_and_its_gradient(case, dtype):
     assert_matches(grad, plain_grad, exact_grad, f"{case} grad")
 
 
+def test_fused_loss_under_autocast_is_fp32_like_the_reference():
+    h, masks, nenc, pred = make("vit_like", torch.float16)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        loss = target_norm_smooth_l1(pred, h, masks, nenc)
+        ref = target_norm_smooth_l1_ref(pred, h, masks, nenc)
+    exact = target_norm_smooth_l1_ref(pred.double(), h.double(), masks, nenc)
+    assert loss.dtype == ref.dtype == torch.float32
+    assert_matches(loss.reshape(1), ref.reshape(1), exact.reshape(1), "autocast loss")
+
+
 def test_loss_exercises_both_branches_of_smooth_l1():
     h, masks, nenc, pred = make("vit_like", torch.float32)
     diff = pred - target_norm_gather_ref(h, masks, nenc)
@@ -79,6 +89,15 @@ def test_pred_shape_mismatch_is_a_clear_error():
     h, masks, nenc, pred = make("k1_nenc2", torch.float32)
     with pytest.raises(ValueError, match="expected \\[M\\*nenc\\*B, K, D\\]"):
         target_norm_smooth_l1(pred[1:], h, masks, nenc)
+
+
+@pytest.mark.gpu
+def test_targets_under_cuda_autocast_are_fp32_like_the_reference():
+    h, masks, nenc, _ = make("d80_n69", torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ref = target_norm_gather(h, masks, nenc), target_norm_gather_ref(h, masks, nenc)
+    assert out.dtype == ref.dtype == torch.float32
+    assert_matches(out, ref, target_norm_gather_ref(h.double(), masks, nenc), "autocast targets")
 
 
 @pytest.mark.gpu
