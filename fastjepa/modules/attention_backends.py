@@ -181,3 +181,90 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b
             f"; available here: {available_backends(q.device, q.dtype, q.shape[-1])} (or use 'auto')"
         )
     return _IMPLS[name](q, k, v, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variable-length (packed) attention: sequences of different lengths concatenated along the token dimension,
+# delimited by cumulative lengths (flash-attn's cu_seqlens convention). No padding FLOPs on flash_attn/flex.
+
+VARLEN_BACKENDS = ("auto", "flash_attn", "flex", "sdpa", "math")
+
+
+def _varlen_math(q, k, v, cu_seqlens, max_seqlen, scale):
+    bounds = cu_seqlens.tolist()
+    outs = [attention_math(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return torch.cat(outs)
+
+
+def varlen_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every packed token: its sequence id and its position inside that sequence."""
+    lengths = cu_seqlens.diff()
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+    return seq, torch.arange(total, device=cu_seqlens.device) - cu_seqlens[seq]
+
+
+def _varlen_sdpa(q, k, v, cu_seqlens, max_seqlen, scale):
+    # Padded to [S, H, max_seqlen, D] with a key-padding mask: SDPA's masked kernels (efficient, cuDNN, math).
+    total, heads, dim = q.shape
+    seq, pos = varlen_positions(cu_seqlens, total)
+    num_seqs = len(cu_seqlens) - 1
+
+    def pad(t):
+        out = t.new_zeros(num_seqs, max_seqlen, heads, dim)
+        out[seq, pos] = t
+        return out.transpose(1, 2)
+
+    valid = torch.arange(max_seqlen, device=q.device)[None, :] < cu_seqlens.diff()[:, None]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :], scale=scale)
+    return out.transpose(1, 2)[seq, pos]
+
+
+def _varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    total = q.shape[0]
+    seq, _ = varlen_positions(cu_seqlens, total)
+
+    def same_sequence(b, h, q_idx, kv_idx):
+        return seq[q_idx] == seq[kv_idx]
+
+    block_mask = create_block_mask(same_sequence, None, None, total, total, device=q.device)
+    fn = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    out = fn(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def _varlen_flash_attn(q, k, v, cu_seqlens, max_seqlen, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    cu = cu_seqlens.to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
+
+
+_VARLEN_IMPLS = {"math": _varlen_math, "sdpa": _varlen_sdpa, "flex": _varlen_flex, "flash_attn": _varlen_flash_attn}
+
+
+def varlen_auto(q: torch.Tensor) -> str:
+    """Deterministic choice: flash-attn's varlen kernel when installed (GPU, fp16/bf16), else FlexAttention on a
+    GPU, else padded SDPA."""
+    if supports("flash_attn", q.device, q.dtype, q.shape[-1]):
+        return "flash_attn"
+    return "flex" if q.is_cuda else "sdpa"
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: float, backend: str = "auto") -> torch.Tensor:
+    """Attention within each packed sequence. q, k, v: ``[T, H, D]`` (T = total tokens); ``cu_seqlens``: int
+    ``[S + 1]``, 0 first and T last; ``max_seqlen``: the longest sequence. Returns ``[T, H, D]``.
+    Backends: "flash_attn", "flex" (FlexAttention, document mask; no CPU backward), "sdpa" (padded + key mask),
+    "math" (per-sequence loop, the reference), "auto" (see ``varlen_auto``)."""
+    if backend not in VARLEN_BACKENDS:
+        raise ValueError(f"unknown varlen attention backend {backend!r}; choose one of {VARLEN_BACKENDS}")
+    if q.dim() != 3 or cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
+        raise ValueError(
+            f"varlen_attention: q must be packed [T, H, D] and cu_seqlens must run from 0 to T; got q "
+            f"{tuple(q.shape)}, cu_seqlens {cu_seqlens.tolist()[:3]}...{cu_seqlens.tolist()[-1:]}"
+        )
+    name = varlen_auto(q) if backend == "auto" else backend
+    return _VARLEN_IMPLS[name](q, k, v, cu_seqlens, max_seqlen, scale)
