@@ -8,8 +8,9 @@ Providers, side by side in one run, all from the same initial weights and the sa
   ``float(loss)`` host syncs (their own phase, ``logging``), no compile.
 - ``pytorch``: strong plain PyTorch: SDPA, the reference gathers, bf16 autocast without a scaler, fused AdamW,
   ``torch._foreach_lerp_`` EMA, ``torch.compile`` per block.
-- ``fastjepa``: fastjepa's modules and fused ops: timed ``auto`` attention, Triton gathers/target norm/EMA, fused
-  AdamW, the target-only last predictor block, ``torch.compile`` per block.
+- ``fastjepa``: fastjepa's modules and fused ops: timed ``auto`` attention, Triton gathers, the fused target
+  norm + smooth-L1 loss, the fused EMA, fused AdamW, the target-only last predictor block, ``torch.compile`` per
+  block.
 - ``fastjepa_shared`` (opt-in, changes the method): as fastjepa with the shared-context predictor layout.
 
 Reported per provider: images/s per GPU, median step time (p20/p80) and its breakdown by phase, peak memory, MFU
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from fastjepa.kernels import set_fused
+from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1
 
 from bench.common import RESULTS, BenchConfig, device_dir, git_commit, triton_version
 from fastjepa.compat import official_style as off
@@ -194,7 +196,9 @@ def build_models(s: Setup, backend: str, device, seed: int = 0):
 class OfficialStep:
     layout = "repeat"
 
-    def __init__(self, s: Setup, device, amp_dtype, compile_backend):
+    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False):
+        if act_ckpt:
+            raise ValueError("the official-style provider has no activation checkpointing (the official code has none)")
         self.model = build_models(s, "math", device)
         self.heads = s.heads
         self.enc = dict(self.model.encoder.named_parameters())
@@ -235,6 +239,15 @@ class OfficialStep:
         return loss.item(), grad_norms
 
 
+def checkpoint_blocks(model: IJEPA):
+    """Activation checkpointing: recompute each trained block in the backward (the target encoder has no autograd)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for blocks in (model.encoder.blocks, model.predictor.predictor_blocks):
+        for i, blk in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(blk, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
 def compile_blocks(model: IJEPA, backend: str | None):
     if backend is None:
         return
@@ -250,9 +263,11 @@ class PyTorchStep:
     fused = False
     backend = "sdpa"
 
-    def __init__(self, s: Setup, device, amp_dtype, compile_backend):
+    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False):
         set_fused(self.fused)
         self.model = build_models(s, self.backend, device)
+        if act_ckpt:
+            checkpoint_blocks(self.model)
         self.amp_dtype = amp_dtype
         self.online = list(self.model.encoder.parameters())
         self.target = list(self.model.target_encoder.parameters())
@@ -298,8 +313,8 @@ class FastJepaStep(PyTorchStep):
     fused = True
     backend = "auto"
 
-    def __init__(self, s, device, amp_dtype, compile_backend):
-        super().__init__(s, device, amp_dtype, compile_backend)
+    def __init__(self, s, device, amp_dtype, compile_backend, act_ckpt: bool = False):
+        super().__init__(s, device, amp_dtype, compile_backend, act_ckpt)
         from fastjepa.optim import build_optimizer
 
         self.opt = build_optimizer(self.model.encoder, self.model.predictor)
@@ -314,6 +329,20 @@ class FastJepaStep(PyTorchStep):
         loss.backward()
         self.opt.zero_grad(set_to_none=True)
         compile_blocks(self.model, self.compile_backend)
+
+    def forward_phases(self, images, masks_enc, masks_pred, timer):
+        # The fused loss reads the target encoder's output directly: normalised targets never reach memory.
+        model = self.model
+        with torch.autocast(images.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            with torch.no_grad():
+                h = model.target_encoder(images)
+            timer.mark("target_fwd")
+            z = model.encoder(images, masks_enc)
+            timer.mark("context_fwd")
+            z = model.predictor(z, masks_enc, masks_pred)
+            loss = target_norm_smooth_l1(z, h, masks_pred, len(masks_enc))
+        timer.mark("predictor_fwd")
+        return loss
 
     def ema(self, momentum):
         self.model.update_target(momentum)
@@ -344,12 +373,13 @@ def make_inputs(s: Setup, batch: int, device, rotations: int, seed: int = 0):
 
 
 def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_backend, warmup: int, steps: int,
-                 inputs) -> dict:
+                 inputs, act_ckpt: bool = False) -> dict:
     images, masks = inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    runner = STEPS[name](s, device, amp_dtype, None if name == "official" else compile_backend)
+    runner = STEPS[name](s, device, amp_dtype, None if name == "official" else compile_backend,
+                         act_ckpt and name != "official")
     if hasattr(runner, "prepare"):
         runner.prepare(images[0], *masks[0])
     timer = PhaseTimer(device)
@@ -385,7 +415,7 @@ def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_bac
 
 
 def finish_row(row: dict, s: Setup, batch: int, device_name: str, peak: float | None, measured: float,
-               dtype: str, compile_backend) -> dict:
+               dtype: str, compile_backend, act_ckpt: bool) -> dict:
     mfu = row["achieved_flops"] / peak if peak else float("nan")
     gpu_hours = IMAGENET_1K_IMAGES * EPOCHS / row["images_per_s"] / 3600
     a100_hours = (IMAGENET_1K_IMAGES * EPOCHS * row["flops_per_image"] / (mfu * A100_BF16_PEAK) / 3600
@@ -393,6 +423,7 @@ def finish_row(row: dict, s: Setup, batch: int, device_name: str, peak: float | 
     return {
         "op": "step", "model": s.name, "batch": batch, "img": s.img, "dtype": dtype,
         "compile": "off" if row["provider"] == "official" else (compile_backend or "off"),
+        "act_ckpt": act_ckpt and row["provider"] != "official",
         **row,
         "mfu_peak": mfu, "mfu_measured": row["achieved_flops"] / measured, "matmul_rate_tflops": measured / 1e12,
         "gpu_hours_300ep": gpu_hours, "a100_hours_300ep_same_mfu": a100_hours,
@@ -459,7 +490,7 @@ def phase_chart(rows: list[dict], path: Path) -> None:
 
 
 def benchmark(models, providers, batch: int, warmup: int, steps: int, compile_backend: str | None, out: Path | None,
-              quick: bool, command: str) -> list[dict]:
+              quick: bool, command: str, act_ckpt: bool = False) -> list[dict]:
     """Run every (model, provider) and write the result files; returns the rows."""
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     if device.type != "cuda" and not quick:
@@ -474,9 +505,10 @@ def benchmark(models, providers, batch: int, warmup: int, steps: int, compile_ba
         # smoke run keeps one, so the compile backend traces each block once.
         inputs = make_inputs(s, batch, device, rotations=1 if quick else 4)
         for provider in providers:
-            row = run_provider(provider, s, batch, device, amp_dtype, compile_backend, warmup, steps, inputs)
+            row = run_provider(provider, s, batch, device, amp_dtype, compile_backend, warmup, steps, inputs,
+                               act_ckpt)
             row = finish_row(row, s, batch, device_name, peak, measured, "bf16-autocast" if amp_dtype else "fp32",
-                             compile_backend)
+                             compile_backend, act_ckpt)
             rows.append(row)
             print(f"{model:13s} {provider:16s} {row['images_per_s']:9.1f} img/s  step {row['step_ms']:8.1f} ms  "
                   f"MFU {row['mfu_peak']:.1%} (of measured matmul rate {row['mfu_measured']:.1%})  "
@@ -519,14 +551,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--compile", default=None,
                     help="torch.compile backend for the blocks: 'none' = off; default inductor, aot_eager with --quick")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<device>/)")
+    ap.add_argument("--act-ckpt", action="store_true",
+                    help="activation checkpointing of the encoder and predictor blocks (not the official provider)")
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke test: tiny model, batch 4, 1 warm-up + 2 timed steps, fp32")
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else dict(models=args.models, batch=args.batch, warmup=args.warmup, steps=args.steps)
     backend = args.compile or ("aot_eager" if args.quick else "inductor")
+    command = "python -m bench.bench_step " + " ".join(sys.argv[1:] if argv is None else argv)
     return benchmark(providers=args.providers, compile_backend=None if backend == "none" else backend, out=args.out,
-                     quick=args.quick, command="python -m bench.bench_step " + " ".join(sys.argv[1:] if argv is None
-                                                                                         else argv), **sizes)
+                     quick=args.quick, act_ckpt=args.act_ckpt, command=command, **sizes)
 
 
 if __name__ == "__main__":
