@@ -33,12 +33,13 @@ position: fastjepa.data calls it with step = epoch * batches_per_epoch + batch i
 do not depend on worker scheduling, and keeps the counter in step (state_dict) for resume.
 
 Vectorised: the hot path has no per-image or per-block Python loop. Target corners for all images are drawn at
-once; target occupancy is a broadcast [B, npred, H, W] boolean; context candidates are scored with an integral
-image of each image's free area (one count per corner for every image at once); 20 i.i.d. candidate corners per
-context block are drawn at once and the first valid one is taken (the first valid element of an i.i.d. sequence
-has exactly the distribution of the official rejection loop). Only (image, block) pairs without a valid
-candidate go through the relaxation levels, looping over levels, not images. Row-major indices come from
-`np.nonzero` on a mask cut to its first K tokens with a cumulative count.
+once and a target's indices are its corner plus the block's row-major offsets (already sorted); each image's free
+area is one scatter of all its target indices into a [B, H*W] boolean; the free-token count of every context
+corner of every image comes from two small matmuls with band matrices (box sums); 20 i.i.d. candidate corners
+per context block are drawn at once and the first valid one is taken (the first valid element of an i.i.d.
+sequence has exactly the distribution of the official rejection loop). Only (context block, image) pairs with no
+valid candidate go through the relaxation levels, looping over levels, not images. The cut to the batch minimum
+K takes each row's first K kept tokens out of one `np.flatnonzero` of the kept mask, using the rows' offsets.
 """
 
 import math
