@@ -27,17 +27,20 @@ template <typename T>
 __device__ __forceinline__ T from_f32(float x) { return static_cast<T>(x); }
 
 template <typename T, typename O, typename C, bool kCopy>
-__global__ void __launch_bounds__(kThreads) ema_update_kernel(const int64_t* __restrict__ table, float momentum,
+__global__ void __launch_bounds__(kThreads) ema_update_kernel(const int64_t* __restrict__ table, T* base_t,
+                                                              const O* base_o, C* base_c, float momentum,
                                                               float weight) {
+  // Table rows: element offsets of the three tensors from the first tensor of their list, first and end element.
   const int64_t* row = table + static_cast<int64_t>(blockIdx.x) * 5;
-  T* t = reinterpret_cast<T*>(row[0]);
-  const O* o = reinterpret_cast<const O*>(row[1]);
-  C* c = reinterpret_cast<C*>(row[2]);
+  T* t = base_t + row[0];
+  const O* o = base_o + row[1];
+  C* c = kCopy ? base_c + row[2] : nullptr;
   const int64_t start = row[3], end = row[4];
 
   // Vector path when every pointer is aligned to its vector width (fresh allocations are; FSDP2 shards may not).
-  const bool aligned = row[0] % sizeof(Vec<T>) == 0 && row[1] % sizeof(Vec<O>) == 0 &&
-                       (!kCopy || row[2] % sizeof(Vec<C>) == 0) && start % kVec == 0;
+  const auto addr = [](const void* p) { return reinterpret_cast<uintptr_t>(p); };
+  const bool aligned = addr(t + start) % sizeof(Vec<T>) == 0 && addr(o + start) % sizeof(Vec<O>) == 0 &&
+                       (!kCopy || addr(c + start) % sizeof(Vec<C>) == 0);
   int64_t i = start;
   if (aligned) {
     const int64_t vec_end = start + (end - start) / kVec * kVec;
@@ -64,29 +67,33 @@ __global__ void __launch_bounds__(kThreads) ema_update_kernel(const int64_t* __r
 }
 
 template <typename T, typename C, bool kCopy>
-void launch(const at::Tensor& table, double momentum, double weight) {
+void launch(const at::Tensor& table, const at::Tensor& target, const at::Tensor& online,
+            const std::optional<at::Tensor>& copy, double momentum, double weight) {
   const int64_t rows = table.size(0);
   if (rows == 0) return;
+  C* base_c = kCopy ? reinterpret_cast<C*>(copy->data_ptr()) : nullptr;
   ema_update_kernel<T, T, C, kCopy><<<static_cast<unsigned>(rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      table.data_ptr<int64_t>(), static_cast<float>(momentum), static_cast<float>(weight));
+      table.data_ptr<int64_t>(), reinterpret_cast<T*>(target.data_ptr()),
+      reinterpret_cast<const T*>(online.data_ptr()), base_c, static_cast<float>(momentum), static_cast<float>(weight));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_with_copy(const at::Tensor& table, const std::optional<at::Tensor>& copy_like, double momentum,
-                      double weight) {
-  if (!copy_like.has_value()) return launch<T, T, false>(table, momentum, weight);
-  switch (copy_like->scalar_type()) {
-    case at::kFloat: return launch<T, float, true>(table, momentum, weight);
-    case at::kHalf: return launch<T, __half, true>(table, momentum, weight);
-    case at::kBFloat16: return launch<T, __nv_bfloat16, true>(table, momentum, weight);
-    default: TORCH_CHECK(false, "ema_update: copy dtype ", copy_like->scalar_type(), " unsupported; use fp32/fp16/bf16");
+void launch_with_copy(const at::Tensor& table, const at::Tensor& target, const at::Tensor& online,
+                      const std::optional<at::Tensor>& copy, double momentum, double weight) {
+  if (!copy.has_value()) return launch<T, T, false>(table, target, online, copy, momentum, weight);
+  switch (copy->scalar_type()) {
+    case at::kFloat: return launch<T, float, true>(table, target, online, copy, momentum, weight);
+    case at::kHalf: return launch<T, __half, true>(table, target, online, copy, momentum, weight);
+    case at::kBFloat16: return launch<T, __nv_bfloat16, true>(table, target, online, copy, momentum, weight);
+    default: TORCH_CHECK(false, "ema_update: copy dtype ", copy->scalar_type(), " unsupported; use fp32/fp16/bf16");
   }
 }
 
 }  // namespace
 
-// table: [C, 5] int64 on the tensors' device (kernels/ema.py: build_chunk_table); the *_like tensors give the dtypes.
+// table: [C, 5] int64 on the tensors' device (kernels/ema.py: build_chunk_table); target_like, online_like and
+// copy_like are the first tensor of each list: the bases the table's offsets count from, and the dtypes.
 void ema_update_cuda(const at::Tensor& table, const at::Tensor& target_like, const at::Tensor& online_like,
                      const std::optional<at::Tensor>& copy_like, double momentum, double weight) {
   TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == 5,
@@ -96,9 +103,10 @@ void ema_update_cuda(const at::Tensor& table, const at::Tensor& target_like, con
               "; use the Triton backend for mixed dtypes");
   const c10::cuda::CUDAGuard guard(table.device());
   switch (target_like.scalar_type()) {
-    case at::kFloat: return launch_with_copy<float>(table, copy_like, momentum, weight);
-    case at::kHalf: return launch_with_copy<__half>(table, copy_like, momentum, weight);
-    case at::kBFloat16: return launch_with_copy<__nv_bfloat16>(table, copy_like, momentum, weight);
+    case at::kFloat: return launch_with_copy<float>(table, target_like, online_like, copy_like, momentum, weight);
+    case at::kHalf: return launch_with_copy<__half>(table, target_like, online_like, copy_like, momentum, weight);
+    case at::kBFloat16:
+      return launch_with_copy<__nv_bfloat16>(table, target_like, online_like, copy_like, momentum, weight);
     default: TORCH_CHECK(false, "ema_update: target dtype ", target_like.scalar_type(), " unsupported");
   }
 }

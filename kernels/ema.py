@@ -18,9 +18,12 @@ try:
 except ImportError:  # torch built without distributed
     DTensor = ()
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-# Columns of the chunk table: target address, online address, copy address (0: none), first and end element.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Columns of the chunk table: element offsets of the target, online and copy tensors from the first tensor of
+# their list, then the chunk's first and end element within the tensor.
 _TABLE_COLUMNS = 5
+# Element alignment that lets the kernels use 16-byte (fp32) vector accesses.
+_VEC = 4
 
 
 @torch.no_grad()
@@ -31,24 +34,27 @@ def ema_update_ref(target: list[torch.Tensor], online: list[torch.Tensor], momen
 
 
 @triton.jit
-def _ema_update_kernel(table, momentum, weight, T_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr,
-                       C_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _ema_update_kernel(table, base_t, base_o, base_c, momentum, weight, HAS_COPY: tl.constexpr, ALIGN: tl.constexpr,
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # One program per chunk of one tensor; the same expression as the official loop (m * t + (1 - m) * o) in fp32.
+    # Table rows hold each tensor's element offset from the first tensor of its list (base_*): the kernel indexes
+    # from pointer arguments whose alignment Triton knows, and ALIGN (checked on the host) lets it vectorise.
     p_row = table + tl.program_id(0).to(tl.int64) * 5
-    p_t = tl.load(p_row).to(tl.pointer_type(T_DTYPE))
-    p_o = tl.load(p_row + 1).to(tl.pointer_type(O_DTYPE))
     i_start = tl.load(p_row + 3)
     i_end = tl.load(p_row + 4)
+    p_t = base_t + tl.multiple_of(tl.load(p_row) + i_start, ALIGN)
+    p_o = base_o + tl.multiple_of(tl.load(p_row + 1) + i_start, ALIGN)
+    p_c = base_c + tl.multiple_of(tl.load(p_row + 2) + i_start, ALIGN)
+    n = i_end - i_start
     for i in range(0, CHUNK, BLOCK):
-        o = i_start + i + tl.arange(0, BLOCK)
-        m = o < i_end
+        o = i + tl.arange(0, BLOCK)
+        m = o < n
         b_t = tl.load(p_t + o, mask=m).to(tl.float32)
         b_o = tl.load(p_o + o, mask=m).to(tl.float32)
         b_new = momentum * b_t + weight * b_o
-        tl.store(p_t + o, b_new.to(T_DTYPE), mask=m)
+        tl.store(p_t + o, b_new.to(p_t.dtype.element_ty), mask=m)
         if HAS_COPY:
-            p_c = tl.load(p_row + 2).to(tl.pointer_type(C_DTYPE))
-            tl.store(p_c + o, b_new.to(C_DTYPE), mask=m)
+            tl.store(p_c + o, b_new.to(p_c.dtype.element_ty), mask=m)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -60,23 +66,22 @@ def chunk_sizes() -> tuple[int, int]:
     return (1 << 16, 1 << 16) if interpreting() else (16384, 4096)
 
 
-def build_chunk_table(target, online, copy, chunk: int) -> torch.Tensor:
-    """``[C, 5]`` int64 table (see ``_TABLE_COLUMNS``) covering every element of every tensor, on their device."""
+def build_chunk_table(target, online, copy, chunk: int) -> tuple[torch.Tensor, bool]:
+    """``[C, 5]`` int64 table (see ``_TABLE_COLUMNS``) covering every element of every tensor, on their device,
+    and whether every tensor offset is a multiple of ``_VEC`` elements."""
     numel = torch.tensor([t.numel() for t in target], dtype=torch.int64)
-    ptrs = torch.tensor(
-        [
-            [t.data_ptr(), o.data_ptr(), 0 if c is None else c.data_ptr()]
-            for t, o, c in zip(target, online, copy, strict=True)
-        ],
-        dtype=torch.int64,
-    ).reshape(-1, 3)
+    lists = [target, online] if copy[0] is None else [target, online, copy]
+    offsets = torch.zeros(len(target), 3, dtype=torch.int64)
+    for j, tensors in enumerate(lists):
+        base, size = tensors[0].data_ptr(), tensors[0].element_size()
+        offsets[:, j] = torch.tensor([(x.data_ptr() - base) // size for x in tensors], dtype=torch.int64)
     per_tensor = (numel + chunk - 1) // chunk
     tensor_id = torch.repeat_interleave(torch.arange(len(target)), per_tensor)
     first = torch.cumsum(per_tensor, 0) - per_tensor
     start = (torch.arange(len(tensor_id)) - first[tensor_id]) * chunk
     end = torch.minimum(start + chunk, numel[tensor_id])
-    table = torch.cat([ptrs[tensor_id], start[:, None], end[:, None]], dim=1)
-    return table.to(target[0].device)
+    table = torch.cat([offsets[tensor_id], start[:, None], end[:, None]], dim=1)
+    return table.to(target[0].device), bool((offsets % _VEC == 0).all())
 
 
 class _TableCache:
@@ -85,7 +90,7 @@ class _TableCache:
     def __init__(self, size: int = 8):
         self.size, self.tables = size, {}
 
-    def get(self, target, online, copy, chunk) -> torch.Tensor:
+    def get(self, target, online, copy, chunk) -> tuple[torch.Tensor, bool]:
         key = (chunk,) + tuple(
             (t.data_ptr(), o.data_ptr(), 0 if c is None else c.data_ptr(), t.numel())
             for t, o, c in zip(target, online, copy, strict=True)
@@ -124,7 +129,7 @@ def _groups(target, online, copy):
                 + "; pair the same parameters (for FSDP2 both models must be sharded the same way)"
             )
         tensors = (t, o) if c is None else (t, o, c)
-        if not all(x.is_contiguous() and x.dtype in _TL_DTYPES for x in tensors) or t.numel() == 0:
+        if not all(x.is_contiguous() and x.dtype in _DTYPES for x in tensors) or t.numel() == 0:
             rest.append((t, o, c))
             continue
         key = (t.device, t.dtype, o.dtype, None if c is None else c.dtype)
@@ -141,17 +146,16 @@ def ema_update_fused(target, online, momentum: float, copy=None, backend: str = 
     groups, rest = _groups(target, online, copy)
     chunk, block = chunk_sizes()
     momentum, weight = float(momentum), 1.0 - float(momentum)
-    for (_, t_dtype, o_dtype, c_dtype), (ts, os_, cs) in groups.items():
-        table = _TABLES.get(ts, os_, cs, chunk)
+    for (_, _, _, c_dtype), (ts, os_, cs) in groups.items():
+        table, aligned = _TABLES.get(ts, os_, cs, chunk)
         if backend == "cuda":
             from fastjepa.kernels.cuda_ext import ema_update_cuda
 
             ema_update_cuda(table, ts[0], os_[0], cs[0], momentum, weight)
             continue
         _ema_update_kernel[(table.shape[0],)](
-            table, momentum, weight, T_DTYPE=_TL_DTYPES[t_dtype], O_DTYPE=_TL_DTYPES[o_dtype],
-            C_DTYPE=_TL_DTYPES[c_dtype or t_dtype], HAS_COPY=c_dtype is not None, CHUNK=chunk, BLOCK=block,
-            num_warps=8,
+            table, ts[0], os_[0], ts[0] if c_dtype is None else cs[0], momentum, weight, HAS_COPY=c_dtype is not None,
+            ALIGN=_VEC if aligned else 1, CHUNK=chunk, BLOCK=block, num_warps=8,
         )
     for t, o, c in rest:
         t.mul_(momentum).add_(weight * o)

@@ -65,12 +65,28 @@ def test_mixed_dtypes_are_grouped_one_launch_per_dtype():
 
 def test_chunk_table_covers_every_element_once():
     target, online = params(torch.float32, 0), params(torch.float32, 1)
-    table = build_chunk_table(target, online, [None] * len(target), chunk=1000).cpu()
+    table, _ = build_chunk_table(target, online, [None] * len(target), chunk=1000)
+    table = table.cpu()
+    base = target[0].data_ptr()
     for t in target:
-        rows = table[table[:, 0] == t.data_ptr()]
+        rows = table[table[:, 0] == (t.data_ptr() - base) // 4]
         spans = sorted(zip(rows[:, 3].tolist(), rows[:, 4].tolist(), strict=True))
         assert spans[0][0] == 0 and spans[-1][1] == t.numel()
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_unaligned_views_are_updated_correctly():
+    flat_t, flat_o = torch.randn(200, device=DEVICE), torch.randn(200, device=DEVICE)
+    sizes = [3, 69, 5, 123]  # views at element offsets 0, 3, 72, 77: not multiples of 4
+    target, online = list(flat_t.split(sizes)), list(flat_o.split(sizes))
+    assert not build_chunk_table(target, online, [None] * 4, chunk=1000)[1]
+    exact = [t.double() for t in target]
+    plain = [t.clone() for t in target]
+    ema_update(target, online, 0.95)
+    ema_update_ref(plain, online, 0.95)
+    ema_update_ref(exact, [o.double() for o in online], 0.95)
+    for t, p, e in zip(target, plain, exact, strict=True):
+        assert_matches(t, p, e)
 
 
 def test_table_is_cached_across_steps():
