@@ -19,6 +19,7 @@ SUITES: dict[str, list[str]] = {
         "bench.bench_ema",
     ],
     "step": ["bench.bench_step"],
+    "attention": ["bench.bench_attention"],
 }
 
 
