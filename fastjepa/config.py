@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import itertools
 import math
 import os
 import re
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import yaml
+
+from fastjepa.mask_geometry import block_sizes
 
 # The valid names, kept here so that config stays free of torch; tests check them against fastjepa.models
 # (VIT_SIZES) and fastjepa.modules.attention_backends (BACKENDS, documented there). Extend both together.
@@ -337,67 +338,6 @@ class Train(_Section):
         _at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
         _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
         _choice("train.progress", self.progress, ("auto", "bar", "lines"))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Mask geometry. The official multi-block sampler (fastjepa.masks "parity") draws one r ~ U[0, 1) per batch for
-# the target blocks and another for the context blocks and computes a block size from it:
-#     keep = int(G*G * (s0 + r*(s1 - s0))),  ar = a0 + r*(a1 - a0)     (context: ar fixed to 1)
-#     h = round(sqrt(keep*ar)), w = round(sqrt(keep/ar)),  each clamped to G - 1     (G = crop_size // patch_size)
-# then places each block with its top-left corner in [0, G - h) x [0, G - w), so every block lies inside the
-# first G-1 rows and columns. A target block is redrawn until it has more than min_keep patches -- forever if its
-# size has h*w <= min_keep. A context block is redrawn until, cut by the target blocks, it keeps more than
-# min_keep patches; after 20 failures it drops one target's constraint, so it ends only if h*w > min_keep.
-# fastjepa's "fixed" mode draws scale and aspect ratio independently, clamps to G and places corners anywhere a
-# block fits (blocks span all G rows and columns); the checks follow the mode.
-# --------------------------------------------------------------------------------------------------------------
-
-
-def block_sizes(
-    grid: int, scale: tuple[float, float], aspect_ratio: tuple[float, float], mode: str = "parity"
-) -> set[tuple[int, int]]:
-    """Every block size (h, w), in patches, that the sampler draws with nonzero probability on a grid x grid
-    patch grid: the official rule in "parity" mode, independent scale and ratio draws clamped to the grid in
-    "fixed" mode.
-
-    For each ``keep`` the size is piecewise constant in the ratio draw: pieces end where ``keep*ar`` or
-    ``keep/ar`` crosses the square of a half-integer (where the rounding flips). One evaluation inside every
-    piece gives the exact set.
-    """
-    n = grid * grid
-    (s0, s1), (a0, a1) = scale, aspect_ratio
-    largest = grid - 1 if mode == "parity" else grid
-
-    def ratio(r: float) -> float:
-        return a0 + r * (a1 - a0)
-
-    def size(keep: int, r: float) -> tuple[int, int]:
-        ar = ratio(r)
-        return min(round(math.sqrt(keep * ar)), largest), min(round(math.sqrt(keep / ar)), largest)
-
-    def r_of_ratio(ar: float) -> float:
-        return (ar - a0) / (a1 - a0)
-
-    sizes = set()
-    for keep in range(int(n * s0), int(n * s1) + 1):
-        lo, hi = 0.0, 1.0
-        if s1 > s0:  # the scale draws for which int(n * s) == keep
-            lo = max(lo, (keep / n - s0) / (s1 - s0))
-            hi = min(hi, ((keep + 1) / n - s0) / (s1 - s0))
-        if hi <= lo:
-            continue
-        if mode != "parity":  # the ratio draw is independent of the scale draw
-            lo, hi = 0.0, 1.0
-        cuts = {lo, hi}
-        if a1 > a0 and keep > 0:
-            ar_lo, ar_hi = ratio(lo), ratio(hi)
-            for k in range(math.ceil(math.sqrt(keep * ar_lo) - 0.5), math.floor(math.sqrt(keep * ar_hi) - 0.5) + 1):
-                cuts.add(r_of_ratio((k + 0.5) ** 2 / keep))
-            for k in range(math.ceil(math.sqrt(keep / ar_hi) - 0.5), math.floor(math.sqrt(keep / ar_lo) - 0.5) + 1):
-                cuts.add(r_of_ratio(keep / (k + 0.5) ** 2))
-        cuts = sorted(c for c in cuts if lo <= c <= hi)
-        sizes.update(size(keep, (x + y) / 2) for x, y in itertools.pairwise(cuts) if y > x)
-    return sizes
 
 
 def _check_mask_geometry(data: Data, mask: Mask, mode: str) -> None:

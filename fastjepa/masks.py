@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
+from fastjepa.mask_geometry import block_sizes
+
 MODES = ("parity", "fixed")
 TRIES_PER_LEVEL = 20  # official timeout: failed context draws before one more target constraint is dropped
 
@@ -71,28 +73,6 @@ def _pair(value, name, cast):
         return cast(first), cast(second)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
-
-
-def _smallest_block_area(grid, max_hw, scale, ratio):
-    """Smallest h*w the block-size rule can give for any scale in `scale` and aspect ratio in `ratio`.
-
-    A pair (h, w) is reachable for a token budget mk = int(H*W*s) when some aspect ratio r in `ratio` rounds
-    sqrt(mk*r) to h and sqrt(mk/r) to w, i.e. when the r-intervals of h, of w and `ratio` intersect. Intervals
-    are closed (ties count as reachable), and scale and ratio are treated as independent, so the bound is never
-    above the true minimum: a configuration that passes can never hang.
-    """
-    n = grid[0] * grid[1]
-    mk = np.arange(int(n * scale[0]), int(n * scale[1]) + 1, dtype=np.float64)
-    if mk[0] == 0:
-        return 0
-    hs = np.arange(0, math.isqrt(int(n * scale[1] * ratio[1])) + 3, dtype=np.float64)
-    ws = np.arange(0, math.isqrt(int(n * scale[1] / ratio[0])) + 3, dtype=np.float64)
-    mk, h, w = mk[:, None, None], hs[None, :, None], ws[None, None, :]
-    with np.errstate(divide="ignore"):
-        r_low = np.maximum(np.maximum(np.maximum(h - 0.5, 0) ** 2 / mk, mk / (w + 0.5) ** 2), ratio[0])
-        r_high = np.minimum(np.minimum((h + 0.5) ** 2 / mk, mk / np.maximum(w - 0.5, 0) ** 2), ratio[1])
-    area = np.broadcast_to(np.minimum(h, max_hw[0]) * np.minimum(w, max_hw[1]), r_low.shape)
-    return int(area[r_low <= r_high].min())
 
 
 class MultiBlockMaskCollator:
@@ -168,7 +148,7 @@ class MultiBlockMaskCollator:
             ("pred_mask_scale", self.pred_mask_scale, self.aspect_ratio),
             ("enc_mask_scale", self.enc_mask_scale, (1.0, 1.0)),
         ):
-            area = _smallest_block_area(grid, self._max_hw, scale, ratio)
+            area = min(h * w for h, w in block_sizes(grid, scale, ratio, self.mode))
             if area <= self.min_keep:
                 raise ValueError(
                     f"min_keep={self.min_keep} is too large for {name}={scale} on the {grid[0]}x{grid[1]} patch "

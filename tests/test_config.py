@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from fastjepa import config
-from fastjepa.config import CONFIG_DIR, Config, ConfigError, block_sizes, load
+from fastjepa.config import CONFIG_DIR, Config, ConfigError, load
+from fastjepa.mask_geometry import block_sizes
 
 OFFICIAL_RECIPES = [
     "in1k_vith14_ep300.yaml", "in1k_vith16-448_ep300.yaml", "in22k_vith14_ep66.yaml", "in22k_vitg16_ep44.yaml",
