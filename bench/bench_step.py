@@ -329,6 +329,9 @@ class FastJepaStep(PyTorchStep):
         loss.backward()
         self.opt.zero_grad(set_to_none=True)
         compile_blocks(self.model, self.compile_backend)
+        # the layout's own block functions (every block of "shared", the target-only last block of "repeat")
+        set_predictor_layout(self.model.predictor, "shared" if self.layout == "shared" else "repeat",
+                             compile_backend=self.compile_backend)
 
     def forward_phases(self, images, masks_enc, masks_pred, timer):
         # The fused loss reads the target encoder's output directly: normalised targets never reach memory.

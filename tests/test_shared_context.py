@@ -115,3 +115,11 @@ def test_set_predictor_layout_keeps_weights_and_switches_back():
     torch.testing.assert_close(pred(x, masks_enc, masks_pred), official)
     with pytest.raises(ValueError, match="layout"):
         set_predictor_layout(pred, "packed")
+
+
+@pytest.mark.parametrize("layout", ["repeat", "shared"])
+def test_compiled_layout_blocks_match_eager(layout):
+    pred, x, masks_enc, masks_pred = make(dtype=torch.float32)
+    eager = predictor_forward(pred, x, masks_enc, masks_pred, layout, "ref")
+    compiled = predictor_forward(pred, x, masks_enc, masks_pred, layout, "ref", compile_backend="eager")
+    torch.testing.assert_close(compiled, eager)

@@ -62,8 +62,13 @@ def shared_context_tokens(predictor, x: torch.Tensor, masks_enc, masks_pred) -> 
     return torch.cat([ctx, tgt.repeat(len(masks_enc), 1, 1).to(ctx.dtype)], dim=1)
 
 
+@functools.cache
+def _compiled(fn, backend: str):
+    return torch.compile(fn, backend=backend)
+
+
 def predictor_forward(predictor, x: torch.Tensor, masks_enc, masks_pred, layout: str = "repeat",
-                      provider: str = "auto") -> torch.Tensor:
+                      provider: str = "auto", compile_backend: str | None = None) -> torch.Tensor:
     """Predictor forward in the given layout (see the module docstring).
 
     Args:
@@ -72,6 +77,8 @@ def predictor_forward(predictor, x: torch.Tensor, masks_enc, masks_pred, layout:
         layout: "repeat" (official method), "shared" (context computed once), or "official" (the predictor's own
             forward, for comparisons).
         provider: block-attention provider for "shared" ("auto", "triton", "flex", "ref").
+        compile_backend: ``torch.compile`` backend for the blocks this function runs itself (every block in
+            "shared", the last one in "repeat"; the others are the predictor's own modules, compiled or not).
     Returns:
         ``[M*nenc*B, Kt, D]``, rows ordered as the official predictor's.
     """
@@ -82,23 +89,25 @@ def predictor_forward(predictor, x: torch.Tensor, masks_enc, masks_pred, layout:
     masks_enc, masks_pred = as_mask_list(masks_enc), as_mask_list(masks_pred)
     num_context, num_blocks = x.shape[1], len(masks_pred)
     *blocks, last = predictor.predictor_blocks
+    last_block = _last_block_targets if compile_backend is None else _compiled(_last_block_targets, compile_backend)
+    shared_block = _shared_block if compile_backend is None else _compiled(_shared_block, compile_backend)
     if layout == "repeat":
         h = predictor_tokens(predictor.predictor_embed(x), masks_enc, masks_pred, predictor.mask_token,
                              predictor.predictor_pos_embed)
         for blk in blocks:
             h = blk(h)
-        h = _last_block_targets(last, h, num_context)
+        h = last_block(last, h, num_context)
         return predictor.predictor_proj(predictor.predictor_norm(h))
     h = shared_context_tokens(predictor, x, masks_enc, masks_pred)
     for blk in predictor.predictor_blocks:
-        h = _shared_block(blk, h, num_context, num_blocks, provider)
+        h = shared_block(blk, h, num_context, num_blocks, provider)
     rows, _, dim = h.shape
     tgt_len = masks_pred[0].shape[1]
     h = h[:, num_context:].reshape(rows, num_blocks, tgt_len, dim).transpose(0, 1).reshape(-1, tgt_len, dim)
     return predictor.predictor_proj(predictor.predictor_norm(h))
 
 
-def set_predictor_layout(predictor, layout: str, provider: str = "auto"):
+def set_predictor_layout(predictor, layout: str, provider: str = "auto", compile_backend: str | None = None):
     """Make ``predictor(x, masks_enc, masks_pred)`` run in ``layout``; parameters and state-dict names unchanged.
     Returns the predictor."""
     if layout not in LAYOUTS:
@@ -106,5 +115,6 @@ def set_predictor_layout(predictor, layout: str, provider: str = "auto"):
     if layout == "official":
         predictor.__dict__.pop("forward", None)
     else:
-        predictor.forward = functools.partial(predictor_forward, predictor, layout=layout, provider=provider)
+        predictor.forward = functools.partial(predictor_forward, predictor, layout=layout, provider=provider,
+                                              compile_backend=compile_backend)
     return predictor
