@@ -398,3 +398,18 @@ def test_step_counter_shared_by_dataloader_workers_across_epochs():
     assert collator.state_dict() == {"step": 7}
     expected = [math.prod(collator.block_sizes(step)[0]) for step in range(8)]
     assert sorted(sizes) == sorted(expected)
+
+
+# test_tiny: 8x8 grid, official mask scales; the smallest target block is 3x3 in parity mode and 4x2 in fixed
+# mode (independent scale and ratio draws reach the low scale with the high ratio).
+@pytest.mark.parametrize("mode, smallest", [("parity", 9), ("fixed", 8)])
+def test_config_and_collator_agree_at_the_min_keep_boundary(mode, smallest):
+    from fastjepa.config import ConfigError, load
+
+    cfg = load("configs/test_tiny.yaml", [f"fastjepa.mode={mode}", f"mask.min_keep={smallest - 1}"])
+    MultiBlockMaskCollator.from_config(cfg)
+    with pytest.raises(ConfigError, match="min_keep"):
+        load("configs/test_tiny.yaml", [f"fastjepa.mode={mode}", f"mask.min_keep={smallest}"])
+    too_large = SimpleNamespace(**{**vars(cfg), "mask": SimpleNamespace(**{**vars(cfg.mask), "min_keep": smallest})})
+    with pytest.raises(ValueError, match=f"min_keep={smallest} is too large"):
+        MultiBlockMaskCollator.from_config(too_large)
