@@ -113,3 +113,13 @@ def test_gpu_auto_times_once_and_caches():
     chosen = ab.resolve("auto", q, k, v, 24**-0.5)
     assert chosen in ab.available_backends("cuda", torch.bfloat16, 24)
     assert ab.resolve("auto", q, k, v, 24**-0.5) == chosen
+
+
+def test_auto_key_buckets_token_counts_and_ignores_batch():
+    # Token counts change with every mask draw: 70 and 75 context tokens share one timing, 70 and 130 do not.
+    def key(batch, tokens):
+        q = torch.empty(batch, 16, tokens, 24)
+        return ab._auto_key(q, q, True)
+
+    assert key(128, 70) == key(64, 75)
+    assert key(128, 70) != key(128, 130)

@@ -8,9 +8,10 @@ Every backend computes ``softmax(q k^T * scale) v`` on ``[B, H, L, D]`` tensors 
   ``torch.nn.attention.sdpa_kernel``.
 - ``flash_attn`` (``flash_attn.flash_attn_func``) and ``xformers`` (``memory_efficient_attention``) when
   those packages are installed.
-- ``auto``: on a GPU, the fastest of the available backends for this shape, dtype and grad mode, timed once on
-  first use (forward, plus backward when gradients are needed) and cached for the process; on CPU, and while
-  torch.compile traces before anything was timed, the deterministic choice ``sdpa``.
+- ``auto``: on a GPU, the fastest of the available backends for this head count, head dim, dtype, grad mode and
+  sequence lengths (bucketed to powers of two), timed once on first use (forward, plus backward when gradients
+  are needed) and cached for the process; on CPU, and while torch.compile traces a shape never timed eagerly, the
+  deterministic choice ``sdpa``. Run one eager step before compiling to let it time (bench_step does).
 """
 
 import importlib.util
@@ -107,8 +108,14 @@ def available_backends(device, dtype: torch.dtype, head_dim: int) -> list[str]:
 _AUTO_CACHE: dict[tuple, str] = {}
 
 
-def _auto_key(q: torch.Tensor, grad: bool) -> tuple:
-    return (str(q.device), q.dtype, tuple(q.shape), grad)
+def _bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _auto_key(q: torch.Tensor, k: torch.Tensor, grad: bool) -> tuple:
+    # Sequence lengths bucketed to powers of two and the batch left out: I-JEPA's token counts change every step
+    # (masks), and one timing per bucket keeps the choice stable (and available to compiled code) across steps.
+    return (str(q.device), q.dtype, q.shape[1], q.shape[-1], _bucket(q.shape[-2]), _bucket(k.shape[-2]), grad)
 
 
 def _time_backend(name: str, q, k, v, scale: float, grad: bool, iters: int = 5) -> float:
@@ -150,7 +157,7 @@ def resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     if backend != "auto":
         return backend
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    key = _auto_key(q, grad)
+    key = _auto_key(q, k, grad)
     if key in _AUTO_CACHE:
         return _AUTO_CACHE[key]
     if not q.is_cuda or torch.compiler.is_compiling():
@@ -160,7 +167,7 @@ def resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
 
 def auto_choices() -> dict[tuple, str]:
-    """What ``auto`` picked so far: ``{(device, dtype, shape, grad): backend}``."""
+    """What ``auto`` picked so far: ``{(device, dtype, heads, head dim, Lq bucket, Lk bucket, grad): backend}``."""
     return dict(_AUTO_CACHE)
 
 
