@@ -186,7 +186,7 @@ class Data(_Section):
     max_bad_fraction: float = 0.01  # share of unreadable samples that aborts the run (0: abort on the first)
     synthetic_samples: int = 10000  # synthetic: samples per epoch
     synthetic_image_size: tuple[int, int] = (500, 375)  # synthetic: JPEG width, height
-    fast_decode: bool = True  # JPEG DCT-scaled decode when the crop is >= 2x the output (resampling noise only)
+    fast_decode: bool = True  # DCT-scaled JPEG decode, torch uint8 resize (resampling noise); false: PIL as torchvision
 
     def check(self) -> None:
         _at_least("data.batch_size", self.batch_size, 1)

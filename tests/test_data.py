@@ -15,7 +15,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from fastjepa.config import ConfigError, load
-from fastjepa.data import build_pretrain_loader, mean_std, normalize_on_device
+from fastjepa.data import build_pretrain_loader, mean_std, normalize_on_device, transforms
 from fastjepa.data.loader import produced_by, rank_plan
 from fastjepa.data.make_shards import main as make_shards_main
 from fastjepa.data.make_shards import make_shards
@@ -105,6 +105,24 @@ def test_transform_is_uint8_deterministic_and_fast_decode_is_resampling_noise():
     assert np.abs(a.astype(int) - c.astype(int)).mean() < 2.0
     grey = PretrainTransform(crop_size=16, mode="L")(data, np.random.default_rng(0))
     assert grey.shape == (16, 16, 1)
+
+
+@pytest.mark.parametrize("decoder", ["simplejpeg", "pil"])
+def test_fast_path_is_within_one_grey_level_of_torchvision_order(decoder, monkeypatch):
+    if decoder == "pil":
+        monkeypatch.setattr(transforms, "simplejpeg", None)
+    elif transforms.simplejpeg is None:
+        pytest.skip("simplejpeg not installed")
+    rng = np.random.default_rng(0)
+    photo = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).resize((400, 300)).save(photo, "JPEG")
+    digit = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    # crops smaller than 2x the output: full-resolution decode, so only the resize implementation differs
+    for image, kw in ((photo.getvalue(), dict(crop_size=224)), (digit, dict(crop_size=28, mode="L"))):
+        for seed in range(5):
+            fast = PretrainTransform(**kw)(image, np.random.default_rng(seed))
+            ref = PretrainTransform(**kw, fast_decode=False)(image, np.random.default_rng(seed))
+            assert fast.shape == ref.shape and np.abs(fast.astype(int) - ref.astype(int)).max() <= 1
 
 
 def test_normalize_on_device_matches_float64_reference():
