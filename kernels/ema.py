@@ -45,7 +45,8 @@ def _ema_update_kernel(table, base_t, base_o, base_c, momentum, weight, HAS_COPY
     p_t = base_t + tl.multiple_of(tl.load(p_row) + i_start, ALIGN)
     p_o = base_o + tl.multiple_of(tl.load(p_row + 1) + i_start, ALIGN)
     p_c = base_c + tl.multiple_of(tl.load(p_row + 2) + i_start, ALIGN)
-    n = i_end - i_start
+    # With ALIGN, chunk lengths are multiples of ALIGN too, so the mask is constant over each vector.
+    n = tl.multiple_of(i_end - i_start, ALIGN)
     for i in range(0, CHUNK, BLOCK):
         o = i + tl.arange(0, BLOCK)
         m = o < n
@@ -68,7 +69,7 @@ def chunk_sizes() -> tuple[int, int]:
 
 def build_chunk_table(target, online, copy, chunk: int) -> tuple[torch.Tensor, bool]:
     """``[C, 5]`` int64 table (see ``_TABLE_COLUMNS``) covering every element of every tensor, on their device,
-    and whether every tensor offset is a multiple of ``_VEC`` elements."""
+    and whether every tensor offset and size is a multiple of ``_VEC`` elements (then the kernel vectorises)."""
     numel = torch.tensor([t.numel() for t in target], dtype=torch.int64)
     lists = [target, online] if copy[0] is None else [target, online, copy]
     offsets = torch.zeros(len(target), 3, dtype=torch.int64)
@@ -81,7 +82,7 @@ def build_chunk_table(target, online, copy, chunk: int) -> tuple[torch.Tensor, b
     start = (torch.arange(len(tensor_id)) - first[tensor_id]) * chunk
     end = torch.minimum(start + chunk, numel[tensor_id])
     table = torch.cat([offsets[tensor_id], start[:, None], end[:, None]], dim=1)
-    return table.to(target[0].device), bool((offsets % _VEC == 0).all())
+    return table.to(target[0].device), bool((offsets % _VEC == 0).all() and (numel % _VEC == 0).all())
 
 
 class _TableCache:

@@ -1,6 +1,11 @@
 """torch.compile traces through the fused ops (registered torch.library ops with fake implementations): one
 fullgraph compile of the I-JEPA glue (context gather, predictor input, targets, fused loss) equals eager."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -47,3 +52,22 @@ def test_fake_implementations_match_the_kernels(op):
         "predictor_tokens_fwd": (torch.randn(NENC * B, KC, D), idx_enc, idx_pred, mask_token.detach(), pos, B),
     }[op]
     torch.library.opcheck(getattr(torch.ops.fastjepa, op), args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_kernels_compile_for_sm90_with_vector_accesses():
+    """The GPU path, checked without a GPU: every kernel compiles to an sm_90 cubin, and its bulk loads and stores
+    are 16-byte vectors (a regression here costs bandwidth on the device)."""
+    code = ("import json; from fastjepa.kernels._testing import compile_kernels_for; "
+            "print(json.dumps(compile_kernels_for(90)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode and ("ptxas" in proc.stderr or "backend" in proc.stderr.lower()):
+        pytest.skip(f"Triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accesses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(accesses) == 8
+    for name, ops in accesses.items():
+        assert any(op.startswith("ld.global.v4") for op in ops), f"{name}: no vectorised loads in {ops}"
+        if name != "target_norm_smooth_l1_fwd":  # writes one fp32 partial per program
+            assert any(op.startswith("st.global.v") for op in ops), f"{name}: no vectorised stores in {ops}"
