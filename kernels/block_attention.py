@@ -349,7 +349,9 @@ def _flex_block_mask(ctx_len: int, tgt_len: int, num_blocks: int, device: str):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Automatic dynamic shapes: token counts change with every mask draw, a static compile would hit the
+    # recompile limit and fall back to the unfused path.
+    return torch.compile(flex_attention)
 
 
 def block_attention_flex(q, k, v, ctx_len: int, num_blocks: int, scale: float | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ Every backend computes ``softmax(q k^T * scale) v`` on ``[B, H, L, D]`` tensors 
   deterministic choice ``sdpa``. Run one eager step before compiling to let it time (bench_step does).
 """
 
+import functools
 import importlib.util
 
 import torch
@@ -227,6 +228,13 @@ def _varlen_sdpa(q, k, v, cu_seqlens, max_seqlen, scale):
     return out.transpose(1, 2)[seq, pos]
 
 
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)  # automatic dynamic shapes: the packed length changes every step
+
+
 def _varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -237,7 +245,7 @@ def _varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale):
         return seq[q_idx] == seq[kv_idx]
 
     block_mask = create_block_mask(same_sequence, None, None, total, total, device=q.device)
-    fn = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    fn = _compiled_flex() if q.is_cuda else flex_attention
     out = fn(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask, scale=scale)
     return out[0].transpose(0, 1)
 
