@@ -1,0 +1,135 @@
+"""Processes, devices and parallelism, applied to an ``IJEPA`` model from outside (the model code knows none of it).
+
+- ``init_distributed``: reads torchrun's environment (single- or multi-node, no SLURM assumptions), picks the
+  device and backend (NCCL on CUDA, gloo on CPU) and sets collective timeouts so a dead rank makes the others
+  fail instead of hanging.
+- ``parallelize``: activation checkpointing and ``torch.compile`` per block, then DDP or FSDP2. Under FSDP2 the
+  encoder and the target encoder are sharded identically (same mesh, one unit per block plus one per model), so
+  each rank's target shard is the EMA of its own encoder shard and the EMA needs no communication. The target
+  encoder has ``requires_grad=False``: DDP gives it no reducer buckets and FSDP2 no reduce-scatter.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastjepa.ijepa import IJEPA
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> DistEnv:
+    """Join the torchrun process group when launched by torchrun (``WORLD_SIZE`` > 1), else run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        # NCCL watchdog: a collective that does not complete within the timeout aborts the process (and torchrun
+        # then stops the other workers) instead of waiting forever on a rank that died.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
+    return DistEnv(rank, world_size, local_rank, dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_strategy(strategy: str, world_size: int) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"train.parallel={strategy!r} is not one of {STRATEGIES}")
+    if strategy == "auto":
+        return "fsdp" if world_size > 1 else "none"
+    return strategy
+
+
+def _block_lists(model: IJEPA) -> list[nn.ModuleList]:
+    return [model.encoder.blocks, model.target_encoder.blocks, model.predictor.predictor_blocks]
+
+
+def apply_activation_checkpointing(model: IJEPA) -> None:
+    """Recompute each trained block's activations in the backward (encoder and predictor; the target encoder
+    runs without autograd, so it has nothing to save). The wrapper keeps parameter names unchanged in
+    state dicts."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for blocks in (model.encoder.blocks, model.predictor.predictor_blocks):
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def apply_compile(model: IJEPA) -> None:
+    """``torch.compile`` each block in place (names unchanged; one graph reused by every block of a width)."""
+    for blocks in _block_lists(model):
+        for block in blocks:
+            block.compile()
+
+
+def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_forward: bool = True) -> IJEPA:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    mp = mp or MixedPrecisionPolicy()
+    shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for part, blocks in ((model.encoder, model.encoder.blocks), (model.target_encoder, model.target_encoder.blocks),
+                         (model.predictor, model.predictor.predictor_blocks)):
+        for block in blocks:
+            fully_shard(block, **shard)
+        fully_shard(part, **shard)
+    fully_shard(model, **shard)
+    return model
+
+
+def parallelize(model: IJEPA, env: DistEnv, strategy: str = "auto", *, bf16: bool = False,
+                activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+    """Wrap ``model`` (already on ``env.device``) for training; returns the module whose ``forward`` gives the
+    loss. ``model`` itself stays the handle for ``update_target`` and checkpoints (its parameters are the ones
+    the optimizer must be built over, after this call)."""
+    strategy = resolve_strategy(strategy, env.world_size)
+    if strategy in ("ddp", "fsdp") and not env.distributed:
+        raise ValueError(f"train.parallel={strategy!r} needs several processes: launch with torchrun "
+                         "--nproc_per_node=N, or use train.parallel=none")
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if strategy == "fsdp":
+        return apply_fsdp(model, env.device, bf16)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
