@@ -2,6 +2,7 @@
 
     python bench/bench_data.py                      # 500x375 JPEGs at quality 90, 224 crops, batch 128
     python bench/bench_data.py --images 1024 --workers 2   # also the full DataLoader with 2 worker processes
+    run(cfg) is the `python -m bench` suite entry (add "data": ["bench.bench_data"] to bench/__main__.py SUITES)
 
 Providers, run interleaved in the same process on the same generated ImageNet-sized JPEGs:
 - `plain_pil`: the plain loop: Image.open -> convert RGB -> crop -> resize (bilinear) -> uint8 array, then
@@ -131,6 +132,61 @@ def _children_cpu():
     return usage.ru_utime + usage.ru_stime
 
 
+def measure(pool, n, batch, crop, scale, repeats=3, workers=0):
+    """-> [(provider, images per CPU-second, images per wall second)], providers run interleaved."""
+    torch.set_num_threads(1)  # one worker process = one core
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # plain loop: read-only
+    providers = {
+        "plain_pil": lambda: plain_batches(pool, n, batch, crop, scale),
+        "official_float": lambda: plain_batches(pool, n, batch, crop, scale, official_float=True),
+        "fastjepa": lambda: consume(fastjepa_loader(pool, n, batch, crop, scale)),
+    }
+    if transforms.simplejpeg is not None:
+        providers["fastjepa_pil_decode"] = lambda: without_simplejpeg(
+            lambda: consume(fastjepa_loader(pool, n, batch, crop, scale)))
+    if nvjpeg_available():
+        providers["nvjpeg_gpu"] = lambda: nvjpeg_batches(pool, n, batch, crop, scale)
+    else:
+        print("nvjpeg_gpu: skipped (needs torchvision and CUDA)")
+    for fn in providers.values():  # warm-up: imports, allocator, page cache
+        fn()
+    rates = {name: [] for name in providers}
+    for _ in range(repeats):
+        for name, fn in providers.items():
+            rates[name].append(timed(fn, n))
+    rows = [(name, statistics.median(c for c, _ in r), statistics.median(w for _, w in r)) for name, r in rates.items()]
+    if workers:
+        loader = fastjepa_loader(pool, n * workers, batch, crop, scale, num_workers=workers)
+
+        def epoch(e):
+            loader.set_epoch(e)
+            consume(loader)
+
+        epoch(0)
+        runs = [timed(lambda e=e: epoch(e), n * workers) for e in range(1, repeats + 1)]
+        # CPU time of the main process + its workers (reaped at the end of each epoch), per worker wall rate
+        rows.append((f"fastjepa_dataloader_{workers}workers", statistics.median(c for c, _ in runs),
+                     statistics.median(w for _, w in runs) / workers))
+    return rows
+
+
+def run(cfg):
+    """`python -m bench` suite entry: rows in bench.common's CSV columns (median = ms of CPU per image)."""
+    from bench.common import device_name, triton_version
+
+    n, batch = (128, 64) if cfg.quick else (512, 128)
+    pool = [synthetic_jpeg(np.random.default_rng(i), (500, 375), 90) for i in range(8 if cfg.quick else 32)]
+    rows = measure(pool, n, batch, 224, (0.3, 1.0), repeats=1 if cfg.quick else 3)
+    plain = dict((r[0], r[1]) for r in rows)["plain_pil"]
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info = {"op": "data_pipeline", "mode": "decode+rrc+collate", "shape": f"500x375q90->224 b{batch}",
+            "dtype": "uint8", "p20": "", "p80": "", "unit": "ms_cpu/img", "gbps": 0, "frac_of_copy": 0,
+            "device": device_name("cpu"), "torch": torch.__version__, "triton": triton_version(),
+            "commit": git_commit(), "date": date}
+    return [{**info, "provider": name, "median": round(1e3 / cpu, 4), "speedup_vs_reference": round(cpu / plain, 3)}
+            for name, cpu, _ in rows]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=512, help="images per timed run of each provider")
@@ -145,8 +201,6 @@ def main(argv=None):
                                                           "processes (total and per-worker images/s)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)  # one worker process = one core
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # plain loop: read-only
     width, height = map(int, args.size.split("x"))
     scale = tuple(float(v) for v in args.crop_scale.split(","))
     rng = np.random.default_rng(0)
@@ -157,39 +211,7 @@ def main(argv=None):
     print(f"{len(pool)} JPEGs {width}x{height} q{args.quality} (mean {np.mean([len(d) for d in pool]) / 1e3:.0f} kB), "
           f"crop {args.crop} scale {scale}, batch {args.batch}, {n} images per run, {args.repeats} runs; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
-
-    providers = {
-        "plain_pil": lambda: plain_batches(pool, n, args.batch, args.crop, scale),
-        "official_float": lambda: plain_batches(pool, n, args.batch, args.crop, scale, official_float=True),
-        "fastjepa": lambda: consume(fastjepa_loader(pool, n, args.batch, args.crop, scale)),
-    }
-    if transforms.simplejpeg is not None:
-        providers["fastjepa_pil_decode"] = lambda: without_simplejpeg(
-            lambda: consume(fastjepa_loader(pool, n, args.batch, args.crop, scale)))
-    if nvjpeg_available():
-        providers["nvjpeg_gpu"] = lambda: nvjpeg_batches(pool, n, args.batch, args.crop, scale)
-    else:
-        print("nvjpeg_gpu: skipped (needs torchvision and CUDA)")
-    for fn in providers.values():  # warm-up: imports, allocator, page cache
-        fn()
-    rates = {name: [] for name in providers}
-    for _ in range(args.repeats):
-        for name, fn in providers.items():
-            rates[name].append(timed(fn, n))
-    rows = [(name, statistics.median(c for c, _ in r), statistics.median(w for _, w in r)) for name, r in rates.items()]
-    if args.workers:
-        loader = fastjepa_loader(pool, n * args.workers, args.batch, args.crop, scale, num_workers=args.workers)
-
-        def epoch(e):
-            loader.set_epoch(e)
-            consume(loader)
-
-        epoch(0)
-        runs = [timed(lambda e=e: epoch(e), n * args.workers) for e in range(1, args.repeats + 1)]
-        # CPU time of the main process + its workers (reaped at the end of each epoch), per worker wall rate
-        rows.append((f"fastjepa_dataloader_{args.workers}workers", statistics.median(c for c, _ in runs),
-                     statistics.median(w for _, w in runs) / args.workers))
-
+    rows = measure(pool, n, args.batch, args.crop, scale, args.repeats, args.workers)
     plain = dict((r[0], r[1]) for r in rows)["plain_pil"]
     print(f"\n{'provider':34s} {'images per CPU-second':>22s} {'vs plain_pil':>13s} {'images/s wall':>14s}")
     for name, cpu, wall in rows:
