@@ -117,8 +117,8 @@ def _check_lists(target, online, copy) -> None:
 
 
 def _groups(target, online, copy):
-    """Local tensors grouped by (device, dtypes); tensors the kernel cannot take (non-contiguous, other dtypes)
-    come back separately for the reference loop."""
+    """Local tensors grouped by (device, dtypes); tensors the kernel cannot take (non-contiguous, other dtypes, off
+    the GPU, split across devices) come back separately for the reference loop."""
     groups, rest = {}, []
     for i, (t, o) in enumerate(zip(target, online, strict=True)):
         t, o = _local(t), _local(o).detach()
@@ -130,7 +130,8 @@ def _groups(target, online, copy):
                 + "; pair the same parameters (for FSDP2 both models must be sharded the same way)"
             )
         tensors = (t, o) if c is None else (t, o, c)
-        if not all(x.is_contiguous() and x.dtype in _DTYPES for x in tensors) or t.numel() == 0:
+        kernel_ok = (t.is_cuda or interpreting()) and all(x.device == t.device for x in tensors)
+        if not kernel_ok or not all(x.is_contiguous() and x.dtype in _DTYPES for x in tensors) or t.numel() == 0:
             rest.append((t, o, c))
             continue
         key = (t.device, t.dtype, o.dtype, None if c is None else c.dtype)
