@@ -156,3 +156,17 @@ def test_dtensor_parameters_update_their_local_shards():
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def test_tensors_the_kernel_cannot_take_fall_back_to_the_loop():
+    target, online = params(torch.float32, 0), params(torch.float32, 1)
+    target[3], online[3] = target[3].t(), online[3].t()  # non-contiguous views
+    target.append(torch.randn(5, dtype=torch.float64, device=DEVICE))  # a dtype the kernel does not take
+    online.append(torch.randn(5, dtype=torch.float64, device=DEVICE))
+    groups, rest = _groups(target, online, None)
+    assert len(rest) == 2 and sum(len(ts) for ts, _, _ in groups.values()) == len(target) - 2
+    exact = [t.double() for t in target]
+    ema_update(target, online, 0.9)
+    ema_update_ref(exact, [o.double() for o in online], 0.9)
+    for t, e in zip(target, exact, strict=True):
+        torch.testing.assert_close(t.double(), e, rtol=1e-6, atol=1e-7)
