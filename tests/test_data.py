@@ -308,6 +308,12 @@ def test_too_many_bad_samples_abort_with_the_counts(tmp_path):
     loader = build_pretrain_loader(tiny_cfg(source="webdataset", shards=pattern, batch_size=4, max_bad_fraction=0.1))
     with pytest.raises(RuntimeError, match=r"empty_file=4.*max_bad_fraction=0.1"):
         run_epoch(loader)
+    # a budget of 0 stops at the first batch that skipped a sample, not at the end of the epoch
+    pattern = write_shards(tmp_path / "one_bad", samples[-1:] + samples[:15], 16)
+    strict = build_pretrain_loader(tiny_cfg(source="webdataset", shards=pattern, batch_size=4, max_bad_fraction=0,
+                                            shuffle_buffer=0))
+    with pytest.raises(RuntimeError, match=r"1 of 5 samples read are bad \(empty_file=1\)"):
+        next(iter(strict))
 
 
 def test_missing_index_and_unknown_source_say_how_to_fix(tmp_path):

@@ -256,8 +256,10 @@ class PretrainLoader:
                         sum(self.bad.values()), self.seen, dict(self.bad), time.perf_counter() - t0)
 
     def _check_bad(self, final):
+        # judged over at least 1000 samples until the epoch ends, so a few bad ones early do not abort a 1% budget;
+        # a budget of 0 aborts at the first batch that skipped one
         n_bad = sum(self.bad.values())
-        if n_bad and (final or self.seen >= 1000) and n_bad > self.max_bad_fraction * self.seen:
+        if n_bad > self.max_bad_fraction * (self.seen if final else max(self.seen, 1000)):
             kinds = ", ".join(f"{k}={self.bad[k]}" for k in BAD_KINDS if self.bad[k])
             raise RuntimeError(f"rank {self.rank} epoch {self.epoch}: {n_bad} of {self.seen} samples read are bad "
                                f"({kinds}), more than data.max_bad_fraction={self.max_bad_fraction}. The warnings "
