@@ -3,7 +3,8 @@
 The I-JEPA context path gathers the context-block tokens after patch embedding; the official ``apply_masks``
 builds a ``[B, K, D]`` int64 index (8 bytes per gathered element) to call ``torch.gather``. The fused op reads the
 ``[M*B, K]`` indices once per row, adds the positional embedding in the same pass, and its backward writes every
-element of the tokens' gradient exactly once (no zero-fill, no atomics) through an inverse index map.
+element of the tokens' gradient exactly once in one kernel (no zero-fill, no atomics, no index map): each program
+finds, for its tile of tokens, the slots of each mask that gathered them by comparing against the mask's row.
 """
 
 import torch
@@ -47,20 +48,31 @@ def _masked_gather_fwd_kernel(x, idx, pos, out, B, N, K, D, HAS_POS: tl.constexp
 
 
 @triton.jit
-def _masked_gather_bwd_kernel(dy, inv, dx, M, B, N, K, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # inv[m, b, n] = the slot k of mask m that gathered token n of image b, or -1: each program owns a tile of
-    # dx rows and sums over the masks, so every element of dx is written once and no atomics are needed.
+def _masked_gather_bwd_kernel(dy, idx, dx, M, B, N, K, D, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    # Each program owns a tile of dx rows and sums over the masks, so every element of dx is written once. The slot
+    # that gathered token n comes from comparing n with the mask's whole row (K indices, cached across programs).
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < N
     m_d = (o_d < D)[None, :]
     b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i_m in range(M):
         i_r = (i_m * B + i_b).to(tl.int64)
-        b_k = tl.load(inv + i_r * N + o_n, mask=m_n, other=-1).to(tl.int64)
-        m = (b_k >= 0)[:, None] & m_d
-        b_acc += tl.load(dy + (i_r * K + b_k[:, None]) * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+        b_idx = tl.load(idx + i_r * K + o_k, mask=o_k < K, other=-1)
+        b_eq = b_idx[None, :] == o_n[:, None]
+        b_cnt = tl.sum(b_eq.to(tl.int32), axis=1)
+        b_slot = tl.sum(tl.where(b_eq, o_k[None, :], 0), axis=1).to(tl.int64)
+        m = (b_cnt == 1)[:, None] & m_d
+        b_acc += tl.load(dy + (i_r * K + b_slot[:, None]) * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+        if tl.max(b_cnt, axis=0) > 1:
+            # A token this mask gathers more than once (allowed, as in torch.gather): add every copy, slot by slot.
+            for i_k in range(K):
+                b_row = tl.load(dy + (i_r * K + i_k) * D + o_d, mask=o_d < D, other=0).to(tl.float32)
+                m_k = (o_n == tl.load(idx + i_r * K + i_k)) & (b_cnt > 1)
+                b_acc += tl.where(m_k[:, None], b_row[None, :], 0.0)
     p_dx = dx + (i_b.to(tl.int64) * N + o_n[:, None]) * D + o_d[None, :]
     tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_d)
 
@@ -125,41 +137,22 @@ def masked_gather_fwd(
     return out
 
 
-def inverse_index(idx: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
-    """``[M*B, K]`` indices -> ``[M*B, N]`` int32 map from token to slot (-1 where not gathered).
-
-    The map holds one slot per token, so indices must be distinct within each row (I-JEPA masks are); a repeated
-    index raises a device-side assertion instead of silently dropping a gradient term."""
-    rows, k = idx.shape
-    slots = torch.arange(k, dtype=torch.int32, device=idx.device).expand(rows, k)
-    inv = torch.full((rows, num_tokens), -1, dtype=torch.int32, device=idx.device).scatter_(1, idx.long(), slots)
-    torch._assert_async(
-        (inv.gather(1, idx.long()) == slots).all(),
-        "masked_gather backward: an index repeats within a row of a mask; indices must be distinct per row",
-    )
-    return inv
-
-
 def masked_gather_bwd(
-    grad_out: torch.Tensor, inv: torch.Tensor, batch: int, dtype: torch.dtype, out: torch.Tensor | None = None
+    grad_out: torch.Tensor, idx: torch.Tensor, batch: int, num_tokens: int, dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[M*B, K, D]`` output gradient -> ``[B, N, D]`` tokens gradient (zeros where nothing was gathered)."""
+    """``[M*B, K, D]`` output gradient, ``[M*B, K]`` indices -> ``[B, N, D]`` tokens gradient in ``dtype`` (zeros
+    where nothing was gathered; repeated indices add up)."""
     grad_out = grad_out.contiguous()
     rows, k, dim = grad_out.shape
-    num_tokens = inv.shape[1]
     dx = torch.empty(batch, num_tokens, dim, dtype=dtype, device=grad_out.device) if out is None else out
     block_n, block_d = _row_blocks(num_tokens, dim)
     grid = (triton.cdiv(num_tokens, block_n), batch)
     _masked_gather_bwd_kernel[grid](
-        grad_out, inv, dx, rows // batch, batch, num_tokens, k, dim, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4
+        grad_out, idx, dx, rows // batch, batch, num_tokens, k, dim, BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(k), BLOCK_D=block_d, num_warps=4,
     )
     return dx
-
-
-def masked_gather_grad(grad_out: torch.Tensor, idx: torch.Tensor, batch: int, num_tokens: int,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """The tokens' gradient ``[B, N, D]`` in ``dtype`` from the output gradient and the ``[M*B, K]`` indices."""
-    return masked_gather_bwd(grad_out, inverse_index(idx, batch, num_tokens), batch, dtype)
 
 
 @torch.library.custom_op("fastjepa::masked_gather_fwd", mutates_args=())
@@ -176,7 +169,7 @@ def _(tokens, idx, pos_embed):
 @torch.library.custom_op("fastjepa::masked_gather_bwd", mutates_args=())
 def _masked_gather_bwd_op(grad_out: torch.Tensor, idx: torch.Tensor, batch: int, num_tokens: int,
                           dtype: torch.dtype) -> torch.Tensor:
-    return masked_gather_grad(grad_out, idx, batch, num_tokens, dtype)
+    return masked_gather_bwd(grad_out, idx, batch, num_tokens, dtype)
 
 
 @_masked_gather_bwd_op.register_fake
@@ -199,7 +192,7 @@ class MaskedGatherFunction(torch.autograd.Function):
         need_tokens, _, need_pos = ctx.needs_input_grad
         # The positional embedding's gradient is the tokens' gradient summed over the batch: accumulate it in fp32.
         dtype = torch.float32 if need_pos else ctx.tokens_dtype
-        dx = op_or_launcher(_masked_gather_bwd_op, masked_gather_grad)(grad_out, idx, ctx.batch, ctx.num_tokens, dtype)
+        dx = op_or_launcher(_masked_gather_bwd_op, masked_gather_bwd)(grad_out, idx, ctx.batch, ctx.num_tokens, dtype)
         grad_pos = None
         if need_pos:
             shape, dtype = ctx.pos_shape
@@ -213,7 +206,7 @@ def masked_gather(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None = 
     Args:
         tokens: ``[B, N, D]``.
         masks: one ``[B, K]`` int64 index tensor or a list of M of them (the official mask format); indices in
-            ``[0, N)``, distinct within each row of a mask (as the I-JEPA collator makes them).
+            ``[0, N)`` (a repeated index gathers the token twice and its gradients add up, as with ``torch.gather``).
         pos_embed: optional ``[N, D]`` (or ``[1, N, D]``) added at the gathered positions.
     Returns:
         ``[M*B, K, D]``, masks concatenated on the batch dimension (the order of the official ``apply_masks``), in

@@ -5,7 +5,7 @@ import torch
 
 from fastjepa.kernels import masked_gather, masked_gather_ref, set_fused
 from fastjepa.kernels._testing import assert_matches, random_masks
-from fastjepa.kernels.masked_gather import inverse_index, masked_gather_bwd, masked_gather_fwd, stack_masks
+from fastjepa.kernels.masked_gather import masked_gather_bwd, masked_gather_fwd, stack_masks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,7 +67,7 @@ def test_backward_writes_every_element_of_the_gradient():
     idx = stack_masks(masks, tokens.shape[0], tokens.shape[1])
     grad = torch.randn(idx.shape[0], idx.shape[1], tokens.shape[2], device=DEVICE)
     dx = torch.full_like(tokens, float("nan"))
-    masked_gather_bwd(grad, inverse_index(idx, tokens.shape[0], tokens.shape[1]), tokens.shape[0], dx.dtype, out=dx)
+    masked_gather_bwd(grad, idx, tokens.shape[0], tokens.shape[1], dx.dtype, out=dx)
     ref = torch.autograd.grad(masked_gather_ref(tokens.requires_grad_(True), masks), tokens, grad)[0]
     torch.testing.assert_close(dx, ref, rtol=0, atol=0)
 
@@ -82,11 +82,15 @@ def test_switch_off_runs_the_reference():
     assert "MaskedGather" not in type(out.grad_fn).__name__
 
 
-def test_repeated_index_in_a_row_is_an_error_in_backward():
-    tokens = torch.randn(1, 8, 4, device=DEVICE, requires_grad=True)
-    masks = [torch.tensor([[1, 3, 3]], device=DEVICE)]
-    with pytest.raises(RuntimeError, match="distinct"):
-        masked_gather(tokens, masks).sum().backward()
+def test_repeated_indices_add_their_gradients_like_torch_gather():
+    tokens = torch.randn(2, 8, 24, device=DEVICE, requires_grad=True)
+    masks = [torch.tensor([[1, 3, 3, 3, 0], [7, 7, 2, 5, 6]], device=DEVICE), torch.tensor([[3, 4, 5, 6, 1]] * 2)]
+    masks[1] = masks[1].to(DEVICE)
+    out = masked_gather(tokens, masks)
+    grad = torch.randn_like(out)
+    (fused,) = torch.autograd.grad(out, tokens, grad)
+    (ref,) = torch.autograd.grad(masked_gather_ref(tokens, masks), tokens, grad)
+    torch.testing.assert_close(fused, ref)
 
 
 def test_bad_mask_shape_names_the_mask():
