@@ -20,7 +20,7 @@ from fastjepa.data.loader import produced_by, rank_plan
 from fastjepa.data.make_shards import main as make_shards_main
 from fastjepa.data.make_shards import make_shards
 from fastjepa.data.mnist import load_mnist_5k
-from fastjepa.data.sources import INDEX_FORMAT
+from fastjepa.data.sources import INDEX_FORMAT, ShardSource
 from fastjepa.data.transforms import PretrainTransform, random_resized_crop_params
 
 
@@ -299,6 +299,19 @@ def test_every_bad_data_kind_is_skipped_counted_and_never_shifts_labels(tmp_path
     assert "s-0001.tar" in logged and "key=000010" in logged and "s-0005.tar" in logged
     labels = [int(y) for b in batches for y in b[1]]
     assert not {40, 41, 42, 43} & set(labels)  # a broken sample never lends its label to another image
+
+
+def test_a_shard_read_from_its_middle_reports_what_it_cannot_deliver(tmp_path):
+    pattern = labelled_shards(tmp_path / "shards", 16, 8)
+    source = ShardSource(pattern)
+    cut = tmp_path / "shards" / "s-0001.tar"
+    cut.write_bytes(cut.read_bytes()[:3 * 1536])  # about two samples survive
+    kinds = [getattr(x, "kind", "ok") for x in source.read_shard(str(cut), skip=4, take=3)]
+    assert kinds == ["truncated_tar"] * 3
+    kinds = [getattr(x, "kind", "ok") for x in source.read_shard(str(tmp_path / "gone.tar"), skip=4, take=3)]
+    assert kinds == ["unreadable_shard"] * 3
+    labels = [x.label for x in source.read_shard(source.urls[0], skip=5, take=2)]
+    assert labels == [5, 6]
 
 
 def test_too_many_bad_samples_abort_with_the_counts(tmp_path):

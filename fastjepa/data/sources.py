@@ -189,19 +189,19 @@ class ShardSource:
         """Exactly `take` items for samples [skip, skip + take) of one shard; what the tar cannot deliver is
         reported as unreadable_shard (nothing read) or truncated_tar (the rest)."""
         errors = []
-        delivered = 0
-        for position, item in enumerate(self._shard_items(url, errors)):
-            if position >= skip + take:
+        read = 0  # samples the tar delivered, skipped ones included
+        for item in self._shard_items(url, errors):
+            if read >= skip + take:
                 break
-            if position >= skip:
+            if read >= skip:
                 yield item
-                delivered += 1
-        if delivered < take:
-            read = skip + delivered
+            read += 1
+        missing = skip + take - max(read, skip)
+        if missing > 0:
             kind = "unreadable_shard" if read == 0 else "truncated_tar"
             detail = repr(errors[0]) if errors else f"the tar ended after {read} samples, the index says more"
-            for i in range(take - delivered):
-                yield BadSample(kind, url, f"#{read + i}", detail)
+            for i in range(missing):
+                yield BadSample(kind, url, f"#{skip + take - missing + i}", detail)
 
     @staticmethod
     def _shard_items(url, errors):
