@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
-from fastjepa.data.sources import IMAGE_EXTS, INDEX_FORMAT, INDEX_NAME, scan_image_folder
+from fastjepa.data.sources import IMAGE_EXTS, INDEX_FORMAT, INDEX_NAME, scan_image_folder, shard_file_name
 
 logger = logging.getLogger("fastjepa.make_shards")
 
@@ -187,8 +187,8 @@ def index_existing(pattern, dst, workers=1, progress=True):
             bar.update(1)
     bar.close()
     index = {"format": INDEX_FORMAT, "classes": None, "num_samples": sum(counts),
-             "shards": [{"name": os.path.basename(u.split()[-1] if u.startswith("pipe:") else u), "count": c}
-                        for u, c in zip(urls, counts, strict=True)], "skipped": []}
+             "shards": [{"name": shard_file_name(u), "count": c} for u, c in zip(urls, counts, strict=True)],
+             "skipped": []}
     os.makedirs(dst, exist_ok=True)
     _write_json(os.path.join(dst, INDEX_NAME), index)
     return index

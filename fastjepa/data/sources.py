@@ -281,3 +281,9 @@ def _name_candidates(url):
     # local path or url -> its basename; pipe:cmd ... path ... -> the basename of every token
     tokens = url[5:].split() if url.startswith("pipe:") else [url]
     return [os.path.basename(t.rstrip("/")) for t in tokens]
+
+
+def shard_file_name(url):
+    """The shard's file name in a url or pipe: command (the first token that looks like a tar)."""
+    names = _name_candidates(url)
+    return next((n for n in names if ".tar" in n or n.endswith(".tgz")), names[-1])
