@@ -105,6 +105,8 @@ def test_transform_is_uint8_deterministic_and_fast_decode_is_resampling_noise():
     assert np.abs(a.astype(int) - c.astype(int)).mean() < 2.0
     grey = PretrainTransform(crop_size=16, mode="L")(data, np.random.default_rng(0))
     assert grey.shape == (16, 16, 1)
+    digit_as_rgb = PretrainTransform(crop_size=16)(np.full((28, 28), 7, np.uint8), np.random.default_rng(0))
+    assert digit_as_rgb.shape == (16, 16, 3) and (digit_as_rgb == 7).all()
 
 
 @pytest.mark.parametrize("decoder", ["simplejpeg", "pil"])

@@ -168,7 +168,10 @@ class _Decodable:
 
     def decode(self, scale):
         if isinstance(self.image, np.ndarray):
-            return _hwc(self.image)
+            pixels = _hwc(self.image)
+            if pixels.shape[2] == len(self.mode):
+                return pixels
+            self.image = open_image(self.image)  # e.g. grey digits for a 3-channel model: PIL converts
         width, height = self.size
         if self.header == "simplejpeg":
             try:
