@@ -301,6 +301,12 @@ def test_every_bad_data_kind_is_skipped_counted_and_never_shifts_labels(tmp_path
     assert "s-0001.tar" in logged and "key=000010" in logged and "s-0005.tar" in logged
     labels = [int(y) for b in batches for y in b[1]]
     assert not {40, 41, 42, 43} & set(labels)  # a broken sample never lends its label to another image
+    # two ranks with the bad samples spread unevenly between them still yield the same number of batches
+    for rank in range(2):
+        loader = build_pretrain_loader(cfg, rank=rank, world_size=2)
+        batches = run_epoch(loader)
+        assert len(batches) == len(loader) == 5
+        assert_images_match_labels(batches)
 
 
 def test_a_shard_read_from_its_middle_reports_what_it_cannot_deliver(tmp_path):
