@@ -7,10 +7,9 @@ It knows nothing of processes, devices or files: the trainer wraps it (FSDP2/DDP
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastjepa.kernels import ema_update, target_norm_gather
+from fastjepa.kernels import ema_update, target_norm_gather, target_norm_smooth_l1
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
 
 
@@ -41,9 +40,11 @@ class IJEPA(nn.Module):
     def forward(self, images: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
         """Loss for a batch: images ``[B, C, H, W]``, masks as the collator returns them (lists of ``[B, K]``)."""
         masks_enc, masks_pred = _mask_list(masks_enc), _mask_list(masks_pred)
-        h = self.targets(images, masks_pred, len(masks_enc))
+        with torch.no_grad():
+            h = self.target_encoder(images)
         z = self.predict(images, masks_enc, masks_pred)
-        return F.smooth_l1_loss(z, h)
+        # = smooth_l1_loss(z, self.targets(...)), without materialising the normalised targets when fused
+        return target_norm_smooth_l1(z, h, masks_pred, len(masks_enc))
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
