@@ -123,3 +123,10 @@ def test_auto_key_buckets_token_counts_and_ignores_batch():
 
     assert key(128, 70) == key(64, 75)
     assert key(128, 70) != key(128, 130)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa_flash"])
+def test_attention_module_compiles_without_graph_breaks(backend):
+    # torch.compile per block must see one graph: the backend dispatch is traceable.
+    explain = torch._dynamo.explain(Attention(32, 2, backend=backend))(torch.randn(2, 9, 32))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1

@@ -75,8 +75,12 @@ _IMPLS = {
 }
 
 
+# Looked up once: find_spec inside a compiled block would break the graph.
+_INSTALLED = {package: importlib.util.find_spec(package) is not None for package in ("flash_attn", "xformers")}
+
+
 def installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    return _INSTALLED[package] if package in _INSTALLED else importlib.util.find_spec(package) is not None
 
 
 def supports(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -183,7 +187,8 @@ def check_backend(backend: str) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str = "auto") -> torch.Tensor:
     """``softmax(q k^T * scale) v`` with the named backend. q, k, v: ``[B, H, L, D]`` -> ``[B, H, L, D]``."""
     name = resolve(check_backend(backend), q, k, v, scale)
-    if not supports(name, q.device, q.dtype, q.shape[-1]):
+    # Checked eagerly only: torch.compile traces the first (eager-validated) call's choice.
+    if not torch.compiler.is_compiling() and not supports(name, q.device, q.dtype, q.shape[-1]):
         raise RuntimeError(
             f"attention backend {name!r} cannot run on {q.device.type} with {q.dtype} and head dim {q.shape[-1]}"
             f"; available here: {available_backends(q.device, q.dtype, q.shape[-1])} (or use 'auto')"
