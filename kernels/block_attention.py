@@ -395,6 +395,9 @@ def block_attention(
     if provider == "flex":
         return block_attention_flex(q, k, v, ctx_len, num_blocks, scale)
     _check(q, k, v, ctx_len, num_blocks)
+    if not (q.is_cuda or interpreting()):
+        raise ValueError(f"block_attention: provider 'triton' needs CUDA tensors (got {q.device.type}) or "
+                         "TRITON_INTERPRET=1 set before import; use provider='auto' or 'ref' on CPU")
     return BlockAttentionFunction.apply(q, k, v, ctx_len, num_blocks, scale)
 
 
