@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
@@ -59,7 +60,7 @@ class ModelAndOptimizer(Stateful):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.optimizer is None:
-            set_state_dict(self.model, [], model_state_dict=state_dict["model"], optim_state_dict={})
+            set_model_state_dict(self.model, state_dict["model"])
             return
         set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
                        optim_state_dict=state_dict["optim"])
