@@ -32,19 +32,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, device_dir, device_name, git_commit  # noqa: E402
-from fastjepa.masks import MultiBlockMaskCollator  # noqa: E402
+from fastjepa.config import load as load_config  # noqa: E402
+from fastjepa.masks import MultiBlockMaskCollator, official_kwargs  # noqa: E402
 
-H14 = dict(
-    input_size=224,
-    patch_size=14,
-    enc_mask_scale=(0.85, 1.0),
-    pred_mask_scale=(0.15, 0.2),
-    aspect_ratio=(0.75, 1.5),
-    nenc=1,
-    npred=4,
-    min_keep=10,
-    allow_overlap=False,
-)
+# the official ViT-H/14 recipe
+H14 = official_kwargs(load_config(Path(__file__).resolve().parents[1] / "configs" / "in1k_vith14_ep300.yaml"))
 CSV_COLUMNS = [
     "op",
     "provider",

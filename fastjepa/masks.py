@@ -75,6 +75,22 @@ def _pair(value, name, cast):
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
 
 
+def official_kwargs(cfg) -> dict:
+    """The official collator's constructor arguments, as the official ``train.py`` reads them from a config."""
+    mask = cfg.mask
+    return dict(
+        input_size=cfg.data.crop_size,
+        patch_size=mask.patch_size,
+        enc_mask_scale=mask.enc_mask_scale,
+        pred_mask_scale=mask.pred_mask_scale,
+        aspect_ratio=mask.aspect_ratio,
+        nenc=mask.num_enc_masks,
+        npred=mask.num_pred_masks,
+        min_keep=mask.min_keep,
+        allow_overlap=mask.allow_overlap,
+    )
+
+
 class MultiBlockMaskCollator:
     """I-JEPA multi-block collator; see the module docstring for the two modes and the seeding."""
 
@@ -161,21 +177,7 @@ class MultiBlockMaskCollator:
     def from_config(cls, cfg, rank=0):
         """Build from a fastjepa Config (or anything with the same attributes: cfg.mask.*, cfg.data.crop_size,
         cfg.fastjepa.mode, cfg.fastjepa.seed)."""
-        mask = cfg.mask
-        return cls(
-            input_size=cfg.data.crop_size,
-            patch_size=mask.patch_size,
-            enc_mask_scale=mask.enc_mask_scale,
-            pred_mask_scale=mask.pred_mask_scale,
-            aspect_ratio=mask.aspect_ratio,
-            nenc=mask.num_enc_masks,
-            npred=mask.num_pred_masks,
-            min_keep=mask.min_keep,
-            allow_overlap=mask.allow_overlap,
-            mode=cfg.fastjepa.mode,
-            seed=cfg.fastjepa.seed,
-            rank=rank,
-        )
+        return cls(**official_kwargs(cfg), mode=cfg.fastjepa.mode, seed=cfg.fastjepa.seed, rank=rank)
 
     def step(self):
         """Advance the shared step counter and return the new step (0 on the first call)."""

@@ -3,6 +3,7 @@ mode (checked against its documented definition, not its code), the corrections 
 and input validation."""
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,20 +11,11 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from fastjepa.masks import MultiBlockMaskCollator
+from fastjepa.config import load as load_config
+from fastjepa.masks import MultiBlockMaskCollator, official_kwargs
 
-# the ViT-H/14 recipe of the official configs (in1k_vith14_ep300.yaml)
-H14 = dict(
-    input_size=224,
-    patch_size=14,
-    enc_mask_scale=(0.85, 1.0),
-    pred_mask_scale=(0.15, 0.2),
-    aspect_ratio=(0.75, 1.5),
-    nenc=1,
-    npred=4,
-    min_keep=10,
-    allow_overlap=False,
-)
+# the official ViT-H/14 recipe
+H14 = official_kwargs(load_config(Path(__file__).resolve().parents[1] / "configs" / "in1k_vith14_ep300.yaml"))
 GRID = 16
 OFFICIAL_TRIES_PER_LEVEL = 20  # failed context draws before the official drops one more target constraint
 # an 8x8 grid where four 4x4-ish targets often leave a 6x6 context block with only a few (or no) corners
