@@ -1,0 +1,28 @@
+"""The main job's script end to end at toy length: pretrain a few steps, probe three feature sets, print the line."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fastjepa import demo
+from fastjepa.metrics import read_jsonl
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def test_demo_pretrains_probes_and_prints_the_three_accuracies(tmp_path, capsys):
+    rc = demo.main(["optimization.epochs=1", "train.max_steps=2", "data.batch_size=32", "train.rankme_every=1",
+                    "train.rankme_samples=64", "train.progress=lines", "train.device=cpu", "train.log_every=1",
+                    f"logging.folder={tmp_path}"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = re.fullmatch(r"probe: ijepa=(\d\.\d{4}) random=(\d\.\d{4}) pixels=(\d\.\d{4})", lines[-1])
+    assert match, lines[-1]
+    ijepa, random, pixels = map(float, match.groups())
+    assert 0.1 < ijepa <= 1 and 0.1 < random <= 1  # better than chance on 10 classes even at 2 steps
+    assert 0.85 < pixels < 0.95  # logistic regression on raw MNIST pixels, 4,000 training digits
+    (run,) = [p for p in Path(tmp_path).iterdir() if p.is_dir()]  # one fresh timestamped folder per invocation
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("kind", "train") == "train"] == [1, 2]
+    assert len([r for r in records if r.get("kind") == "rankme"]) == 2

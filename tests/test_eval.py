@@ -1,0 +1,93 @@
+"""Evaluation: RankMe on matrices of known rank, the linear probe on separable and unlearnable data, feature
+extraction (pooling, raw pixels), and the probe CLI on a checkpoint and on an exported encoder."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastjepa import config as fj_config
+from fastjepa.checkpoint import CheckpointManager
+from fastjepa.data.mnist import load_mnist_5k
+from fastjepa.eval import extract_features, linear_probe, rankme, tensor_batches
+from fastjepa.eval.linear_probe import to_float_images
+from fastjepa.ijepa import build_ijepa
+from fastjepa.optim import build_optimizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def with_singular_values(values, n=64, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, len(values), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, len(values), generator=g, dtype=torch.float64))
+    return u @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ v.T
+
+
+@pytest.mark.parametrize("values, expected", [([1.0] * 16, 16.0), ([3.0] * 5, 5.0), ([2.0], 1.0)])
+def test_rankme_of_equal_singular_values_is_their_count(values, expected):
+    assert rankme(with_singular_values(values)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_rankme_decreases_as_the_spectrum_concentrates():
+    flat, skewed = with_singular_values([1.0] * 8), with_singular_values([10.0] + [0.1] * 7)
+    assert rankme(skewed) < 2.0 < 7.9 < rankme(flat)
+    with pytest.raises(ValueError, match=r"\[n>=2, d\]"):
+        rankme(torch.zeros(5))
+
+
+def test_linear_probe_separates_blobs_and_stays_at_chance_on_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 20, generator=g) * 3
+    y = torch.randint(0, 5, (600,), generator=g)
+    x = centers[y] + torch.randn(600, 20, generator=g)
+    assert linear_probe(x[:400], y[:400], x[400:], y[400:])["top1"] > 0.97
+    noise = torch.randn(600, 20, generator=g)
+    assert linear_probe(noise[:400], y[:400], noise[400:], y[400:])["top1"] < 0.35
+
+
+def test_extract_features_average_pools_tokens_and_flattens_pixels():
+    images = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(10)
+
+    class Tokens(torch.nn.Module):
+        def forward(self, x):  # [B, 1, 4, 4] -> [B, 4 tokens, 4]
+            return x.reshape(len(x), 4, 4)
+
+    feats, ys = extract_features(Tokens(), tensor_batches(images, labels, 3), preprocess=lambda x: x.float())
+    torch.testing.assert_close(feats, images.float().reshape(10, 4, 4).mean(1))
+    assert torch.equal(ys, labels)
+    pixels, _ = extract_features(None, tensor_batches(images, labels, 4), preprocess=lambda x: x.float() / 255)
+    torch.testing.assert_close(pixels, images.float().flatten(1) / 255)
+
+
+def test_probe_cli_on_a_checkpoint_and_on_an_exported_encoder(tmp_path):
+    cfg = fj_config.load(ROOT / "configs/demo_mnist.yaml", [f"logging.folder={tmp_path}"])
+    cfg.dump(tmp_path / "config.yaml")
+    torch.manual_seed(3)
+    model = build_ijepa(cfg)
+    CheckpointManager(tmp_path).save(1, model, build_optimizer(model.encoder, model.predictor), {"step": 1})
+    torch.save(model.target_encoder.state_dict(), tmp_path / "target_encoder.pt")
+    images, labels = load_mnist_5k()
+    data = {"train": (images[:300], labels[:300]), "test": (images[300:400], labels[300:400])}
+    torch.save(data, tmp_path / "digits.pt")
+
+    from fastjepa.data import mean_std
+
+    mean, std = mean_std(cfg)
+    feats = [extract_features(model.target_encoder, tensor_batches(*data[s], 256),
+                              preprocess=lambda x: to_float_images(x, mean, std)) for s in ("train", "test")]
+    expected = linear_probe(*feats[0], *feats[1])["top1"]
+    for checkpoint in (tmp_path, tmp_path / "target_encoder.pt"):
+        out = subprocess.run([sys.executable, "-m", "fastjepa.eval.probe", "--checkpoint", str(checkpoint),
+                              "--data", str(tmp_path / "digits.pt"), "--config", str(tmp_path / "config.yaml"),
+                              "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == f"probe: top1={expected:.4f}"
+    bad = subprocess.run([sys.executable, "-m", "fastjepa.eval.probe", "--checkpoint", str(tmp_path / "nope"),
+                          "--data", "mnist", "--config", str(tmp_path / "config.yaml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
