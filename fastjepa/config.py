@@ -44,6 +44,7 @@ MODEL_NAMES = ("vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "v
 ATTN_BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn", "xformers",
                  "math")
 MODES = ("parity", "fixed")
+PREDICTOR_LAYOUTS = ("repeat", "official", "shared")  # fastjepa.models.shared_context.LAYOUTS
 DATA_SOURCES = ("imagefolder", "webdataset", "synthetic", "mnist")  # fastjepa.data.SOURCES
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
@@ -294,12 +295,16 @@ class FastJepa(_Section):
     attn_backend: str = "sdpa"
     in_chans: int = 3
     fused: bool = True  # fused Triton/CUDA ops where available, PyTorch references otherwise
+    # predictor attention layout (fastjepa.models.shared_context): "repeat" = the official method with a cheaper
+    # last block (same results), "official" = every block on every token, "shared" = opt-in, context computed once
+    predictor_layout: str = "repeat"
 
     def check(self) -> None:
         _choice("fastjepa.mode", self.mode, MODES)
         if not 0 <= self.seed < 2**32:
             _fail("fastjepa.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)", "e.g. seed: 0")
         _choice("fastjepa.attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _choice("fastjepa.predictor_layout", self.predictor_layout, PREDICTOR_LAYOUTS)
         _at_least("fastjepa.in_chans", self.in_chans, 1)
 
 

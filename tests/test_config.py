@@ -375,7 +375,9 @@ def test_exit_on_config_error(capsys):
 
 def test_valid_names_match_models_and_attention():
     from fastjepa.models import VIT_SIZES
+    from fastjepa.models.shared_context import LAYOUTS
     from fastjepa.modules.attention_backends import BACKENDS
 
     assert set(config.MODEL_NAMES) == set(VIT_SIZES)
     assert set(config.ATTN_BACKENDS) == set(BACKENDS)
+    assert set(config.PREDICTOR_LAYOUTS) == set(LAYOUTS)

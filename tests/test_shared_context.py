@@ -123,3 +123,15 @@ def test_compiled_layout_blocks_match_eager(layout):
     eager = predictor_forward(pred, x, masks_enc, masks_pred, layout, "ref")
     compiled = predictor_forward(pred, x, masks_enc, masks_pred, layout, "ref", compile_backend="eager")
     torch.testing.assert_close(compiled, eager)
+
+
+def test_config_selects_the_predictor_layout():
+    from fastjepa.config import ConfigError, load
+    from fastjepa.models import build_models
+
+    _, pred = build_models(load("configs/test_tiny.yaml"))
+    assert pred.layout == "repeat"  # the default: official results, cheaper last block
+    _, pred = build_models(load("configs/test_tiny.yaml", ["fastjepa.predictor_layout=shared"]))
+    assert pred.layout == "shared"
+    with pytest.raises(ConfigError, match="predictor_layout"):
+        load("configs/test_tiny.yaml", ["fastjepa.predictor_layout=packed"])

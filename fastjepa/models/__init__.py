@@ -25,7 +25,7 @@ def build_models(cfg) -> tuple[VisionTransformer, VisionTransformerPredictor]:
     )
     predictor = VisionTransformerPredictor(
         encoder.grid, embed_dim=dim, predictor_embed_dim=cfg.meta.pred_emb_dim, depth=cfg.meta.pred_depth,
-        num_heads=heads, attn_backend=backend,
+        num_heads=heads, attn_backend=backend, layout=cfg.fastjepa.predictor_layout,
     )
     return encoder, predictor
 

@@ -85,7 +85,7 @@ def predictor_forward(predictor, x: torch.Tensor, masks_enc, masks_pred, layout:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown predictor layout {layout!r}; choose one of {LAYOUTS}")
     if layout == "official":
-        return type(predictor).forward(predictor, x, masks_enc, masks_pred)
+        return predictor.forward_official(x, masks_enc, masks_pred)
     masks_enc, masks_pred = as_mask_list(masks_enc), as_mask_list(masks_pred)
     num_context, num_blocks = x.shape[1], len(masks_pred)
     *blocks, last = predictor.predictor_blocks
@@ -112,9 +112,7 @@ def set_predictor_layout(predictor, layout: str, provider: str = "auto", compile
     Returns the predictor."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown predictor layout {layout!r}; choose one of {LAYOUTS}")
-    if layout == "official":
-        predictor.__dict__.pop("forward", None)
-    else:
-        predictor.forward = functools.partial(predictor_forward, predictor, layout=layout, provider=provider,
-                                              compile_backend=compile_backend)
+    predictor.layout = layout
+    predictor.block_attention_provider = provider
+    predictor.compile_backend = compile_backend
     return predictor
