@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fastjepa import config as fj_config
 
@@ -32,7 +31,7 @@ def probe_all(cfg, trained_encoder: torch.nn.Module, device: torch.device) -> di
     """Linear-probe accuracies of the trained encoder, a random-init twin and raw pixels on MNIST-5k."""
     from fastjepa.data import mean_std
     from fastjepa.data.mnist import load_mnist_5k
-    from fastjepa.eval.linear_probe import extract_features, linear_probe, tensor_batches, to_float_images
+    from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
     from fastjepa.models import build_models
 
     images, labels = load_mnist_5k()
@@ -40,12 +39,9 @@ def probe_all(cfg, trained_encoder: torch.nn.Module, device: torch.device) -> di
     mean, std = mean_std(cfg)
     torch.manual_seed(cfg.fastjepa.seed)
     random_encoder = build_models(cfg)[0].to(device)
-    size = cfg.data.crop_size
-
     def at_crop_size(x: torch.Tensor) -> torch.Tensor:
         # the encoders see the digits at the pretraining resolution (bilinear, as the training crops are resized)
-        x = to_float_images(x, mean, std)
-        return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return resized(to_float_images(x, mean, std), cfg.data.crop_size)
 
     results = {}
     for name, encoder in (("ijepa", trained_encoder), ("random", random_encoder), ("pixels", None)):

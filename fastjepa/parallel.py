@@ -104,11 +104,13 @@ def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_for
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     mp = mp or MixedPrecisionPolicy()
     shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    for part, blocks in ((model.encoder, model.encoder.blocks), (model.target_encoder, model.target_encoder.blocks),
-                         (model.predictor, model.predictor.predictor_blocks)):
-        for block in blocks:
+    for encoder in (model.encoder, model.target_encoder):
+        for block in encoder.blocks:
             fully_shard(block, **shard)
-        fully_shard(part, **shard)
+        fully_shard(encoder, **shard)
+    # The predictor is one unit: its layouts (fastjepa.models.shared_context) run the blocks' submodules directly,
+    # which per-block units would leave sharded; it is narrow (about a tenth of the step's FLOPs) anyway.
+    fully_shard(model.predictor, **shard)
     fully_shard(model, **shard)
     return model
 

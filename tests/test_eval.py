@@ -12,7 +12,7 @@ from fastjepa import config as fj_config
 from fastjepa.checkpoint import CheckpointManager
 from fastjepa.data.mnist import load_mnist_5k
 from fastjepa.eval import extract_features, linear_probe, rankme, tensor_batches
-from fastjepa.eval.linear_probe import to_float_images
+from fastjepa.eval.linear_probe import resized, to_float_images
 from fastjepa.ijepa import build_ijepa
 from fastjepa.optim import build_optimizer
 
@@ -79,7 +79,8 @@ def test_probe_cli_on_a_checkpoint_and_on_an_exported_encoder(tmp_path):
 
     mean, std = mean_std(cfg)
     feats = [extract_features(model.target_encoder, tensor_batches(*data[s], 256),
-                              preprocess=lambda x: to_float_images(x, mean, std)) for s in ("train", "test")]
+                              preprocess=lambda x: resized(to_float_images(x, mean, std), cfg.data.crop_size))
+             for s in ("train", "test")]
     expected = linear_probe(*feats[0], *feats[1])["top1"]
     for checkpoint in (tmp_path, tmp_path / "target_encoder.pt"):
         out = subprocess.run([sys.executable, "-m", "fastjepa.eval.probe", "--checkpoint", str(checkpoint),

@@ -28,6 +28,13 @@ def to_float_images(images: torch.Tensor, mean: tuple[float, ...], std: tuple[fl
     return (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(std, device=x.device).view(shape)
 
 
+def resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images bilinearly resized to ``size`` x ``size`` (the encoder's resolution), unchanged if already so."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def extract_features(encoder: nn.Module | None, batches: Iterable, *, device: torch.device | str = "cpu",
                      preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -6,8 +6,9 @@
 ``--checkpoint``: a run folder (its latest checkpoint), a ``step_XXXXXXXX`` checkpoint directory, or an exported
 ``target_encoder.pt`` state dict; the probed encoder is the target encoder (the I-JEPA evaluation protocol).
 ``--data``: ``mnist`` (the bundled 5,000 digits, the demo's held-out split) or a ``.pt`` file holding
-``{"train": (images, labels), "test": (images, labels)}`` with uint8 ``[N, C, H, W]`` images at the
-encoder's resolution. Prints ``probe: top1=<acc>`` (and the same for raw pixels with ``--pixels``).
+``{"train": (images, labels), "test": (images, labels)}`` with uint8 ``[N, C, H, W]`` images (resized to the
+encoder's resolution, ``data.crop_size``, bilinearly). Prints ``probe: top1=<acc>`` (and ``pixels=<acc>`` for
+raw pixels with ``--pixels``).
 """
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 
 from fastjepa import config as fj_config
 from fastjepa.checkpoint import CheckpointManager, load_model_weights
-from fastjepa.eval.linear_probe import extract_features, linear_probe, tensor_batches, to_float_images
+from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
 
 
 def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
@@ -82,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = mean_std(cfg)
     results = {}
     for name, model in (("top1", encoder), ("pixels", None)) if args.pixels else (("top1", encoder),):
+        # the encoder sees the images at its training resolution; raw pixels stay as stored
+        size = cfg.data.crop_size if model is not None else None
         feats = [extract_features(model, tensor_batches(*data[split], 256), device=args.device,
-                                  preprocess=lambda x: to_float_images(x, mean, std)) for split in ("train", "test")]
+                                  preprocess=lambda x, s=size: resized(to_float_images(x, mean, std), s) if s
+                                  else to_float_images(x, mean, std)) for split in ("train", "test")]
         results[name] = linear_probe(*feats[0], *feats[1])["top1"]
     print("probe: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return 0
