@@ -420,7 +420,8 @@ def test_mnist_5k_and_its_loader():
     loader = build_pretrain_loader(cfg)
     assert len(loader) == 5000 // 16
     (x, y), masks_enc, masks_pred = next(iter(loader))
-    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.uint8 and y.shape == (16,)
+    crop = cfg.data.crop_size  # the demo trains on upsampled digits
+    assert x.shape == (16, 1, crop, crop) and x.dtype == torch.uint8 and y.shape == (16,)
     assert len(masks_enc) == cfg.mask.num_enc_masks and len(masks_pred) == cfg.mask.num_pred_masks
     assert mean_std(cfg) == ((0.1307,), (0.3081,))
     with pytest.raises(ConfigError, match="mirrored digit"):
