@@ -54,7 +54,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "safetensors"],
+        "test": ["pytest>=7", "pytest-benchmark", "safetensors", "matplotlib"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "full": ["safetensors", "tensorboard", "simplejpeg", "matplotlib"],
     },
