@@ -24,6 +24,7 @@ from fastjepa import config as fj_config
 from fastjepa import schedules
 from fastjepa.checkpoint import CheckpointManager, full_model_state, rng_state, set_rng_state
 from fastjepa.ijepa import IJEPA, build_ijepa
+from fastjepa.kernels import set_fused
 from fastjepa.metrics import IJEPAFlops, MetricsSink, StepAccumulator, detect_peak_tflops
 from fastjepa.optim import build_optimizer
 from fastjepa.parallel import DistEnv, destroy_distributed, init_distributed, parallelize, resolve_strategy
@@ -197,6 +198,7 @@ def run(cfg, *, resume: str | None = None, official_checkpoint: str | None = Non
         total_steps = min(total_steps, t.max_steps)
 
     # Model: identical initialisation on every rank (FSDP2 keeps each rank's slice of its own full tensors).
+    set_fused(cfg.fastjepa.fused)
     torch.manual_seed(cfg.fastjepa.seed)
     official_opt, start_step = None, 0
     if official_checkpoint is not None and resume_from is None:
