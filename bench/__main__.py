@@ -20,6 +20,7 @@ SUITES: dict[str, list[str]] = {
     ],
     "step": ["bench.bench_step"],
     "attention": ["bench.bench_attention"],
+    "data": ["bench.bench_data"],
 }
 
 
