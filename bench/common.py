@@ -190,10 +190,15 @@ def markdown_table(rows: list[dict], cfg: BenchConfig) -> str:
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-            f"{r['median']:.4f} ({r['p20']:.4f}-{r['p80']:.4f}) | {r['gbps']:.3g} | {100 * r['frac_of_copy']:.1f} | "
+            f"{r['median']:.4f} ({_num(r['p20'])}-{_num(r['p80'])}) | {r['gbps']:.3g} | {100 * r['frac_of_copy']:.1f} | "
             f"{r['speedup_vs_reference']}{'x' if r['speedup_vs_reference'] != '' else ''} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _num(value) -> str:
+    """A percentile cell: suites that report only a median leave p20/p80 empty."""
+    return "-" if value == "" else f"{value:.4f}"
 
 
 def bar_chart(rows: list[dict], path: Path) -> None:
