@@ -298,6 +298,9 @@ class FastJepa(_Section):
     # predictor attention layout (fastjepa.models.shared_context): "repeat" = the official method with a cheaper
     # last block (same results), "official" = every block on every token, "shared" = opt-in, context computed once
     predictor_layout: str = "repeat"
+    # fixed mode, opt-in: keep every image's whole context (no cut to the batch minimum), packed sequences with
+    # cumulative lengths through varlen attention (fastjepa.models.varlen); the loss weighting is unchanged
+    varlen_context: bool = False
 
     def check(self) -> None:
         _choice("fastjepa.mode", self.mode, MODES)
@@ -305,6 +308,12 @@ class FastJepa(_Section):
             _fail("fastjepa.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)", "e.g. seed: 0")
         _choice("fastjepa.attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("fastjepa.predictor_layout", self.predictor_layout, PREDICTOR_LAYOUTS)
+        if self.varlen_context and self.mode != "fixed":
+            _fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
+                  "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")
+        if self.varlen_context and self.predictor_layout == "shared":
+            _fail("fastjepa.varlen_context", True, "the shared-context predictor layout has no variable-length path",
+                  "use fastjepa.predictor_layout=repeat with it")
         _at_least("fastjepa.in_chans", self.in_chans, 1)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from fastjepa.kernels import ema_update, target_norm_gather, target_norm_smooth_l1
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
+from fastjepa.models.varlen import PackedContext, pack_padded
 
 
 def _mask_list(masks) -> list[torch.Tensor]:
@@ -19,8 +20,10 @@ def _mask_list(masks) -> list[torch.Tensor]:
 
 class IJEPA(nn.Module):
     def __init__(self, encoder: VisionTransformer, predictor: VisionTransformerPredictor,
-                 target_encoder: VisionTransformer | None = None):
+                 target_encoder: VisionTransformer | None = None, varlen_context: bool = False):
         super().__init__()
+        # True: masks_enc are the collator's untruncated lists (-1 padded) and run as packed sequences
+        self.varlen_context = varlen_context
         self.encoder = encoder
         self.predictor = predictor
         self.target_encoder = copy.deepcopy(encoder) if target_encoder is None else target_encoder
@@ -32,19 +35,24 @@ class IJEPA(nn.Module):
         h = self.target_encoder(images)
         return target_norm_gather(h, _mask_list(masks_pred), num_context_blocks)
 
+    def _context(self, masks_enc) -> list[torch.Tensor] | PackedContext:
+        masks_enc = _mask_list(masks_enc)
+        return pack_padded(masks_enc, self.encoder.num_patches) if self.varlen_context else masks_enc
+
     def predict(self, images: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
         """``[M*nenc*B, Kt, D]``: the predictor's outputs from the context encoder's view of the context blocks."""
-        masks_enc, masks_pred = _mask_list(masks_enc), _mask_list(masks_pred)
-        return self.predictor(self.encoder(images, masks_enc), masks_enc, masks_pred)
+        context = self._context(masks_enc)
+        return self.predictor(self.encoder(images, context), context, _mask_list(masks_pred))
 
     def forward(self, images: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
-        """Loss for a batch: images ``[B, C, H, W]``, masks as the collator returns them (lists of ``[B, K]``)."""
-        masks_enc, masks_pred = _mask_list(masks_enc), _mask_list(masks_pred)
+        """Loss for a batch: images ``[B, C, H, W]``, masks as the collator returns them (lists of ``[B, K]``).
+        The loss is the smooth-L1 mean over every predicted element, with or without variable-length context."""
+        masks_pred = _mask_list(masks_pred)
         with torch.no_grad():
             h = self.target_encoder(images)
         z = self.predict(images, masks_enc, masks_pred)
         # = smooth_l1_loss(z, self.targets(...)), without materialising the normalised targets when fused
-        return target_norm_smooth_l1(z, h, masks_pred, len(masks_enc))
+        return target_norm_smooth_l1(z, h, masks_pred, len(_mask_list(masks_enc)))
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
@@ -54,4 +62,4 @@ class IJEPA(nn.Module):
 
 def build_ijepa(cfg) -> IJEPA:
     encoder, predictor = build_models(cfg)
-    return IJEPA(encoder, predictor)
+    return IJEPA(encoder, predictor, varlen_context=cfg.fastjepa.varlen_context)

@@ -108,6 +108,7 @@ class MultiBlockMaskCollator:
         mode="parity",
         seed=0,
         rank=0,
+        truncate_context=True,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -148,6 +149,11 @@ class MultiBlockMaskCollator:
         self.min_keep = min_keep
         self.allow_overlap = bool(allow_overlap)
         self.seed, self.rank = seed, rank
+        if not truncate_context and mode != "fixed":
+            raise ValueError("truncate_context=False (variable-length context) is a fixed-mode correction: the "
+                             "official sampler cuts every context to the batch minimum; use mode='fixed'")
+        # False: context lists keep every token, padded with -1 to the longest (fastjepa.models.varlen packs them)
+        self.truncate_context = bool(truncate_context)
         # parity: corners in [0, grid - block) and blocks at most grid - 1, as the official
         self._corner_span = 0 if mode == "parity" else 1
         self._max_hw = (height - 1, width - 1) if mode == "parity" else (height, width)
@@ -177,7 +183,8 @@ class MultiBlockMaskCollator:
     def from_config(cls, cfg, rank=0):
         """Build from a fastjepa Config (or anything with the same attributes: cfg.mask.*, cfg.data.crop_size,
         cfg.fastjepa.mode, cfg.fastjepa.seed)."""
-        return cls(**official_kwargs(cfg), mode=cfg.fastjepa.mode, seed=cfg.fastjepa.seed, rank=rank)
+        return cls(**official_kwargs(cfg), mode=cfg.fastjepa.mode, seed=cfg.fastjepa.seed, rank=rank,
+                   truncate_context=not cfg.fastjepa.varlen_context)
 
     def step(self):
         """Advance the shared step counter and return the new step (0 on the first call)."""
@@ -270,11 +277,17 @@ class MultiBlockMaskCollator:
                 enc, img = np.nonzero(level == lvl)
                 kept[enc, img] = self._gather(self._free(pred[: n_pred - lvl, img]), context[enc, img])
             counts = np.count_nonzero(kept, axis=-1)
-            # first `keep` kept tokens of every row: offsets of the rows' runs in the flat list of kept tokens
-            keep = counts.min()
+            # first `keep` kept tokens of every row: offsets of the rows' runs in the flat list of kept tokens;
+            # untruncated, every row keeps all its tokens and is padded with -1 to the longest
+            keep = counts.min() if self.truncate_context else counts.max()
             starts = np.cumsum(counts.ravel()) - counts.ravel()
-            first_k = np.flatnonzero(kept)[starts[:, None] + np.arange(keep)]
-            index = context.reshape(-1)[first_k].reshape(n_enc, n_img, keep)
+            slot = starts[:, None] + np.arange(keep)
+            kept_tokens = np.flatnonzero(kept)
+            first_k = kept_tokens[np.minimum(slot, len(kept_tokens) - 1)]
+            index = context.reshape(-1)[first_k]
+            if not self.truncate_context:
+                index = np.where(np.arange(keep) < counts.reshape(-1, 1), index, -1)
+            index = index.reshape(n_enc, n_img, keep)
         return MultiBlockMasks(
             list(torch.from_numpy(index).unbind(0)), list(torch.from_numpy(pred).unbind(0)), counts, (ph, pw), (eh, ew)
         )

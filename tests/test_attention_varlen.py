@@ -7,7 +7,7 @@ from fastjepa.kernels import fused_enabled, set_fused
 
 from fastjepa.ijepa import IJEPA
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
-from fastjepa.models.varlen import encoder_forward_varlen, pack_context, predictor_forward_varlen, varlen_loss
+from fastjepa.models.varlen import encoder_forward_varlen, pack_context, predictor_forward_varlen
 from fastjepa.modules import attention_backends as ab
 
 LENGTHS = [5, 1, 9, 4]
@@ -88,8 +88,8 @@ def test_packed_encoder_and_predictor_equal_per_image_runs(nenc):
     gen = torch.Generator().manual_seed(2)
     masks_pred = [torch.stack([torch.randperm(GRID * GRID, generator=gen)[:3].sort().values for _ in range(batch)])
                   for _ in range(2)]
-    z = encoder_forward_varlen(model.encoder, images, packed, "math")
-    out = predictor_forward_varlen(model.predictor, z, packed, masks_pred, "math")
+    z = encoder_forward_varlen(model.encoder, images, packed)
+    out = predictor_forward_varlen(model.predictor, z, packed, masks_pred)
     assert out.shape == (2 * nenc * batch, 3, DIM)
     rows = out.reshape(2, nenc, batch, 3, DIM)
     for e in range(nenc):
@@ -107,11 +107,10 @@ def test_varlen_loss_equals_official_loss_when_lengths_agree():
     images = torch.randn(batch, 3, GRID * 4, GRID * 4, dtype=torch.float64)
     idx = torch.stack([torch.randperm(GRID * GRID, generator=torch.Generator().manual_seed(b))[:6].sort().values
                        for b in range(batch)])
-    tokens = torch.zeros(1, batch, GRID * GRID, dtype=torch.bool)
-    tokens[0].scatter_(1, idx, True)
     masks_pred = [idx[:, :2].flip(0), idx[:, 2:4]]
-    loss = varlen_loss(model, images, pack_context(tokens), masks_pred, "sdpa")
-    torch.testing.assert_close(loss, model(images, [idx], masks_pred))
+    official = model(images, [idx], masks_pred)
+    model.varlen_context = True
+    torch.testing.assert_close(model(images, [idx], masks_pred), official)
 
 
 @pytest.mark.gpu

@@ -96,7 +96,9 @@ def test_small_configs_are_small():
     assert (tiny.meta.model_name, tiny.data.crop_size, tiny.mask.patch_size, tiny.data.batch_size) == (
         "vit_tiny", 32, 4, 8)
     assert tiny.optimization.epochs == 1
-    assert (mnist.data.crop_size, mnist.mask.patch_size, mnist.fastjepa.in_chans) == (28, 4, 1)
+    # the demo is tuned (configs/demo_mnist.yaml says how); what must hold is a one-channel MNIST run on a small grid
+    assert (mnist.data.source, mnist.fastjepa.in_chans) == ("mnist", 1)
+    assert (mnist.data.crop_size // mnist.mask.patch_size) ** 2 <= 256
 
 
 def test_bare_name_finds_a_shipped_config():

@@ -327,7 +327,7 @@ def test_from_config_reads_official_keys():
             allow_overlap=False,
         ),
         data=SimpleNamespace(crop_size=224),
-        fastjepa=SimpleNamespace(mode="fixed", seed=7),
+        fastjepa=SimpleNamespace(mode="fixed", seed=7, varlen_context=False),
     )
     collator = MultiBlockMaskCollator.from_config(cfg, rank=3)
     assert (collator.height, collator.width, collator.npred, collator.nenc) == (16, 16, 4, 1)

@@ -6,6 +6,7 @@ from torch import nn
 from fastjepa.kernels import predictor_tokens
 from fastjepa.models.pos_embed import sincos_2d
 from fastjepa.models.shared_context import LAYOUTS, predictor_forward
+from fastjepa.models.varlen import PackedContext, predictor_forward_varlen
 from fastjepa.models.vit import init_official_
 from fastjepa.modules.block import Block
 
@@ -43,7 +44,10 @@ class VisionTransformerPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
         """Context ``[nenc*B, Kc, D]`` -> predictions ``[M*nenc*B, Kt, D]`` for every target block, in the order
-        of ``fastjepa.kernels.target_norm_gather``'s targets."""
+        of ``fastjepa.kernels.target_norm_gather``'s targets. With a ``PackedContext`` as ``masks_enc``, ``x`` is
+        the packed ``[T, D]`` context (variable-length context, repeat layout)."""
+        if isinstance(masks_enc, PackedContext):
+            return predictor_forward_varlen(self, x, masks_enc, masks_pred)
         if self.layout == "official":
             return self.forward_official(x, masks_enc, masks_pred)
         return predictor_forward(self, x, masks_enc, masks_pred, self.layout, self.block_attention_provider,

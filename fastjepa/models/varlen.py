@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastjepa.modules.attention_backends import varlen_attention, varlen_positions
+from fastjepa.modules.attention_backends import varlen_positions
 
 
 @dataclass
@@ -37,6 +37,19 @@ class PackedContext:
         return (len(self.cu_seqlens) - 1) // self.batch
 
 
+def pack_padded(masks_enc, num_patches: int) -> PackedContext:
+    """From the collator's untruncated context lists (``truncate_context=False``): nenc ``[B, K]`` int64 tensors,
+    each row the image's context indices in row-major order followed by -1 padding."""
+    idx = torch.stack(list(masks_enc))  # [nenc, B, K]
+    valid = idx >= 0
+    lengths = valid.sum(-1).reshape(-1)
+    batch = idx.shape[1]
+    image = torch.arange(batch, device=idx.device).view(1, batch, 1).expand_as(idx)
+    index = (image * num_patches + idx)[valid]  # row-major over (e, b, k): sequence e*B + b, in order
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
+    return PackedContext(index, cu_seqlens, idx.shape[-1], batch, num_patches)
+
+
 def pack_context(context_tokens, device=None) -> PackedContext:
     """From the collator's untruncated context (``MultiBlockMasks.context_tokens``, bool ``[nenc, B, N]``)."""
     tokens = torch.as_tensor(np.asarray(context_tokens), dtype=torch.bool, device=device)
@@ -52,16 +65,7 @@ def pack_context(context_tokens, device=None) -> PackedContext:
     return PackedContext(index, cu_seqlens, int(lengths.max()), batch, num_patches)
 
 
-def _varlen_block(blk, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, backend: str) -> torch.Tensor:
-    attn = blk.attn
-    total, dim = x.shape
-    qkv = attn.qkv(blk.norm1(x)).reshape(total, 3, attn.num_heads, attn.head_dim)
-    out = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, max_seqlen, attn.scale, backend)
-    x = x + attn.proj(out.reshape(total, dim))
-    return x + blk.mlp(blk.norm2(x))
-
-
-def encoder_forward_varlen(encoder, images: torch.Tensor, packed: PackedContext, backend: str = "auto"):
+def encoder_forward_varlen(encoder, images: torch.Tensor, packed: PackedContext):
     """Context encoder on packed context tokens: ``[B, C, H, W]`` -> ``[T, D]``."""
     x = encoder.patch_embed(images)
     batch, num_patches, dim = x.shape
@@ -70,12 +74,11 @@ def encoder_forward_varlen(encoder, images: torch.Tensor, packed: PackedContext,
                          f"was built for {packed.batch} x {packed.num_patches}")
     x = (x + encoder.pos_embed).reshape(-1, dim)[packed.index]
     for blk in encoder.blocks:
-        x = _varlen_block(blk, x, packed.cu_seqlens, packed.max_seqlen, backend)
+        x = blk(x, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
     return encoder.norm(x)
 
 
-def predictor_forward_varlen(predictor, z: torch.Tensor, packed: PackedContext, masks_pred,
-                             backend: str = "auto") -> torch.Tensor:
+def predictor_forward_varlen(predictor, z: torch.Tensor, packed: PackedContext, masks_pred) -> torch.Tensor:
     """Predictor on packed contexts: ``z`` ``[T, D]`` -> ``[M*nenc*B, Kt, D]`` in the official row order."""
     masks_pred = list(masks_pred) if isinstance(masks_pred, (list, tuple)) else [masks_pred]
     num_blocks, tgt_len = len(masks_pred), masks_pred[0].shape[1]
@@ -95,13 +98,6 @@ def predictor_forward_varlen(predictor, z: torch.Tensor, packed: PackedContext, 
                       total + (block * batch + ctx_seq % batch) * tgt_len + pos_in - ctx_len[ctx_seq])
     h = torch.cat([ctx, tgt.to(ctx.dtype)])[src]
     for blk in predictor.predictor_blocks:
-        h = _varlen_block(blk, h, cu_seqlens, packed.max_seqlen + tgt_len, backend)
+        h = blk(h, cu_seqlens=cu_seqlens, max_seqlen=packed.max_seqlen + tgt_len)
     h = h[~is_ctx].reshape(num_blocks * num_seqs, tgt_len, dim)
     return predictor.predictor_proj(predictor.predictor_norm(h))
-
-
-def varlen_loss(model, images: torch.Tensor, packed: PackedContext, masks_pred, backend: str = "auto"):
-    """The I-JEPA loss with untruncated contexts (see the module docstring for the weighting)."""
-    h = model.targets(images, masks_pred, packed.num_context_blocks)
-    z = encoder_forward_varlen(model.encoder, images, packed, backend)
-    return F.smooth_l1_loss(predictor_forward_varlen(model.predictor, z, packed, masks_pred, backend), h)

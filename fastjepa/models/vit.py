@@ -5,6 +5,7 @@ from torch import nn
 
 from fastjepa.kernels import masked_gather
 from fastjepa.models.pos_embed import sincos_2d
+from fastjepa.models.varlen import PackedContext, encoder_forward_varlen
 from fastjepa.modules.block import Block
 
 # name: (embed_dim, depth, num_heads, mlp_ratio), the official sizes.
@@ -68,8 +69,12 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_official_(self, init_std)
 
-    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, C, H, W]`` -> ``[B, N, D]``; with masks (one or a list of M ``[B, K]``) -> ``[M*B, K, D]``."""
+    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | torch.Tensor | PackedContext | None = None
+                ) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, N, D]``; with masks (one or a list of M ``[B, K]``) -> ``[M*B, K, D]``; with
+        a ``PackedContext`` (variable-length context) -> packed ``[T, D]``."""
+        if isinstance(masks, PackedContext):
+            return encoder_forward_varlen(self, x, masks)
         x = self.patch_embed(x)
         if x.shape[1] != self.num_patches:
             raise ValueError(f"input gives {x.shape[1]} patches, the model was built for {self.num_patches} "

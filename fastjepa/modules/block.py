@@ -26,6 +26,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0) -> torch.Tensor:
+        """``[B, N, D]``, or packed ``[T, D]`` sequences delimited by ``cu_seqlens`` (see ``Attention``)."""
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
         return x + self.mlp(self.norm2(x))
