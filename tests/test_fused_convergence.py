@@ -1,7 +1,6 @@
 """Training with the fused ops (Triton interpreter on CPU) follows the same trajectory as with the references:
 same seed, same masks, a few AdamW steps + EMA of a tiny I-JEPA, losses and weights equal within fp32 rounding."""
 
-import pytest
 import torch
 
 from fastjepa.ijepa import IJEPA
