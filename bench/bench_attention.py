@@ -16,9 +16,9 @@ GB/s counts the ideal traffic (q, k, v read, out written; backward adds dout, ou
 """
 
 import torch
-from fastjepa.kernels.block_attention import block_attention
 
 from bench.common import BenchConfig, Case, fused_available, grad_fn, run_cases
+from fastjepa.kernels.block_attention import block_attention
 from fastjepa.modules import attention_backends as ab
 
 # name: (sequences, heads, tokens, head dim)

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fastjepa.kernels import set_fused
-from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1
 
 from bench.common import RESULTS, BenchConfig, device_dir, git_commit, triton_version
 from fastjepa.compat import official_style as off
 from fastjepa.ijepa import IJEPA
+from fastjepa.kernels import set_fused
+from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1
 from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.models.shared_context import set_predictor_layout

@@ -190,7 +190,8 @@ def markdown_table(rows: list[dict], cfg: BenchConfig) -> str:
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-            f"{r['median']:.4f} ({_num(r['p20'])}-{_num(r['p80'])}) | {r['gbps']:.3g} | {100 * r['frac_of_copy']:.1f} | "
+            f"{r['median']:.4f} ({_num(r['p20'])}-{_num(r['p80'])}) | {r['gbps']:.3g} | "
+            f"{100 * r['frac_of_copy']:.1f} | "
             f"{r['speedup_vs_reference']}{'x' if r['speedup_vs_reference'] != '' else ''} |"
         )
     return "\n".join(lines) + "\n"

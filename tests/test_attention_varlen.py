@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from fastjepa.kernels import fused_enabled, set_fused
 
 from fastjepa.ijepa import IJEPA
+from fastjepa.kernels import fused_enabled, set_fused
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.models.varlen import encoder_forward_varlen, pack_context, predictor_forward_varlen
 from fastjepa.modules import attention_backends as ab

@@ -3,6 +3,7 @@ masked reference, and the reference against the official repeated-context layout
 
 import pytest
 import torch
+
 from fastjepa.kernels import block_attention as ba
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -4,9 +4,9 @@ reference, agrees across its attention providers, and equals the official forwar
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastjepa.kernels import fused_enabled, set_fused
 from fastjepa.kernels.block_attention import block_attention_mask
-
 from fastjepa.models import VisionTransformerPredictor
 from fastjepa.models.shared_context import predictor_forward, set_predictor_layout, shared_context_tokens
 
