@@ -40,7 +40,7 @@ from fastjepa.mask_geometry import block_sizes
 
 # The valid names, kept here so that config stays free of torch; tests check them against fastjepa.models
 # (VIT_SIZES) and fastjepa.modules.attention_backends (BACKENDS, documented there). Extend both together.
-MODEL_NAMES = ("vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
+MODEL_NAMES = ("vit_micro", "vit_mini", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
 ATTN_BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn", "xformers",
                  "math")
 MODES = ("parity", "fixed")

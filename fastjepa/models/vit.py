@@ -11,6 +11,7 @@ from fastjepa.modules.block import Block
 # name: (embed_dim, depth, num_heads, mlp_ratio), the official sizes.
 VIT_SIZES = {
     "vit_micro": (64, 4, 4, 4.0),  # not an official size: the CPU demo (MNIST) and fast tests
+    "vit_mini": (192, 4, 4, 4.0),  # not an official size: vit_tiny's width at depth 4, the MNIST CPU demo encoder
     "vit_tiny": (192, 12, 3, 4.0),
     "vit_small": (384, 12, 6, 4.0),
     "vit_base": (768, 12, 12, 4.0),
@@ -99,4 +100,4 @@ def _make(name: str):
     return constructor
 
 
-vit_micro, vit_tiny, vit_small, vit_base, vit_large, vit_huge, vit_giant = (_make(n) for n in VIT_SIZES)
+vit_micro, vit_mini, vit_tiny, vit_small, vit_base, vit_large, vit_huge, vit_giant = (_make(n) for n in VIT_SIZES)
