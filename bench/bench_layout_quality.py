@@ -3,15 +3,15 @@ layout (same config, seed and number of steps), then linear-probe each target en
 
     python -m bench.bench_layout_quality [--steps 150] [--seeds 0 1] [--config configs/demo_mnist.yaml]
 
-"official" is the official predictor; "shared" is ``fastjepa.models.shared_context`` (context tokens attend to the
-context only, block m's mask tokens to the context and block m), through the dense reference attention on CPU
-(the Triton interpreter would dominate) and the Triton kernel on a GPU. The probe: frozen target encoder,
-average-pooled tokens, logistic regression on 4,000 digits, top-1 on the other 1,000 (a fixed random split).
+Layouts are ``fastjepa.predictor_layout`` values: "repeat" is the official method; "shared" is
+``fastjepa.models.shared_context`` (context tokens attend to the context only, block m's mask tokens to the context
+and block m), through the dense reference attention on CPU and the Triton kernel on a GPU. The probe is the demo's
+(``fastjepa.demo.probe_all``: frozen target encoder, average-pooled tokens, the same held-out split), reported next
+to the random-init encoder's.
 Writes ``layout_quality.csv`` (appended) and ``layout_quality.md`` under ``bench/results/<device>/``.
 """
 
 import argparse
-import contextlib
 import csv
 import json
 import time
@@ -22,53 +22,23 @@ import torch
 import fastjepa.train as train
 from bench.common import RESULTS, device_dir, git_commit
 from fastjepa import config as fj_config
-from fastjepa.data import mean_std, normalize_on_device
-from fastjepa.data.mnist import load_mnist_5k
-from fastjepa.eval.linear_probe import extract_features, linear_probe, tensor_batches
-from fastjepa.models.shared_context import set_predictor_layout
+from fastjepa.demo import probe_all
 
-LAYOUTS = ("official", "shared")
-
-
-@contextlib.contextmanager
-def predictor_layout(layout: str, provider: str):
-    """The trainer has no predictor-layout option (yet): wrap the model builder it calls."""
-    build = train.build_ijepa
-
-    def build_with_layout(cfg):
-        model = build(cfg)
-        set_predictor_layout(model.predictor, layout, provider=provider)
-        return model
-
-    train.build_ijepa = build_with_layout
-    try:
-        yield
-    finally:
-        train.build_ijepa = build
-
-
-def probe(cfg, encoder: torch.nn.Module, device: torch.device) -> dict:
-    images, labels = load_mnist_5k()
-    mean, std = mean_std(cfg)
-    x = normalize_on_device(images.to(device), mean, std, torch.float32)
-    with torch.no_grad():
-        feats, y = extract_features(encoder, tensor_batches(x, labels, 500), device=device)
-    perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))  # the digits are class-sorted
-    return linear_probe(feats[perm[:4000]], y[perm[:4000]], feats[perm[4000:]], y[perm[4000:]])
+LAYOUTS = ("repeat", "shared")
 
 
 def run_one(config: str, layout: str, steps: int, seed: int, folder: Path) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = fj_config.load(config, [f"logging.folder={folder / f'{layout}_s{seed}'}", f"train.max_steps={steps}",
                                   "train.export=false", "train.resume=none", "train.progress=lines",
-                                  "train.log_every=50", f"fastjepa.seed={seed}"])
+                                  "train.log_every=50", f"fastjepa.seed={seed}", f"fastjepa.predictor_layout={layout}"])
     tic = time.time()
-    with predictor_layout(layout, "auto" if device.type == "cuda" else "ref"):
-        result = train.run(cfg)
+    result = train.run(cfg)
     train_s = time.time() - tic
     losses = [v for _, v in sorted(result.losses.items())]
+    probes = probe_all(cfg, result.model.target_encoder, device)
     return {"layout": layout, "seed": seed, "steps": result.step, "final_loss": losses[-1] if losses else float("nan"),
-            "train_s": round(train_s, 1), **probe(cfg, result.model.target_encoder, device),
+            "train_s": round(train_s, 1), "top1": probes["ijepa"]["top1"], "random_top1": probes["random"]["top1"],
             "config": config, "model": cfg.meta.model_name, "pred_depth": cfg.meta.pred_depth,
             "device": device_dir(str(device)), "commit": git_commit()}
 
@@ -93,8 +63,9 @@ def main(argv=None) -> list[dict]:
         if new:
             writer.writeheader()
         writer.writerows(rows)
-    lines = ["| layout | seed | steps | final loss | probe top-1 |", "|---|---|---|---|---|"]
-    lines += [f"| {r['layout']} | {r['seed']} | {r['steps']} | {r['final_loss']:.2e} | {r['top1']:.1%} |" for r in rows]
+    lines = ["| layout | seed | steps | final loss | probe top-1 | random-init top-1 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['layout']} | {r['seed']} | {r['steps']} | {r['final_loss']:.2e} | {r['top1']:.1%} | "
+              f"{r['random_top1']:.1%} |" for r in rows]
     (out / "layout_quality.md").write_text("\n".join(lines) + "\n")
     for r in rows:
         print(json.dumps(r))
