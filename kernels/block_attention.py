@@ -70,14 +70,20 @@ def _segment(i_t, Lc, Lt, NT_C, NT_T, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_kv_tile(p_k, p_v, stride_kl, stride_vl, o_kv, m_kv, o_d, m_d):
+    """The K and V rows ``o_kv`` of one (batch, head); masked rows and columns read as 0."""
+    m = m_kv[:, None] & m_d[None, :]
+    b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :], mask=m, other=0.0)
+    b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :], mask=m, other=0.0)
+    return b_k, b_v
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, b_q, p_k, p_v, stride_kl, stride_vl, lo, hi, o_n, o_d, m_d, qk_scale,
                PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     for start in range(lo, hi, BLOCK_N):
         m_n = (start + o_n) < hi
-        b_k = tl.load(p_k + (start + o_n)[:, None] * stride_kl + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                      other=0.0)
-        b_v = tl.load(p_v + (start + o_n)[:, None] * stride_vl + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                      other=0.0)
+        b_k, b_v = _load_kv_tile(p_k, p_v, stride_kl, stride_vl, start + o_n, m_n, o_d, m_d)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
@@ -131,10 +137,7 @@ def _dq_inner(acc, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kl, stride_vl, lo
               PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     for start in range(lo, hi, BLOCK_N):
         m_n = (start + o_n) < hi
-        b_k = tl.load(p_k + (start + o_n)[:, None] * stride_kl + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                      other=0.0)
-        b_v = tl.load(p_v + (start + o_n)[:, None] * stride_vl + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                      other=0.0)
+        b_k, b_v = _load_kv_tile(p_k, p_v, stride_kl, stride_vl, start + o_n, m_n, o_d, m_d)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
         b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)

@@ -11,6 +11,7 @@ DistributedSampler. Shards permute the shard order with (seed, epoch); the sampl
 and the loader's shuffle buffer mixes it.
 """
 
+import abc
 import io
 import json
 import logging
@@ -55,13 +56,14 @@ def epoch_rng(seed, epoch, *stream):
     return np.random.default_rng([seed, epoch, *stream])
 
 
-class RandomAccessSource:
+class RandomAccessSource(abc.ABC):
     """Base for sources that can fetch sample i directly: the epoch order is a full permutation."""
 
     num_samples = 0
 
+    @abc.abstractmethod
     def get(self, index):
-        raise NotImplementedError
+        """Sample ``index`` of the source (a ``RawSample``)."""
 
     def read(self, epoch, seed, lo, hi):
         order = epoch_rng(seed, epoch, 0).permutation(self.num_samples)
