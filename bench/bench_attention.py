@@ -69,11 +69,11 @@ def shared_case(cfg: BenchConfig, dtype, name: str, batch: int, heads: int, ctx:
     rep = [torch.randn(blocks * batch, heads, ctx + tgt, dim, device=cfg.device, dtype=dtype, requires_grad=True)
            for _ in range(3)]
     providers = {"reference": _modes(lambda: ab.attention(*rep, dim**-0.5, "sdpa"), rep)}
-    shared = ["ref"] + (["flex"] if cfg.device.startswith("cuda") else [])  # FlexAttention: no CPU backward
+    shared = ["reference"] + (["flex"] if cfg.device.startswith("cuda") else [])  # FlexAttention: no CPU backward
     shared += ["triton"] if fused_available(cfg) else []
-    for provider in shared:
-        providers[f"shared_{provider}"] = _modes(
-            lambda p=provider: block_attention(q, k, v, ctx, blocks, provider=p), [q, k, v])
+    for backend in shared:
+        providers[f"shared_{backend}"] = _modes(
+            lambda b=backend: block_attention(q, k, v, ctx, blocks, backend=b), [q, k, v])
     return Case("predictor_attention", name, dtype, _bytes(q.numel(), q.element_size()), providers)
 
 

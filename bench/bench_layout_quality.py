@@ -3,8 +3,8 @@ layout (same config, seed and number of steps), then linear-probe each target en
 
     python -m bench.bench_layout_quality [--steps 150] [--seeds 0 1] [--config configs/demo_mnist.yaml]
 
-Layouts are ``fastjepa.predictor_layout`` values: "repeat" is the official method; "shared" is
-``fastjepa.models.shared_context`` (context tokens attend to the context only, block m's mask tokens to the context
+Layouts are ``fastjepa.predictor_layout`` values (``fastjepa.models.predictor``): "repeat" is the official method;
+"shared" (context tokens attend to the context only, block m's mask tokens to the context
 and block m), through the dense reference attention on CPU and the Triton kernel on a GPU. The probe is the demo's
 (``fastjepa.demo.probe_all``: frozen target encoder, average-pooled tokens, the same held-out split), reported next
 to the random-init encoder's.

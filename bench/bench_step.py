@@ -39,18 +39,16 @@ import torch.nn.functional as F
 from bench.common import RESULTS, BenchConfig, device_dir, git_commit, triton_version
 from fastjepa.compat import official_style as off
 from fastjepa.ijepa import IJEPA
-from fastjepa.kernels import set_fused
+from fastjepa.kernels import set_backend
 from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1
 from fastjepa.masks import MultiBlockMaskCollator
+from fastjepa.metrics import FlopModel, peak_flops
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
-from fastjepa.models.shared_context import set_predictor_layout
+from fastjepa.parallel import apply_activation_checkpointing, apply_compile
 
 IMAGENET_1K_IMAGES = 1_281_167
 EPOCHS = 300
 A100_BF16_PEAK = 312e12
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device-name substring (first match wins).
-BF16_PEAKS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("GH200", 989.4e12),
-              ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12))
 PHASES = ("target_fwd", "context_fwd", "predictor_fwd", "backward", "optimizer", "ema", "logging")
 PROVIDERS = ("official", "pytorch", "fastjepa", "fastjepa_shared")
 
@@ -90,36 +88,15 @@ SETUPS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# FLOPs: matmuls only (linear layers, patch embedding, attention QK^T and PV), from each step's real token counts.
+def flop_model(s: Setup, layout: str) -> FlopModel:
+    """The trainer's FLOP model (fastjepa.metrics) for a setup and the predictor layout a provider runs."""
+    return FlopModel(s.dim, s.depth, int(s.dim * s.mlp_ratio), s.grid**2, s.in_chans * s.patch**2, s.pred_dim,
+                     s.pred_depth, int(s.pred_dim * s.mlp_ratio), layout)
 
 
-def block_flops(tokens: int, attn_pairs: int, dim: int, hidden: int, query_tokens: int | None = None) -> int:
-    """One ViT block: qkv, proj, fc1, fc2 on its tokens plus ``4 * dim`` per (query, key) pair. With
-    ``query_tokens``, only those tokens get q, proj and the MLP (the target-only last predictor block)."""
-    q_tokens = tokens if query_tokens is None else query_tokens
-    return 2 * tokens * dim * 2 * dim + 2 * q_tokens * dim * (2 * dim + 2 * hidden) + 4 * attn_pairs * dim
-
-
-def step_flops(s: Setup, batch: int, ctx_len: int, tgt_len: int, layout: str) -> dict[str, int]:
-    """Matmul FLOPs of one training step by part (backward = 2x forward, the weight and input gradients)."""
-    n, hid, phid = s.grid**2, int(s.dim * s.mlp_ratio), int(s.pred_dim * s.mlp_ratio)
-    patch = 2 * n * s.in_chans * s.patch**2 * s.dim
-    target = batch * (patch + s.depth * block_flops(n, n * n, s.dim, hid))
-    # The images need no gradient: the patch embedding's backward is the weight gradient only.
-    context = batch * s.nenc * 3 * s.depth * block_flops(ctx_len, ctx_len**2, s.dim, hid) + batch * 2 * patch
-    seqs, m = batch * s.nenc, s.npred
-    io = 2 * ctx_len * s.dim * s.pred_dim + 2 * m * tgt_len * s.pred_dim * s.dim  # predictor_embed, predictor_proj
-    if layout == "shared":
-        t = ctx_len + m * tgt_len
-        pairs = ctx_len**2 + m * tgt_len * (ctx_len + tgt_len)
-        pred = s.pred_depth * block_flops(t, pairs, s.pred_dim, phid)
-    else:
-        t = ctx_len + tgt_len
-        last = (block_flops(t, tgt_len * t, s.pred_dim, phid, tgt_len) if layout == "repeat_targets_last"
-                else block_flops(t, t * t, s.pred_dim, phid))
-        pred = m * ((s.pred_depth - 1) * block_flops(t, t * t, s.pred_dim, phid) + last)
-    return {"target": target, "context": context, "predictor": 3 * seqs * (pred + io)}
+def step_flops(s: Setup, batch: int, ctx_len: int, tgt_len: int, layout: str) -> dict[str, float]:
+    """Matmul FLOPs of one training step by part, official masks (one context length per batch)."""
+    return flop_model(s, layout).step(batch, ctx_len, tgt_len, s.npred, s.nenc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,32 +151,25 @@ def matmul_rate(device: torch.device) -> float:
     return 5 * 2 * 512**3 / (time.perf_counter() - tic)
 
 
-def bf16_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAKS if key in name), None)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Providers: each builds its models from the same seed and runs one step, marking the phases.
 
 
-def build_models(s: Setup, backend: str, device, seed: int = 0):
+def build_models(s: Setup, backend: str, device, layout: str, seed: int = 0):
     torch.manual_seed(seed)
     enc = VisionTransformer(s.img, s.patch, s.in_chans, s.dim, s.depth, s.heads, s.mlp_ratio, attn_backend=backend)
     pred = VisionTransformerPredictor((s.grid, s.grid), s.dim, s.pred_dim, s.pred_depth, s.heads, s.mlp_ratio,
-                                      attn_backend=backend)
+                                      attn_backend=backend, layout=layout)
     return IJEPA(enc, pred).to(device)
 
 
 class OfficialStep:
-    layout = "repeat"
+    layout = "official"
 
     def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False):
         if act_ckpt:
             raise ValueError("the official-style provider has no activation checkpointing (the official code has none)")
-        self.model = build_models(s, "math", device)
+        self.model = build_models(s, "math", device, self.layout)
         self.heads = s.heads
         self.enc = dict(self.model.encoder.named_parameters())
         self.pred = dict(self.model.predictor.named_parameters())
@@ -239,35 +209,23 @@ class OfficialStep:
         return loss.item(), grad_norms
 
 
-def checkpoint_blocks(model: IJEPA):
-    """Activation checkpointing: recompute each trained block in the backward (the target encoder has no autograd)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-
-    for blocks in (model.encoder.blocks, model.predictor.predictor_blocks):
-        for i, blk in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(blk, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-
-
 def compile_blocks(model: IJEPA, backend: str | None):
-    if backend is None:
-        return
-    for blocks in (model.encoder.blocks, model.target_encoder.blocks, model.predictor.predictor_blocks):
-        for blk in blocks:
-            blk.compile(backend=backend)
+    if backend is not None:
+        apply_compile(model, backend)
 
 
 class PyTorchStep:
-    """Strong plain PyTorch: what a careful user gets without fastjepa's kernels."""
+    """Strong plain PyTorch: what a careful user gets without fastjepa's kernels or predictor layouts."""
 
-    layout = "repeat"
-    fused = False
+    layout = "official"
+    kernel_backend = "reference"
     backend = "sdpa"
 
     def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False):
-        set_fused(self.fused)
-        self.model = build_models(s, self.backend, device)
+        set_backend(self.kernel_backend)
+        self.model = build_models(s, self.backend, device, self.layout)
         if act_ckpt:
-            checkpoint_blocks(self.model)
+            apply_activation_checkpointing(self.model)
         self.amp_dtype = amp_dtype
         self.online = list(self.model.encoder.parameters())
         self.target = list(self.model.target_encoder.parameters())
@@ -282,7 +240,7 @@ class PyTorchStep:
     def forward_phases(self, images, masks_enc, masks_pred, timer):
         model = self.model
         with torch.autocast(images.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            h = model.targets(images, masks_pred, len(masks_enc))
+            h = model.targets(images, masks_enc, masks_pred)
             timer.mark("target_fwd")
             z = model.encoder(images, masks_enc)
             timer.mark("context_fwd")
@@ -295,7 +253,7 @@ class PyTorchStep:
         torch._foreach_lerp_(self.target, self.online, 1.0 - momentum)
 
     def step(self, images, masks_enc, masks_pred, timer: PhaseTimer, momentum: float):
-        set_fused(self.fused)
+        set_backend(self.kernel_backend)
         loss = self.forward_phases(images, masks_enc, masks_pred, timer)
         loss.backward()
         timer.mark("backward")
@@ -309,8 +267,8 @@ class PyTorchStep:
 
 
 class FastJepaStep(PyTorchStep):
-    layout = "repeat_targets_last"
-    fused = True
+    layout = "repeat"
+    kernel_backend = "auto"
     backend = "auto"
 
     def __init__(self, s, device, amp_dtype, compile_backend, act_ckpt: bool = False):
@@ -320,18 +278,14 @@ class FastJepaStep(PyTorchStep):
         self.opt = build_optimizer(self.model.encoder, self.model.predictor)
         for group in self.opt.param_groups:
             group["lr"] = 1e-3
-        set_predictor_layout(self.model.predictor, "shared" if self.layout == "shared" else "repeat")
 
     def prepare(self, images, masks_enc, masks_pred):
         # One eager forward/backward first, so that 'auto' attention times its candidates outside compiled code.
-        set_fused(self.fused)
+        set_backend(self.kernel_backend)
         loss = self.forward_phases(images, masks_enc, masks_pred, PhaseTimer(images.device))
         loss.backward()
         self.opt.zero_grad(set_to_none=True)
         compile_blocks(self.model, self.compile_backend)
-        # the layout's own block functions (every block of "shared", the target-only last block of "repeat")
-        set_predictor_layout(self.model.predictor, "shared" if self.layout == "shared" else "repeat",
-                             compile_backend=self.compile_backend)
 
     def forward_phases(self, images, masks_enc, masks_pred, timer):
         # The fused loss reads the target encoder's output directly: normalised targets never reach memory.
@@ -400,7 +354,7 @@ def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_bac
         flops.append(sum(step_flops(s, batch, m_enc[0].shape[1], m_pred[0].shape[1], runner.layout).values()))
     loss = float(loss)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    set_fused(True)
+    set_backend("auto")
     del runner
     total_s = sum(step_ms) * 1e-3
     return {
@@ -500,7 +454,7 @@ def benchmark(models, providers, batch: int, warmup: int, steps: int, compile_ba
         raise SystemExit("bench_step: no CUDA GPU; the full benchmark needs one (--quick runs the CPU smoke test)")
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device_dir("cpu")
-    peak, measured = bf16_peak(device), matmul_rate(device)
+    peak, measured = peak_flops(device), matmul_rate(device)
     rows = []
     for model in models:
         s = SETUPS[model]

@@ -3,9 +3,8 @@ target_norm_smooth_l1 (targets never materialised) against the official full-seq
 
 import torch
 
-from bench.common import BenchConfig, Case, compiled, fused_available, grad_fn, run_cases
+from bench.common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 from fastjepa.kernels import target_norm_gather, target_norm_gather_ref
-from fastjepa.kernels._testing import random_masks
 from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1, target_norm_smooth_l1_ref
 
 # name, B, N, D, K, M (target blocks), nenc

@@ -49,6 +49,12 @@ class Case:
     providers: dict[str, dict[str, Callable[[], object]]]
 
 
+def random_masks(num_masks: int, batch: int, num_tokens: int, k: int, generator=None, device="cpu") -> torch.Tensor:
+    """``[M, B, K]`` int64 indices, distinct and sorted within each row (like the multi-block collator's)."""
+    rand = torch.rand(num_masks * batch, num_tokens, generator=generator)
+    return rand.argsort(1)[:, :k].sort(1).values.reshape(num_masks, batch, k).to(device)
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))

@@ -19,12 +19,8 @@ dotted key, the value, the nearest valid key or the valid choices, and the fix. 
 """
 
 import argparse
-import dataclasses
 import difflib
-import functools
-import math
 import os
-import re
 import sys
 import types
 import typing
@@ -32,374 +28,30 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
 
 import yaml
 
-from fastjepa.mask_geometry import block_sizes
+from fastjepa.config_sections import (
+    ConfigError,
+    Data,
+    FastJepa,
+    Logging,
+    Mask,
+    Meta,
+    Optimization,
+    Train,
+    _check_mask_geometry,
+    _fail,
+    _hints,
+    _Section,
+    _show,
+)
 
-# The valid names, kept here so that config stays free of torch; tests check them against fastjepa.models
-# (VIT_SIZES) and fastjepa.modules.attention_backends (BACKENDS, documented there). Extend both together.
-MODEL_NAMES = ("vit_micro", "vit_mini", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
-ATTN_BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn", "xformers",
-                 "math")
-MODES = ("parity", "fixed")
-PREDICTOR_LAYOUTS = ("repeat", "official", "shared")  # fastjepa.models.shared_context.LAYOUTS
-DATA_SOURCES = ("imagefolder", "webdataset", "synthetic", "mnist")  # fastjepa.data.SOURCES
-DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+# Keys fastjepa renamed: loading the old name says what to write instead.
+RENAMED_KEYS = {"fastjepa.fused": "fastjepa.kernel_backend (auto: fused Triton ops where they run; reference: the "
+                                  "PyTorch references everywhere)"}
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-# Strings PyYAML (YAML 1.1) leaves unparsed but that are plain numbers, e.g. "1e-6"; the official train.py calls
-# float() on such values, so float fields accept them.
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-class ConfigError(ValueError):
-    """A user error in a config: the message names the key, the value and the fix. ``key`` is the dotted key."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-
-
-def _show(value) -> str:
-    """A value as the user wrote it in YAML (lists, true/false, null); strings quoted."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    return repr(value)
-
-
-def _fail(key: str, value, problem: str, fix: str) -> typing.NoReturn:
-    raise ConfigError(f"{key}={_show(value)}: {problem}. Fix: {fix}", key=key)
-
-
-def _describe(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
-    if origin is tuple:
-        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}[tp]
-
-
-def _coerce(key: str, value, tp, example):
-    """``value`` as type ``tp``: lists become tuples, ints and numeric strings become floats; anything else that
-    does not match (a bool for an int, text for a number, a number for a string) is an error."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = (a for a in args if a is not type(None))
-        return _coerce(key, value, inner, example)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
-            eg = f", e.g. {_show(example)}" if example is not None else ""
-            _fail(key, value, f"expected {_describe(tp)}", f"write {_describe(tp)}{eg}")
-        item_types = args if origin is tuple else args * len(value)
-        items = zip(value, item_types, strict=True)
-        return origin(_coerce(f"{key}[{i}]", v, t, None) for i, (v, t) in enumerate(items))
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: (isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (isinstance(value, str) and _NUMBER.fullmatch(value.strip()) is not None),
-        str: isinstance(value, str),
-    }[tp]
-    if not ok:
-        eg = f", e.g. {_show(example)}" if example is not None else ""
-        hint = " (quote it in YAML)" if tp is str else ""
-        _fail(key, value, f"expected {_describe(tp)}, got {type(value).__name__}", f"write {_describe(tp)}{eg}{hint}")
-    if tp is float:
-        value = float(value)
-        if not math.isfinite(value):
-            _fail(key, value, "must be a finite number", f"write a finite number, e.g. {_show(example)}")
-    return value
-
-
-def _at_least(key: str, value, low, fix: str = "") -> None:
-    if value < low:
-        _fail(key, value, f"must be >= {low}", fix or f"set {key} to {low} or more")
-
-
-def _choice(key: str, value: str, choices: Iterable[str]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        _fail(key, value, f"unknown value; {hint}valid: {', '.join(choices)}",
-              f"set {key} to one of {', '.join(choices)}")
-
-
-def _scale_range(key: str, value: tuple[float, float], example: tuple[float, float]) -> None:
-    lo, hi = value
-    if not 0 < lo <= hi <= 1:
-        _fail(key, value, "must be [min, max] with 0 < min <= max <= 1 (fractions of the image or patch grid)",
-              f"set it within those bounds, e.g. {_show(example)}")
-
-
-@functools.cache
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-class _Section:
-    """Base of the section dataclasses: coerces field types on construction, then checks the section's values."""
-
-    name: ClassVar[str]
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            value = _coerce(f"{self.name}.{f.name}", getattr(self, f.name), _hints(type(self))[f.name], default)
-            setattr(self, f.name, value)
-        self.check()
-
-    def check(self) -> None:
-        """Ranges and choices of this section's own values."""
-
-
-# Field order within a section is the official files' (alphabetical), so dumps read like the recipes.
-@dataclass
-class Data(_Section):
-    name: ClassVar[str] = "data"
-    batch_size: int = 128  # per process
-    color_jitter_strength: float = 0.0
-    crop_scale: tuple[float, float] = (0.3, 1.0)  # random-resized-crop area range
-    crop_size: int = 224
-    image_folder: str = "imagenet_full_size/061417/"  # relative to root_path
-    num_workers: int = 10
-    pin_mem: bool = True
-    root_path: str = ""
-    use_color_distortion: bool = False
-    use_gaussian_blur: bool = False
-    use_horizontal_flip: bool = False
-    # fastjepa's own (fastjepa.data): where samples come from and how the streaming loader treats them
-    source: str = "imagefolder"  # "imagefolder" (official: root_path/image_folder/train/), "webdataset", ...
-    shards: str = ""  # webdataset: brace pattern / '::'-list of tar urls (local, pipe:cmd, http)
-    shard_index: str = ""  # webdataset: index.json of per-shard counts; default: next to the first local shard
-    shuffle_buffer: int = 1000  # webdataset: samples held per worker for shuffling within shards
-    max_bad_fraction: float = 0.01  # share of unreadable samples that aborts the run (0: abort on the first)
-    synthetic_samples: int = 10000  # synthetic: samples per epoch
-    synthetic_image_size: tuple[int, int] = (500, 375)  # synthetic: JPEG width, height
-    fast_decode: bool = True  # DCT-scaled JPEG decode, torch uint8 resize (resampling noise); false: PIL as torchvision
-
-    def check(self) -> None:
-        _at_least("data.batch_size", self.batch_size, 1)
-        _at_least("data.color_jitter_strength", self.color_jitter_strength, 0)
-        _scale_range("data.crop_scale", self.crop_scale, (0.3, 1.0))
-        _at_least("data.crop_size", self.crop_size, 1)
-        _at_least("data.num_workers", self.num_workers, 0)
-        _choice("data.source", self.source, DATA_SOURCES)
-        if self.source == "webdataset" and not self.shards:
-            _fail("data.shards", self.shards, "data.source=webdataset needs the shard urls",
-                  "set data.shards, e.g. '/data/in1k/train-{000000..001281}.tar' (written by "
-                  "python -m fastjepa.data.make_shards)")
-        if self.source == "mnist" and self.use_horizontal_flip:
-            _fail("data.use_horizontal_flip", True, "a mirrored digit is not a digit (data.source=mnist)",
-                  "set data.use_horizontal_flip=false")
-        _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
-        if not 0 <= self.max_bad_fraction <= 1:
-            _fail("data.max_bad_fraction", self.max_bad_fraction, "must be a fraction in [0, 1]",
-                  "set it to e.g. 0.01 (abort when more than 1% of the samples read are unusable)")
-        _at_least("data.synthetic_samples", self.synthetic_samples, 1)
-        _at_least("data.synthetic_image_size[0]", min(self.synthetic_image_size), 1)
-
-
-@dataclass
-class Logging(_Section):
-    name: ClassVar[str] = "logging"
-    folder: str = ""  # logs and checkpoints
-    write_tag: str = "jepa"  # file-name prefix: <tag>_r<rank>.csv, <tag>-latest.pth.tar
-
-
-@dataclass
-class Mask(_Section):
-    name: ClassVar[str] = "mask"
-    allow_overlap: bool = False  # may the context block overlap the target blocks
-    aspect_ratio: tuple[float, float] = (0.75, 1.5)  # of the target blocks (height / width)
-    enc_mask_scale: tuple[float, float] = (0.85, 1.0)  # context block area, fraction of the patch grid
-    min_keep: int = 10  # a block is redrawn until it has more than min_keep patches
-    num_enc_masks: int = 1  # context blocks per image
-    num_pred_masks: int = 4  # target blocks per image
-    patch_size: int = 16
-    pred_mask_scale: tuple[float, float] = (0.15, 0.2)  # target block area, fraction of the patch grid
-
-    def check(self) -> None:
-        lo, hi = self.aspect_ratio
-        if not 0 < lo <= hi:
-            _fail("mask.aspect_ratio", self.aspect_ratio, "must be [min, max] with 0 < min <= max",
-                  "set it within those bounds, e.g. [0.75, 1.5]")
-        _scale_range("mask.enc_mask_scale", self.enc_mask_scale, (0.85, 1.0))
-        _scale_range("mask.pred_mask_scale", self.pred_mask_scale, (0.15, 0.2))
-        _at_least("mask.min_keep", self.min_keep, 0)
-        _at_least("mask.num_enc_masks", self.num_enc_masks, 1)
-        _at_least("mask.num_pred_masks", self.num_pred_masks, 1)
-        _at_least("mask.patch_size", self.patch_size, 1)
-
-
-@dataclass
-class Meta(_Section):
-    name: ClassVar[str] = "meta"
-    copy_data: bool = False
-    load_checkpoint: bool = False  # resume from read_checkpoint (or <folder>/<tag>-latest.pth.tar)
-    model_name: str = "vit_base"
-    pred_depth: int = 6
-    pred_emb_dim: int = 384
-    read_checkpoint: str | None = None  # file name inside logging.folder
-    use_bfloat16: bool = False
-
-    def check(self) -> None:
-        _choice("meta.model_name", self.model_name, MODEL_NAMES)
-        _at_least("meta.pred_depth", self.pred_depth, 1)
-        _at_least("meta.pred_emb_dim", self.pred_emb_dim, 1)
-
-
-@dataclass
-class Optimization(_Section):
-    name: ClassVar[str] = "optimization"
-    ema: tuple[float, float] = (0.996, 1.0)  # target-encoder momentum, linear from ema[0] to ema[1]
-    epochs: int = 300
-    final_lr: float = 1e-6
-    final_weight_decay: float = 0.4
-    ipe_scale: float = 1.0  # schedules span ipe_scale * epochs * iterations_per_epoch
-    lr: float = 1e-3  # peak lr, reached after warmup
-    start_lr: float = 2e-4
-    warmup: int = 40  # epochs
-    weight_decay: float = 0.04
-
-    def check(self) -> None:
-        for i, m in enumerate(self.ema):
-            if not 0 <= m <= 1:
-                _fail(f"optimization.ema[{i}]", m, "an EMA momentum must lie in [0, 1]", "e.g. ema: [0.996, 1.0]")
-        _at_least("optimization.epochs", self.epochs, 1)
-        for key in ("final_lr", "final_weight_decay", "lr", "start_lr", "weight_decay"):
-            _at_least(f"optimization.{key}", getattr(self, key), 0)
-        # The official momentum schedule has ipe*epochs*ipe_scale + 1 values and is drawn once per step: with
-        # ipe_scale < 1 it runs out before training ends (and the momentum would pass ema[1]).
-        _at_least("optimization.ipe_scale", self.ipe_scale, 1.0,
-                  "set optimization.ipe_scale >= 1.0 (the official recipes use 1.0); to train shorter, lower epochs")
-        _at_least("optimization.warmup", self.warmup, 0)
-
-
-@dataclass
-class FastJepa(_Section):
-    name: ClassVar[str] = "fastjepa"
-    mode: str = "parity"  # "parity": reproduce the official training, quirks included; "fixed": quirks corrected
-    seed: int = 0
-    attn_backend: str = "sdpa"
-    in_chans: int = 3
-    fused: bool = True  # fused Triton/CUDA ops where available, PyTorch references otherwise
-    # predictor attention layout (fastjepa.models.shared_context): "repeat" = the official method with a cheaper
-    # last block (same results), "official" = every block on every token, "shared" = opt-in, context computed once
-    predictor_layout: str = "repeat"
-    # fixed mode, opt-in: keep every image's whole context (no cut to the batch minimum), packed sequences with
-    # cumulative lengths through varlen attention (fastjepa.models.varlen); the loss weighting is unchanged
-    varlen_context: bool = False
-
-    def check(self) -> None:
-        _choice("fastjepa.mode", self.mode, MODES)
-        if not 0 <= self.seed < 2**32:
-            _fail("fastjepa.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)", "e.g. seed: 0")
-        _choice("fastjepa.attn_backend", self.attn_backend, ATTN_BACKENDS)
-        _choice("fastjepa.predictor_layout", self.predictor_layout, PREDICTOR_LAYOUTS)
-        if self.varlen_context and self.mode != "fixed":
-            _fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
-                  "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")
-        if self.varlen_context and self.predictor_layout == "shared":
-            _fail("fastjepa.varlen_context", True, "the shared-context predictor layout has no variable-length path",
-                  "use fastjepa.predictor_layout=repeat with it")
-        _at_least("fastjepa.in_chans", self.in_chans, 1)
-
-
-@dataclass
-class Train(_Section):
-    name: ClassVar[str] = "train"
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
-    log_every: int = 10  # iterations between log lines (official log_freq)
-    checkpoint_every: int = 50  # epochs between permanent checkpoints (official checkpoint_freq); latest every epoch
-    keep_last: int = 3  # rolling checkpoints (every epoch / checkpoint_steps / preemption) kept; 0 keeps all
-    checkpoint_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends, preemption and the end)
-    resume: str = "auto"  # "auto": latest checkpoint in logging.folder if any; "none"; or a checkpoint path
-    parallel: str = "auto"  # "auto" (fsdp under torchrun, else none), "none", "ddp", "fsdp" (FSDP2)
-    compile: bool = False  # torch.compile each transformer block
-    activation_checkpointing: bool = False  # recompute encoder/predictor block activations in the backward
-    max_steps: int = 0  # stop after this many steps (0: optimization.epochs); schedules keep the full horizon
-    max_bad_steps: int = 20  # consecutive non-finite loss/gradient steps (each skipped) that stop the run
-    clip_grad: float = 0.0  # clip the global gradient norm to this (0: off, as the official)
-    rankme_every: int = 0  # steps between RankMe evaluations of the target encoder (0: off)
-    rankme_samples: int = 512  # images per rank for RankMe (>= the embedding width for a meaningful value)
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0: detected for known GPUs, else MFU not reported
-    dist_timeout_s: float = 600.0  # collective timeout: a rank that died makes the others exit after this
-    progress: str = "auto"  # "auto" (progress bar on a terminal, log lines otherwise), "bar", "lines"
-    export: bool = True  # write the final target encoder (full state dict + timm-named file) to logging.folder
-
-    def check(self) -> None:
-        if not re.fullmatch(DEVICE_PATTERN, self.device):
-            _fail("train.device", self.device, "unknown device", "use auto, cpu, cuda or cuda:N")
-        _at_least("train.log_every", self.log_every, 1)
-        _at_least("train.checkpoint_every", self.checkpoint_every, 1)
-        _at_least("train.keep_last", self.keep_last, 0)
-        for key in ("checkpoint_steps", "max_steps", "rankme_every", "clip_grad", "peak_tflops"):
-            _at_least(f"train.{key}", getattr(self, key), 0)
-        _at_least("train.max_bad_steps", self.max_bad_steps, 1)
-        _at_least("train.rankme_samples", self.rankme_samples, 2)
-        _at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
-        _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
-        _choice("train.progress", self.progress, ("auto", "bar", "lines"))
-
-
-def _check_mask_geometry(data: Data, mask: Mask, mode: str) -> None:
-    grid = data.crop_size // mask.patch_size
-    where = (f"on the {grid}x{grid} patch grid (data.crop_size={data.crop_size} / mask.patch_size={mask.patch_size}"
-             f", fastjepa.mode={mode})")
-    k = mask.min_keep
-    targets = block_sizes(grid, mask.pred_mask_scale, mask.aspect_ratio, mode)
-    contexts = block_sizes(grid, mask.enc_mask_scale, (1.0, 1.0), mode)
-
-    h, w = min(targets, key=lambda s: s[0] * s[1])
-    if h * w <= k:
-        _fail("mask.pred_mask_scale", mask.pred_mask_scale,
-              f"{where} the sampler can draw {h}x{w} = {h * w}-patch target blocks (mask.aspect_ratio="
-              f"{_show(mask.aspect_ratio)}), and it redraws a target block until it has more than mask.min_keep={k} "
-              "patches: it would loop forever",
-              f"lower mask.min_keep to {max(h * w - 1, 0)} or less, raise mask.pred_mask_scale[0], "
-              "or use a finer patch grid (larger data.crop_size or smaller mask.patch_size)")
-    h, w = min(contexts, key=lambda s: s[0] * s[1])
-    if h * w <= k:
-        _fail("mask.enc_mask_scale", mask.enc_mask_scale,
-              f"{where} the sampler can draw {h}x{w} = {h * w}-patch context blocks, and it redraws a context block "
-              f"until it has more than mask.min_keep={k} patches: it would loop forever",
-              f"lower mask.min_keep to {max(h * w - 1, 0)} or less, raise mask.enc_mask_scale[0], "
-              "or use a finer patch grid")
-    if mask.allow_overlap:
-        return
-    # Targets are placed independently and may all coincide, so the best case for the context removes one target
-    # block placed to overlap it least; both lie inside the first `span` rows/columns (G-1 in parity, G in fixed),
-    # so they overlap by at least max(0, hc + ht - span) rows and max(0, wc + wt - span) columns. If even that
-    # best case leaves <= min_keep patches, keeping the context apart from the targets is impossible for that
-    # pair of draws.
-    span = grid - 1 if mode == "parity" else grid
-
-    def best_kept(c: tuple[int, int], t: tuple[int, int]) -> int:
-        return c[0] * c[1] - max(0, c[0] + t[0] - span) * max(0, c[1] + t[1] - span)
-
-    c, t = min(((c, t) for c in contexts for t in targets), key=lambda ct: best_kept(*ct))
-    kept = best_kept(c, t)
-    if kept <= k:
-        _fail("mask.min_keep", k,
-              f"{where} a {c[0]}x{c[1]} context block (mask.enc_mask_scale={_show(mask.enc_mask_scale)}) cut by "
-              f"{t[0]}x{t[1]} target blocks (mask.pred_mask_scale={_show(mask.pred_mask_scale)}) keeps at most "
-              f"{kept} patches, not more than mask.min_keep={k}; with mask.allow_overlap=false the sampler then "
-              "gives up keeping context and targets apart",
-              f"lower mask.min_keep to {max(kept - 1, 0)} or less, raise mask.enc_mask_scale[0], "
-              "lower mask.pred_mask_scale[1], or set mask.allow_overlap=true")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The whole config.
@@ -516,6 +168,8 @@ def _all_keys() -> list[str]:
 
 def _unknown(key: str, value) -> typing.NoReturn:
     """Error for an unknown section or key, with the nearest valid one (also across sections)."""
+    if key in RENAMED_KEYS:
+        raise ConfigError(f"{key}={_show(value)}: renamed. Fix: use {RENAMED_KEYS[key]}", key=key)
     section, _, name = key.partition(".")
     if not name:
         close = difflib.get_close_matches(section, _SECTIONS, n=1)

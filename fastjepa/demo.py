@@ -18,24 +18,15 @@ import torch
 
 from fastjepa import config as fj_config
 
-TEST_FRACTION = 0.2  # held-out digits for the probe's score
-
-
-def split_indices(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = int(n * test_fraction)
-    return perm[n_test:], perm[:n_test]
-
 
 def probe_all(cfg, trained_encoder: torch.nn.Module, device: torch.device) -> dict[str, dict]:
     """Linear-probe accuracies of the trained encoder, a random-init twin and raw pixels on MNIST-5k."""
     from fastjepa.data import mean_std
-    from fastjepa.data.mnist import load_mnist_5k
+    from fastjepa.data.mnist import mnist_split
     from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
     from fastjepa.models import build_models
 
-    images, labels = load_mnist_5k()
-    train_idx, test_idx = split_indices(len(images))
+    data = mnist_split()
     mean, std = mean_std(cfg)
     torch.manual_seed(cfg.fastjepa.seed)
     random_encoder = build_models(cfg)[0].to(device)
@@ -47,8 +38,8 @@ def probe_all(cfg, trained_encoder: torch.nn.Module, device: torch.device) -> di
     for name, encoder in (("ijepa", trained_encoder), ("random", random_encoder), ("pixels", None)):
         preprocess = at_crop_size if encoder is not None else (lambda x: to_float_images(x, mean, std))
         feats = {}
-        for split, idx in (("train", train_idx), ("test", test_idx)):
-            feats[split] = extract_features(encoder, tensor_batches(images[idx], labels[idx], 500), device=device,
+        for split, (images, labels) in data.items():
+            feats[split] = extract_features(encoder, tensor_batches(images, labels, 500), device=device,
                                             preprocess=preprocess)
         results[name] = linear_probe(*feats["train"], *feats["test"])
     return results

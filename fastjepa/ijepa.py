@@ -10,49 +10,51 @@ import torch
 from torch import nn
 
 from fastjepa.kernels import ema_update, target_norm_gather, target_norm_smooth_l1
+from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
-from fastjepa.models.varlen import PackedContext, pack_padded
-
-
-def _mask_list(masks) -> list[torch.Tensor]:
-    return list(masks) if isinstance(masks, (list, tuple)) else [masks]
 
 
 class IJEPA(nn.Module):
     def __init__(self, encoder: VisionTransformer, predictor: VisionTransformerPredictor,
                  target_encoder: VisionTransformer | None = None, varlen_context: bool = False):
         super().__init__()
-        # True: masks_enc are the collator's untruncated lists (-1 padded) and run as packed sequences
+        # True: the collator's context lists are untruncated (-1 padded) and run as packed sequences
         self.varlen_context = varlen_context
         self.encoder = encoder
         self.predictor = predictor
         self.target_encoder = copy.deepcopy(encoder) if target_encoder is None else target_encoder
         self.target_encoder.requires_grad_(False)
 
+    def to_masks(self, masks_enc, masks_pred=None) -> Masks:
+        """The official lists (or stacked tensors) as one ``Masks`` value; a ``Masks`` passes through."""
+        if isinstance(masks_enc, Masks):
+            return masks_enc
+        return Masks.from_lists(masks_enc, masks_pred, self.encoder.num_patches if self.varlen_context else None)
+
     @torch.no_grad()
-    def targets(self, images: torch.Tensor, masks_pred, num_context_blocks: int = 1) -> torch.Tensor:
+    def targets(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
         """``[M*nenc*B, Kt, D]``: layer-normalised (no affine) target-encoder features at every target block."""
-        h = self.target_encoder(images)
-        return target_norm_gather(h, _mask_list(masks_pred), num_context_blocks)
+        masks = self.to_masks(masks_enc, masks_pred)
+        return target_norm_gather(self.target_encoder(images), masks.pred, masks.num_context_blocks)
 
-    def _context(self, masks_enc) -> list[torch.Tensor] | PackedContext:
-        masks_enc = _mask_list(masks_enc)
-        return pack_padded(masks_enc, self.encoder.num_patches) if self.varlen_context else masks_enc
-
-    def predict(self, images: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
         """``[M*nenc*B, Kt, D]``: the predictor's outputs from the context encoder's view of the context blocks."""
-        context = self._context(masks_enc)
-        return self.predictor(self.encoder(images, context), context, _mask_list(masks_pred))
+        masks = self.to_masks(masks_enc, masks_pred)
+        if masks.packed is not None:
+            return self.predictor.forward_packed(self.encoder.forward_packed(images, masks.packed), masks.packed,
+                                                 masks.pred)
+        return self.predictor(self.encoder(images, masks.enc), masks.enc, masks.pred)
 
-    def forward(self, images: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
-        """Loss for a batch: images ``[B, C, H, W]``, masks as the collator returns them (lists of ``[B, K]``).
-        The loss is the smooth-L1 mean over every predicted element, with or without variable-length context."""
-        masks_pred = _mask_list(masks_pred)
+    def forward(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
+        """Loss for a batch: images ``[B, C, H, W]`` and either a ``Masks`` value or the collator's lists of
+        ``[B, K]`` tensors (converted once here). The loss is the smooth-L1 mean over every predicted element,
+        with or without variable-length context."""
+        masks = self.to_masks(masks_enc, masks_pred)
         with torch.no_grad():
             h = self.target_encoder(images)
-        z = self.predict(images, masks_enc, masks_pred)
+        z = self.predict(images, masks)
         # = smooth_l1_loss(z, self.targets(...)), without materialising the normalised targets when fused
-        return target_norm_smooth_l1(z, h, masks_pred, len(_mask_list(masks_enc)))
+        return target_norm_smooth_l1(z, h, masks.pred, masks.num_context_blocks)
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

@@ -62,3 +62,15 @@ def block_sizes(
         cuts = sorted(c for c in cuts if lo <= c <= hi)
         sizes.update(size(keep, (x + y) / 2) for x, y in itertools.pairwise(cuts) if y > x)
     return sizes
+
+
+def smallest_blocks(grid: int | tuple[int, int], pred_mask_scale: tuple[float, float],
+                    enc_mask_scale: tuple[float, float], aspect_ratio: tuple[float, float],
+                    mode: str = "parity") -> dict[str, tuple[int, int]]:
+    """The smallest target block and context block (h, w) the sampler can draw, keyed by the setting that sets
+    their size. A block is redrawn until it has more than min_keep patches: with ``h*w <= min_keep`` for either,
+    sampling never ends (the official sampler hangs); config and collator both refuse that."""
+    return {
+        "pred_mask_scale": min(block_sizes(grid, pred_mask_scale, aspect_ratio, mode), key=lambda s: s[0] * s[1]),
+        "enc_mask_scale": min(block_sizes(grid, enc_mask_scale, (1.0, 1.0), mode), key=lambda s: s[0] * s[1]),
+    }

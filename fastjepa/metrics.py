@@ -13,25 +13,34 @@ import torch
 
 logger = logging.getLogger("fastjepa")
 
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s per device, by a substring of the device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "V100": 125.0}
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s per device, by a substring of the device name: first match
+# wins, so the more specific names come first.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("GH200", 989.4e12), ("H200", 989.4e12), ("H100", 989.4e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12))
 
 
-def detect_peak_tflops(device: torch.device) -> float:
-    """Peak bf16 TFLOP/s of a known GPU, else 0 (MFU is then not reported; set ``train.peak_tflops``)."""
-    if device.type != "cuda":
-        return 0.0
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a known GPU, else None (MFU is then not reported; set ``train.peak_tflops``)."""
+    if torch.device(device).type != "cuda":
+        return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def block_flops(tokens, pairs, dim: int, hidden: int, query_tokens=None):
+    """Matmul FLOPs of one ViT block's forward: k and v for ``tokens``; q, proj, fc1, fc2 for ``query_tokens``
+    (all tokens by default; the target-only last predictor block has fewer); ``4 * dim`` per (query, key) pair
+    for the scores and the weighted values. Works elementwise on tensors of counts."""
+    queries = tokens if query_tokens is None else query_tokens
+    return 2 * tokens * dim * 2 * dim + 2 * queries * dim * (2 * dim + 2 * hidden) + 4 * pairs * dim
 
 
 @dataclass(frozen=True)
-class IJEPAFlops:
-    """Matmul FLOPs of one I-JEPA training step per image, from the real token counts of the step's masks.
-
-    A transformer block on T tokens of width D with MLP hidden H costs 2*T*(4*D*D + 2*D*H) for the linears plus
-    4*T*T*D for attention scores and values; backward is twice the forward.
-    """
+class FlopModel:
+    """Matmul FLOPs of one I-JEPA training step (linear layers, patch embedding, attention scores and values),
+    exact for the predictor layout and the real token counts of the step's masks, variable-length context
+    included. Backward is twice the forward; the images need no gradient, so the patch embedding's backward is
+    its weight gradient only. The one FLOP model of the trainer's MFU and of ``bench/bench_step.py``."""
 
     embed_dim: int
     depth: int
@@ -41,35 +50,53 @@ class IJEPAFlops:
     pred_dim: int
     pred_depth: int
     pred_mlp_hidden: int
+    layout: str = "repeat"
 
     @classmethod
-    def from_model(cls, model) -> "IJEPAFlops":
+    def from_model(cls, model) -> "FlopModel":
+        """From an ``IJEPA`` model (before any wrapping): its sizes and its predictor's layout."""
         enc, pred = model.encoder, model.predictor
         conv = enc.patch_embed.proj
         return cls(
             embed_dim=enc.embed_dim, depth=len(enc.blocks), mlp_hidden=enc.blocks[0].mlp.fc1.out_features,
             num_patches=enc.num_patches, patch_dim=conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
             pred_dim=pred.predictor_embed.out_features, pred_depth=len(pred.predictor_blocks),
-            pred_mlp_hidden=pred.predictor_blocks[0].mlp.fc1.out_features,
+            pred_mlp_hidden=pred.predictor_blocks[0].mlp.fc1.out_features, layout=pred.layout,
         )
 
-    @staticmethod
-    def _blocks(tokens: int, dim: int, hidden: int, depth: int) -> float:
-        return depth * (2.0 * tokens * (4 * dim * dim + 2 * dim * hidden) + 4.0 * tokens * tokens * dim)
+    def step(self, batch: int, context_lengths, target_len: int, num_target_blocks: int,
+             num_context_blocks: int = 1, packed: bool = False) -> dict[str, float]:
+        """FLOPs by part (``target``, ``context``, ``predictor``) of a step on ``batch`` images whose nenc*B context
+        sequences hold ``context_lengths`` tokens (one int when every context is cut to the same length, as the
+        official collator does, else one value per sequence) and whose M target blocks hold ``target_len`` tokens
+        each. ``packed``: the variable-length predictor path (every block on every token)."""
+        d, n, m, kt, pd = self.embed_dim, self.num_patches, num_target_blocks, target_len, self.pred_dim
+        lengths = torch.as_tensor(context_lengths, dtype=torch.float64).reshape(-1)
+        if lengths.numel() == 1:
+            lengths = lengths.repeat(num_context_blocks * batch)
+        patch = 2.0 * n * self.patch_dim * d * batch
+        target = patch + batch * self.depth * block_flops(n, n * n, d, self.mlp_hidden)
+        blocks = block_flops(lengths, lengths**2, d, self.mlp_hidden).sum().item()
+        context = 2 * patch + 3 * self.depth * blocks
+        # predictor_embed on every context token once, predictor_proj on every prediction
+        io = 2.0 * lengths.sum().item() * d * pd + 2.0 * m * len(lengths) * kt * pd * d
+        hid, depth = self.pred_mlp_hidden, self.pred_depth
+        if self.layout == "shared" and not packed:
+            tokens = lengths + m * kt
+            pred = depth * block_flops(tokens, lengths**2 + m * kt * (lengths + kt), pd, hid)
+        else:
+            tokens = lengths + kt
+            full = block_flops(tokens, tokens**2, pd, hid)
+            last = full if self.layout == "official" or packed else block_flops(tokens, kt * tokens, pd, hid, kt)
+            pred = m * ((depth - 1) * full + last)
+        return {"target": target, "context": context, "predictor": 3 * (pred.sum().item() + io)}
 
-    def per_image(self, context_tokens: list[int], target_tokens: list[int]) -> float:
-        """FLOPs per image for context blocks of ``context_tokens`` and target blocks of ``target_tokens``."""
-        d, n = self.embed_dim, self.num_patches
-        patchify = 2.0 * self.patch_dim * d
-        target = patchify * n + self._blocks(n, d, self.mlp_hidden, self.depth)
-        context = sum(patchify * n + self._blocks(k, d, self.mlp_hidden, self.depth) for k in context_tokens)
-        predictor = 0.0
-        for kc in context_tokens:
-            for kt in target_tokens:
-                predictor += 2.0 * kc * d * self.pred_dim + 2.0 * kt * self.pred_dim * d
-                predictor += self._blocks(kc + kt, self.pred_dim, self.pred_mlp_hidden, self.pred_depth)
-        return target + 3.0 * (context + predictor)
-
+    def masks_step(self, masks) -> float:
+        """Total FLOPs of a step with these ``fastjepa.masks.Masks`` (on the CPU: no device read)."""
+        enc, pred = masks.enc, masks.pred
+        lengths = masks.packed.cu_seqlens.diff() if masks.packed is not None else enc.shape[2]
+        parts = self.step(enc.shape[1], lengths, pred.shape[2], pred.shape[0], enc.shape[0], masks.packed is not None)
+        return sum(parts.values())
 
 class StepAccumulator:
     """Per-step device scalars kept on the device until a log step reads them all at once (one host sync)."""
@@ -80,15 +107,18 @@ class StepAccumulator:
     def reset(self) -> None:
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
+        self.bad: list[torch.Tensor] = []
         self.steps = 0
         self.images = 0
         self.flops = 0.0
         self.data_seconds = 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, images: int, flops: float, data_seconds: float):
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor, images: int, flops: float,
+            data_seconds: float):
         self.losses.append(loss.detach())
         self.grad_norms.append(grad_norm.detach())
+        self.bad.append(bad)
         self.steps += 1
         self.images += images
         self.flops += flops

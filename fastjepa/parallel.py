@@ -3,10 +3,12 @@
 - ``init_distributed``: reads torchrun's environment (single- or multi-node, no SLURM assumptions), picks the
   device and backend (NCCL on CUDA, gloo on CPU) and sets collective timeouts so a dead rank makes the others
   fail instead of hanging.
-- ``parallelize``: activation checkpointing and ``torch.compile`` per block, then DDP or FSDP2. Under FSDP2 the
-  encoder and the target encoder are sharded identically (same mesh, one unit per block plus one per model), so
-  each rank's target shard is the EMA of its own encoder shard and the EMA needs no communication. The target
-  encoder has ``requires_grad=False``: DDP gives it no reducer buckets and FSDP2 no reduce-scatter.
+- ``parallelize``: activation checkpointing and ``torch.compile`` per block, then DDP or FSDP2. Every forward
+  path of the models runs its blocks through their modules, so these wrap every block of the encoder, the target
+  encoder and the predictor in every layout. Under FSDP2 the encoder and the target encoder are sharded
+  identically (same mesh, one unit per block plus one per model), so each rank's target shard is the EMA of its
+  own encoder shard and the EMA needs no communication. The target encoder has ``requires_grad=False``: DDP gives
+  it no reducer buckets and FSDP2 no reduce-scatter.
 """
 
 import datetime
@@ -17,9 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastjepa.choices import PARALLEL_STRATEGIES as STRATEGIES
 from fastjepa.ijepa import IJEPA
-
-STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -89,28 +90,29 @@ def apply_activation_checkpointing(model: IJEPA) -> None:
             blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_compile(model: IJEPA) -> None:
-    """``torch.compile`` each block in place (names unchanged; one graph reused by every block of a width)."""
+def apply_compile(model: IJEPA, backend: str = "inductor") -> None:
+    """``torch.compile`` each block of the three models in place (names unchanged; one graph reused by every block
+    of a width)."""
     for blocks in _block_lists(model):
         for block in blocks:
-            block.compile()
+            block.compile(backend=backend)
 
 
 def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_forward: bool = True) -> IJEPA:
+    """One FSDP2 unit per block (encoder, target encoder, predictor) plus one per model. The models' explicit
+    forward methods (``forward_packed``) are registered so that they gather and free parameters as ``forward``."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     mp = mp or MixedPrecisionPolicy()
     shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    for encoder in (model.encoder, model.target_encoder):
-        for block in encoder.blocks:
+    for net, blocks in zip((model.encoder, model.target_encoder, model.predictor), _block_lists(model), strict=True):
+        for block in blocks:
             fully_shard(block, **shard)
-        fully_shard(encoder, **shard)
-    # The predictor is one unit: its layouts (fastjepa.models.shared_context) run the blocks' submodules directly,
-    # which per-block units would leave sharded; it is narrow (about a tenth of the step's FLOPs) anyway.
-    fully_shard(model.predictor, **shard)
+        fully_shard(net, **shard)
+        register_fsdp_forward_method(net, "forward_packed")
     fully_shard(model, **shard)
     return model
 

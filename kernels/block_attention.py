@@ -18,39 +18,42 @@ import torch
 import triton
 import triton.language as tl
 
-from fastjepa.kernels._switch import fused_enabled, interpreting
+from fastjepa.choices import BLOCK_ATTENTION_BACKENDS
+from fastjepa.kernels._utils import compiled_flex_attention, interpreting, op_or_launcher, use_triton
 
 _LOG2E = 1.4426950408889634
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, num_blocks: int) -> int:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, num_target_blocks: int) -> int:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             f"block_attention: q, k, v must share one [B, L, H, D] shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}. Reshape the qkv projection to [B, L, 3, H, D] and pass its three slices."
         )
     seq_len = q.shape[1]
-    if ctx_len < 1 or num_blocks < 1 or (seq_len - ctx_len) % num_blocks or seq_len <= ctx_len:
+    targets = seq_len - context_len
+    if context_len < 1 or num_target_blocks < 1 or targets % num_target_blocks or targets <= 0:
         raise ValueError(
-            f"block_attention: sequence length {seq_len} is not ctx_len ({ctx_len}) + num_blocks ({num_blocks}) x "
+            f"block_attention: sequence length {seq_len} is not context_len ({context_len}) + num_target_blocks "
+            f"({num_target_blocks}) x "
             "an equal, positive target length. Build the sequence as [context; block 1; ...; block M] with every "
             "target block cut to the same length (the collator does)."
         )
-    return (seq_len - ctx_len) // num_blocks
+    return (seq_len - context_len) // num_target_blocks
 
 
-def block_attention_mask(ctx_len: int, tgt_len: int, num_blocks: int, device=None) -> torch.Tensor:
+def block_attention_mask(context_len: int, target_len: int, num_target_blocks: int, device=None) -> torch.Tensor:
     """``[L, L]`` bool, True where query i may attend to key j."""
-    pos = torch.arange(ctx_len + num_blocks * tgt_len, device=device)
-    seg = torch.where(pos < ctx_len, 0, (pos - ctx_len).div(tgt_len, rounding_mode="floor") + 1)
-    return (pos[None, :] < ctx_len) | (seg[:, None] == seg[None, :])
+    pos = torch.arange(context_len + num_target_blocks * target_len, device=device)
+    seg = torch.where(pos < context_len, 0, (pos - context_len).div(target_len, rounding_mode="floor") + 1)
+    return (pos[None, :] < context_len) | (seg[:, None] == seg[None, :])
 
 
-def block_attention_ref(q, k, v, ctx_len: int, num_blocks: int, scale: float | None = None) -> torch.Tensor:
+def block_attention_ref(q, k, v, context_len: int, num_target_blocks: int, scale: float | None = None) -> torch.Tensor:
     """Reference: dense masked attention, softmax in fp32 (fp64 for fp64 inputs). ``[B, L, H, D]`` in and out."""
-    tgt_len = _check(q, k, v, ctx_len, num_blocks)
+    target_len = _check(q, k, v, context_len, num_target_blocks)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = block_attention_mask(ctx_len, tgt_len, num_blocks, q.device)
+    mask = block_attention_mask(context_len, target_len, num_target_blocks, q.device)
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = torch.einsum("blhd,bmhd->bhlm", q.to(acc), k.to(acc)) * scale
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
@@ -253,40 +256,41 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def block_attention_fwd(q, k, v, ctx_len: int, num_blocks: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def block_attention_fwd(q, k, v, context_len: int, num_target_blocks: int,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: ``(out [B, L, H, D] contiguous, lse [B, H, L] fp32, base 2)``."""
-    tgt_len = _check(q, k, v, ctx_len, num_blocks)
+    target_len = _check(q, k, v, context_len, num_target_blocks)
     if not (q.device == k.device == v.device) or not (q.dtype == k.dtype == v.dtype):
         raise ValueError("block_attention: q, k, v must share one device and dtype")
     batch, seq_len, heads, head_dim = q.shape
     cfg = _config(head_dim, q.dtype)
     out = torch.empty(batch, seq_len, heads, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, seq_len, device=q.device, dtype=torch.float32)
-    nt_c, nt_t = triton.cdiv(ctx_len, cfg["BLOCK_M"]), triton.cdiv(tgt_len, cfg["BLOCK_M"])
-    grid = (nt_c + num_blocks * nt_t, batch * heads)
+    nt_c, nt_t = triton.cdiv(context_len, cfg["BLOCK_M"]), triton.cdiv(target_len, cfg["BLOCK_M"])
+    grid = (nt_c + num_target_blocks * nt_t, batch * heads)
     _block_attn_fwd_kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, seq_len, ctx_len, tgt_len, nt_c, nt_t, scale * _LOG2E, head_dim, **cfg,
+        heads, seq_len, context_len, target_len, nt_c, nt_t, scale * _LOG2E, head_dim, **cfg,
     )
     return out, lse
 
 
-def block_attention_bwd(do, q, k, v, out, lse, ctx_len: int, num_blocks: int, scale: float):
+def block_attention_bwd(do, q, k, v, out, lse, context_len: int, num_target_blocks: int, scale: float):
     """Triton backward: ``(dq, dk, dv)``, each ``[B, L, H, D]`` contiguous."""
-    tgt_len = _check(q, k, v, ctx_len, num_blocks)
+    target_len = _check(q, k, v, context_len, num_target_blocks)
     batch, seq_len, heads, head_dim = q.shape
     cfg = _config(head_dim, q.dtype)
     do = do.contiguous()
     dq, dk, dv = (torch.empty(batch, seq_len, heads, head_dim, device=q.device, dtype=q.dtype) for _ in range(3))
     delta = torch.empty_like(lse)
-    args = (heads, seq_len, ctx_len, tgt_len)
-    nt_c, nt_t = triton.cdiv(ctx_len, cfg["BLOCK_M"]), triton.cdiv(tgt_len, cfg["BLOCK_M"])
-    _block_attn_bwd_dq_kernel[(nt_c + num_blocks * nt_t, batch * heads)](
+    args = (heads, seq_len, context_len, target_len)
+    nt_c, nt_t = triton.cdiv(context_len, cfg["BLOCK_M"]), triton.cdiv(target_len, cfg["BLOCK_M"])
+    _block_attn_bwd_dq_kernel[(nt_c + num_target_blocks * nt_t, batch * heads)](
         q, k, v, out, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
         *args, nt_c, nt_t, scale * _LOG2E, scale, head_dim, **cfg,
     )
-    nt_c, nt_t = triton.cdiv(ctx_len, cfg["BLOCK_N"]), triton.cdiv(tgt_len, cfg["BLOCK_N"])
-    _block_attn_bwd_dkdv_kernel[(nt_c + num_blocks * nt_t, batch * heads)](
+    nt_c, nt_t = triton.cdiv(context_len, cfg["BLOCK_N"]), triton.cdiv(target_len, cfg["BLOCK_N"])
+    _block_attn_bwd_dkdv_kernel[(nt_c + num_target_blocks * nt_t, batch * heads)](
         q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dk),
         *args, nt_c, nt_t, scale * _LOG2E, scale, head_dim, **cfg,
     )
@@ -296,13 +300,13 @@ def block_attention_bwd(do, q, k, v, out, lse, ctx_len: int, num_blocks: int, sc
 # torch.library ops, so torch.compile traces through the predictor block instead of breaking the graph here.
 @torch.library.custom_op("fastjepa::block_attention_fwd", mutates_args=())
 def _block_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, num_blocks: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, num_target_blocks: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return block_attention_fwd(q, k, v, ctx_len, num_blocks, scale)
+    return block_attention_fwd(q, k, v, context_len, num_target_blocks, scale)
 
 
 @_block_attention_fwd_op.register_fake
-def _(q, k, v, ctx_len, num_blocks, scale):
+def _(q, k, v, context_len, num_target_blocks, scale):
     batch, seq_len, heads, head_dim = q.shape
     return q.new_empty(batch, seq_len, heads, head_dim), q.new_empty(batch, heads, seq_len, dtype=torch.float32)
 
@@ -310,98 +314,89 @@ def _(q, k, v, ctx_len, num_blocks, scale):
 @torch.library.custom_op("fastjepa::block_attention_bwd", mutates_args=())
 def _block_attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    ctx_len: int, num_blocks: int, scale: float,
+    context_len: int, num_target_blocks: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return block_attention_bwd(do, q, k, v, out, lse, ctx_len, num_blocks, scale)
+    return block_attention_bwd(do, q, k, v, out, lse, context_len, num_target_blocks, scale)
 
 
 @_block_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, ctx_len, num_blocks, scale):
+def _(do, q, k, v, out, lse, context_len, num_target_blocks, scale):
     return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
 class BlockAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ctx_len: int, num_blocks: int, scale: float):
-        out, lse = _block_attention_fwd_op(q, k, v, ctx_len, num_blocks, scale)
+    def forward(ctx, q, k, v, context_len: int, num_target_blocks: int, scale: float):
+        fwd = op_or_launcher(_block_attention_fwd_op, block_attention_fwd)
+        out, lse = fwd(q, k, v, context_len, num_target_blocks, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (ctx_len, num_blocks, scale)
+        ctx.args = (context_len, num_target_blocks, scale)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _block_attention_bwd_op(do, q, k, v, out, lse, *ctx.args)
+        dq, dk, dv = op_or_launcher(_block_attention_bwd_op, block_attention_bwd)(do, q, k, v, out, lse, *ctx.args)
         return dq, dk, dv, None, None, None
 
 
 @functools.lru_cache(maxsize=64)
-def _flex_block_mask(ctx_len: int, tgt_len: int, num_blocks: int, device: str):
+def _flex_block_mask(context_len: int, target_len: int, num_target_blocks: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
-        q_seg = torch.where(q_idx < ctx_len, 0, (q_idx - ctx_len) // tgt_len + 1)
-        kv_seg = torch.where(kv_idx < ctx_len, 0, (kv_idx - ctx_len) // tgt_len + 1)
-        return (kv_idx < ctx_len) | (q_seg == kv_seg)
+        q_seg = torch.where(q_idx < context_len, 0, (q_idx - context_len) // target_len + 1)
+        kv_seg = torch.where(kv_idx < context_len, 0, (kv_idx - context_len) // target_len + 1)
+        return (kv_idx < context_len) | (q_seg == kv_seg)
 
-    seq_len = ctx_len + num_blocks * tgt_len
+    seq_len = context_len + num_target_blocks * target_len
     return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
 
 
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    # Automatic dynamic shapes: token counts change with every mask draw, a static compile would hit the
-    # recompile limit and fall back to the unfused path.
-    return torch.compile(flex_attention)
-
-
-def block_attention_flex(q, k, v, ctx_len: int, num_blocks: int, scale: float | None = None) -> torch.Tensor:
+def block_attention_flex(q, k, v, context_len: int, num_target_blocks: int, scale: float | None = None) -> torch.Tensor:
     """The same attention through FlexAttention (compiled on GPU; eager, unfused, on CPU). ``[B, L, H, D]``."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    tgt_len = _check(q, k, v, ctx_len, num_blocks)
-    block_mask = _flex_block_mask(ctx_len, tgt_len, num_blocks, str(q.device))
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    target_len = _check(q, k, v, context_len, num_target_blocks)
+    block_mask = _flex_block_mask(context_len, target_len, num_target_blocks, str(q.device))
+    fn = compiled_flex_attention() if q.is_cuda else flex_attention
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
     return out.transpose(1, 2)
 
 
-PROVIDERS = ("auto", "triton", "flex", "ref")
-
-
 def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, num_blocks: int,
-    scale: float | None = None, provider: str = "auto",
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, num_target_blocks: int,
+    scale: float | None = None, backend: str = "auto",
 ) -> torch.Tensor:
     """Shared-context attention: context queries see the context; target block m's queries see context + block m.
 
     Args:
         q, k, v: ``[B, L, H, D]`` (any strides with a contiguous head dim, e.g. slices of a ``[B, L, 3, H, D]``
-            qkv projection), ``L = ctx_len + num_blocks * Lt``, sequence laid out ``[context; block 1; ...]``.
-        ctx_len: context tokens per sequence; num_blocks: target blocks M, each of ``Lt`` tokens.
+            qkv projection), ``L = context_len + num_target_blocks * Lt``, sequence laid out
+            ``[context; block 1; ...]``.
+        context_len: context tokens per sequence; num_target_blocks: target blocks M, each of ``Lt`` tokens.
         scale: softmax scale, default ``D ** -0.5``.
-        provider: "triton" (fused, fwd+bwd), "flex" (FlexAttention), "ref" (dense masked, fp32 softmax), or "auto"
-            (Triton on CUDA / under the interpreter when fused ops are on, else the reference).
+        backend: "triton" (fused, fwd+bwd), "flex" (FlexAttention), "reference" (dense masked, fp32 softmax), or
+            "auto" (Triton on CUDA / under the interpreter unless the kernel backend is "reference", else the
+            reference).
     Returns:
         ``[B, L, H, D]`` in q's dtype; softmax statistics in fp32. Backward recomputes the probabilities
         (FlashAttention-2) and returns dq, dk, dv in the input dtype.
     """
-    if provider not in PROVIDERS:
-        raise ValueError(f"block_attention: unknown provider {provider!r}; choose one of {PROVIDERS}")
+    if backend not in BLOCK_ATTENTION_BACKENDS:
+        raise ValueError(f"block_attention: unknown backend {backend!r}; choose one of {BLOCK_ATTENTION_BACKENDS}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if provider == "auto":
-        provider = "triton" if fused_enabled(q, k, v) else "ref"
-    if provider == "ref":
-        return block_attention_ref(q, k, v, ctx_len, num_blocks, scale)
-    if provider == "flex":
-        return block_attention_flex(q, k, v, ctx_len, num_blocks, scale)
-    _check(q, k, v, ctx_len, num_blocks)
+    if backend == "auto":
+        backend = "triton" if use_triton(q, k, v) else "reference"
+    if backend == "reference":
+        return block_attention_ref(q, k, v, context_len, num_target_blocks, scale)
+    if backend == "flex":
+        return block_attention_flex(q, k, v, context_len, num_target_blocks, scale)
+    _check(q, k, v, context_len, num_target_blocks)
     if not (q.is_cuda or interpreting()):
-        raise ValueError(f"block_attention: provider 'triton' needs CUDA tensors (got {q.device.type}) or "
-                         "TRITON_INTERPRET=1 set before import; use provider='auto' or 'ref' on CPU")
-    return BlockAttentionFunction.apply(q, k, v, ctx_len, num_blocks, scale)
+        raise ValueError(f"block_attention: backend 'triton' needs CUDA tensors (got {q.device.type}) or "
+                         "TRITON_INTERPRET=1 set before import; use backend='auto' or 'reference' on CPU")
+    return BlockAttentionFunction.apply(q, k, v, context_len, num_target_blocks, scale)
 
 
 __all__ = [

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastjepa.kernels._switch import fused_enabled, interpreting
+from fastjepa.choices import EMA_BACKENDS
+from fastjepa.kernels._utils import interpreting, use_triton
 
 try:
     from torch.distributed.tensor import DTensor
@@ -56,6 +57,16 @@ def _ema_update_kernel(table, base_t, base_o, base_c, momentum, weight, HAS_COPY
         tl.store(p_t + o, b_new.to(p_t.dtype.element_ty), mask=m)
         if HAS_COPY:
             tl.store(p_c + o, b_new.to(p_c.dtype.element_ty), mask=m)
+
+
+# sm_90 compile check (tests/test_kernels_compile.py): fp32 master weights with a bf16 copy, as the trainer runs it.
+COMPILE_SPECS = {
+    "ema_update": (
+        _ema_update_kernel,
+        {"table": "*i64", "base_t": "*fp32", "base_o": "*fp32", "base_c": "*bf16", "momentum": "fp32",
+         "weight": "fp32"},
+        {"HAS_COPY": True, "ALIGN": 4, "CHUNK": 16384, "BLOCK": 4096}),
+}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -108,12 +119,21 @@ _TABLES = _TableCache()
 
 
 def _check_lists(target, online, copy) -> None:
+    """Same number of tensors and exactly the same shapes, pair by pair (no broadcasting, on any path)."""
     if len(target) != len(online) or (copy is not None and len(copy) != len(target)):
         raise ValueError(
             f"ema_update: {len(target)} target, {len(online)} online"
             + ("" if copy is None else f" and {len(copy)} copy")
             + " tensors; the lists must pair up (same parameters in the same order)"
         )
+    for i, (t, o) in enumerate(zip(target, online, strict=True)):
+        c = None if copy is None else copy[i]
+        if t.shape != o.shape or (c is not None and c.shape != t.shape):
+            raise ValueError(
+                f"ema_update: tensor {i} has target shape {tuple(t.shape)}, online {tuple(o.shape)}"
+                + ("" if c is None else f", copy {tuple(c.shape)}")
+                + "; pair the same parameters (for FSDP2 both models must be sharded the same way)"
+            )
 
 
 def _groups(target, online, copy):
@@ -123,12 +143,6 @@ def _groups(target, online, copy):
     for i, (t, o) in enumerate(zip(target, online, strict=True)):
         t, o = _local(t), _local(o).detach()
         c = None if copy is None else _local(copy[i])
-        if t.shape != o.shape or (c is not None and c.shape != t.shape):
-            raise ValueError(
-                f"ema_update: tensor {i} has target shape {tuple(t.shape)}, online {tuple(o.shape)}"
-                + ("" if c is None else f", copy {tuple(c.shape)}")
-                + "; pair the same parameters (for FSDP2 both models must be sharded the same way)"
-            )
         tensors = (t, o) if c is None else (t, o, c)
         kernel_ok = (t.is_cuda or interpreting()) and all(x.device == t.device for x in tensors)
         if not kernel_ok or not all(x.is_contiguous() and x.dtype in _DTYPES for x in tensors) or t.numel() == 0:
@@ -144,7 +158,13 @@ def _groups(target, online, copy):
 @torch.no_grad()
 def ema_update_fused(target, online, momentum: float, copy=None, backend: str = "triton") -> None:
     """Fused multi-tensor EMA (see ``ema_update``); ``backend`` "triton" or "cuda" (the ``fastjepa._C`` twin)."""
+    if backend not in EMA_BACKENDS:
+        raise ValueError(f"ema_update: unknown backend {backend!r}; choose one of {EMA_BACKENDS}")
     _check_lists(target, online, copy)
+    _ema_fused(target, online, momentum, copy, backend)
+
+
+def _ema_fused(target, online, momentum: float, copy, backend: str) -> None:
     groups, rest = _groups(target, online, copy)
     chunk, block = chunk_sizes()
     momentum, weight = float(momentum), 1.0 - float(momentum)
@@ -175,14 +195,14 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum:
         momentum: the EMA momentum m.
         copy: optional list of tensors (e.g. bf16) that receive the new target values in the same pass.
     On GPU (or under the Triton interpreter) all tensors of the same dtypes go through one launch; otherwise, or
-    with ``FASTJEPA_FUSED=0``, the reference loop runs.
+    with the kernel backend ``reference``, the reference loop runs.
     """
     _check_lists(target, online, copy)
     if not target:
         return
-    if not fused_enabled(_local(target[0])):
+    if not use_triton(_local(target[0])):
         ema_update_ref([_local(t) for t in target], [_local(o) for o in online], momentum)
         if copy is not None:
             torch._foreach_copy_([_local(c) for c in copy], [_local(t) for t in target])
         return
-    ema_update_fused(target, online, momentum, copy)
+    _ema_fused(target, online, momentum, copy, "triton")

@@ -1,8 +1,8 @@
-"""Masked token gather: ``tokens[b, idx[b, k]] (+ pos_embed[idx[b, k]])`` for each mask of a list.
+"""Masked token gather: ``tokens[b, idx[m, b, k]] (+ pos_embed[idx[m, b, k]])`` for every mask m.
 
 The I-JEPA context path gathers the context-block tokens after patch embedding; the official ``apply_masks``
 builds a ``[B, K, D]`` int64 index (8 bytes per gathered element) to call ``torch.gather``. The fused op reads the
-``[M*B, K]`` indices once per row, adds the positional embedding in the same pass, and its backward writes every
+``[M, B, K]`` indices once per row, adds the positional embedding in the same pass, and its backward writes every
 element of the tokens' gradient exactly once in one kernel (no zero-fill, no atomics, no index map): each program
 finds, for its tile of tokens, the slots of each mask that gathered them by comparing against the mask's row.
 """
@@ -11,22 +11,33 @@ import torch
 import triton
 import triton.language as tl
 
-from fastjepa.kernels._switch import fused_enabled, interpreting, op_or_launcher
+from fastjepa.kernels._utils import mask_index, op_or_launcher, row_blocks, use_triton
+
+OP = "masked_gather"
 
 
-def as_mask_list(masks) -> list[torch.Tensor]:
-    """The official code passes either one ``[B, K]`` index tensor or a list of them."""
-    return list(masks) if isinstance(masks, (list, tuple)) else [masks]
+def _check(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None) -> torch.Tensor:
+    """The ``[M, B, K]`` index, after checking tokens, masks and pos_embed against each other (both paths)."""
+    if tokens.dim() != 3:
+        raise ValueError(f"{OP}: tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
+    batch, num_tokens, dim = tokens.shape
+    if pos_embed is not None and tuple(pos_embed.shape) not in ((num_tokens, dim), (1, num_tokens, dim)):
+        raise ValueError(f"{OP}: pos_embed has shape {tuple(pos_embed.shape)}; expected [N, D] or [1, N, D] = "
+                         f"[1, {num_tokens}, {dim}] for tokens of shape {tuple(tokens.shape)}")
+    return mask_index(masks, batch, num_tokens, OP)
 
 
 def masked_gather_ref(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: ``[B, N, D]`` tokens, a list of M ``[B, K]`` index tensors -> ``[M*B, K, D]`` (mask-major)."""
-    masks = as_mask_list(masks)
-    idx = torch.cat(masks, dim=0)  # [M*B, K]
-    src = tokens.repeat(len(masks), 1, 1) if len(masks) > 1 else tokens
-    out = torch.gather(src, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    """Reference: ``[B, N, D]`` tokens, ``[M, B, K]`` indices (or M ``[B, K]``) -> ``[M*B, K, D]`` (mask-major)."""
+    return _gather_ref(tokens, _check(tokens, masks, pos_embed), pos_embed)
+
+
+def _gather_ref(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
+    num_masks, _, k = idx.shape
+    src = tokens.repeat(num_masks, 1, 1) if num_masks > 1 else tokens
+    out = torch.gather(src, 1, idx.reshape(-1, k, 1).expand(-1, -1, tokens.shape[-1]))
     if pos_embed is not None:
-        out = out + pos_embed.reshape(-1, tokens.shape[-1])[idx]
+        out = out + pos_embed.reshape(-1, tokens.shape[-1])[idx.reshape(-1, k)]
     return out
 
 
@@ -77,79 +88,54 @@ def _masked_gather_bwd_kernel(dy, idx, dx, M, B, N, K, D, BLOCK_N: tl.constexpr,
     tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_d)
 
 
-def _row_blocks(rows: int, dim: int) -> tuple[int, int]:
-    """(rows per program, BLOCK_D): one program covers whole rows of the feature dimension. The interpreter runs
-    programs one after another, so it gets as many rows per program as possible."""
-    block_d = triton.next_power_of_2(dim)
-    budget = 1 << 16 if interpreting() else 8192
-    return max(1, min(triton.next_power_of_2(rows), budget // block_d)), block_d
+# sm_90 compile check of every kernel (tests/test_kernels_compile.py): the signature a real launch specialises to,
+# with ViT-H-like block sizes.
+COMPILE_SPECS = {
+    "masked_gather_fwd": (
+        _masked_gather_fwd_kernel,
+        {"x": "*bf16", "idx": "*i64", "pos": "*bf16", "out": "*bf16", "B": "i32", "N": "i32", "K": "i32", "D": "i32"},
+        {"HAS_POS": True, "BLOCK_K": 4, "BLOCK_D": 2048}),
+    "masked_gather_bwd": (
+        _masked_gather_bwd_kernel,
+        {"dy": "*bf16", "idx": "*i64", "dx": "*bf16", "M": "i32", "B": "i32", "N": "i32", "K": "i32", "D": "i32"},
+        {"BLOCK_N": 4, "BLOCK_K": 128, "BLOCK_D": 2048}),
+}
 
 
-def stack_masks(masks, batch: int, num_tokens: int, name: str = "masks") -> torch.Tensor:
-    """Check a mask list against ``[batch, N, D]`` tokens and concatenate it to ``[M*batch, K]`` (contiguous)."""
-    masks = as_mask_list(masks)
-    if not masks:
-        raise ValueError(f"{name}: empty list; pass at least one [B, K] index tensor")
-    shape = masks[0].shape
-    for i, m in enumerate(masks):
-        if m.dim() != 2 or m.shape[0] != batch or m.shape != shape:
-            raise ValueError(
-                f"{name}[{i}] has shape {tuple(m.shape)}; every mask must be [B, K] = [{batch}, K] with the same K "
-                "(the collator cuts every list to a common length)"
-            )
-        if m.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"{name}[{i}] has dtype {m.dtype}; pass int64 (or int32) token indices in [0, {num_tokens})"
-            )
-    return torch.cat(masks, dim=0).contiguous() if len(masks) > 1 else masks[0].contiguous()
-
-
-def masked_gather_fwd(
-    tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor | None = None, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[B, N, D]`` tokens, ``[M*B, K]`` indices -> ``[M*B, K, D]`` in the promoted dtype of tokens and pos
+def masked_gather_fwd(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, N, D]`` tokens, checked ``[M, B, K]`` indices -> ``[M*B, K, D]`` in the promoted dtype of tokens and pos
     (written into ``out`` when given, which tests fill with NaN)."""
-    if tokens.dim() != 3:
-        raise ValueError(f"masked_gather: tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
     batch, num_tokens, dim = tokens.shape
-    rows, k = idx.shape
-    if rows % batch:
-        raise ValueError(f"masked_gather: {rows} index rows is not a multiple of the batch size {batch}")
+    num_masks, _, k = idx.shape
     tokens = tokens.contiguous()
     dtype = tokens.dtype
     if pos_embed is not None:
-        if pos_embed.numel() != num_tokens * dim:
-            raise ValueError(
-                f"masked_gather: pos_embed has shape {tuple(pos_embed.shape)}; expected [N, D] = [{num_tokens}, {dim}]"
-            )
         pos_embed = pos_embed.reshape(num_tokens, dim).contiguous()
         dtype = torch.promote_types(dtype, pos_embed.dtype)
     if out is None:
-        out = torch.empty(rows, k, dim, dtype=dtype, device=tokens.device)
+        out = torch.empty(num_masks * batch, k, dim, dtype=dtype, device=tokens.device)
     if out.numel() == 0:
         return out
-    block_k, block_d = _row_blocks(k, dim)
-    grid = (triton.cdiv(k, block_k), rows)
-    _masked_gather_fwd_kernel[grid](
+    block_k, block_d = row_blocks(k, dim)
+    _masked_gather_fwd_kernel[(triton.cdiv(k, block_k), num_masks * batch)](
         tokens, idx, pos_embed if pos_embed is not None else tokens, out, batch, num_tokens, k, dim,
         HAS_POS=pos_embed is not None, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
     )
     return out
 
 
-def masked_gather_bwd(
-    grad_out: torch.Tensor, idx: torch.Tensor, batch: int, num_tokens: int, dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``[M*B, K, D]`` output gradient, ``[M*B, K]`` indices -> ``[B, N, D]`` tokens gradient in ``dtype`` (zeros
+def masked_gather_bwd(grad_out: torch.Tensor, idx: torch.Tensor, num_tokens: int, dtype: torch.dtype,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[M*B, K, D]`` output gradient, ``[M, B, K]`` indices -> ``[B, N, D]`` tokens gradient in ``dtype`` (zeros
     where nothing was gathered; repeated indices add up)."""
     grad_out = grad_out.contiguous()
-    rows, k, dim = grad_out.shape
+    num_masks, batch, k = idx.shape
+    dim = grad_out.shape[-1]
     dx = torch.empty(batch, num_tokens, dim, dtype=dtype, device=grad_out.device) if out is None else out
-    block_n, block_d = _row_blocks(num_tokens, dim)
-    grid = (triton.cdiv(num_tokens, block_n), batch)
-    _masked_gather_bwd_kernel[grid](
-        grad_out, idx, dx, rows // batch, batch, num_tokens, k, dim, BLOCK_N=block_n,
+    block_n, block_d = row_blocks(num_tokens, dim)
+    _masked_gather_bwd_kernel[(triton.cdiv(num_tokens, block_n), batch)](
+        grad_out, idx, dx, num_masks, batch, num_tokens, k, dim, BLOCK_N=block_n,
         BLOCK_K=triton.next_power_of_2(k), BLOCK_D=block_d, num_warps=4,
     )
     return dx
@@ -163,25 +149,24 @@ def _masked_gather_fwd_op(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: to
 @_masked_gather_fwd_op.register_fake
 def _(tokens, idx, pos_embed):
     dtype = tokens.dtype if pos_embed is None else torch.promote_types(tokens.dtype, pos_embed.dtype)
-    return tokens.new_empty((idx.shape[0], idx.shape[1], tokens.shape[2]), dtype=dtype)
+    return tokens.new_empty((idx.shape[0] * idx.shape[1], idx.shape[2], tokens.shape[2]), dtype=dtype)
 
 
 @torch.library.custom_op("fastjepa::masked_gather_bwd", mutates_args=())
-def _masked_gather_bwd_op(grad_out: torch.Tensor, idx: torch.Tensor, batch: int, num_tokens: int,
+def _masked_gather_bwd_op(grad_out: torch.Tensor, idx: torch.Tensor, num_tokens: int,
                           dtype: torch.dtype) -> torch.Tensor:
-    return masked_gather_bwd(grad_out, idx, batch, num_tokens, dtype)
+    return masked_gather_bwd(grad_out, idx, num_tokens, dtype)
 
 
 @_masked_gather_bwd_op.register_fake
-def _(grad_out, idx, batch, num_tokens, dtype):
-    return grad_out.new_empty((batch, num_tokens, grad_out.shape[2]), dtype=dtype)
+def _(grad_out, idx, num_tokens, dtype):
+    return grad_out.new_empty((idx.shape[1], num_tokens, grad_out.shape[2]), dtype=dtype)
 
 
 class MaskedGatherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, idx, pos_embed):
-        ctx.batch, ctx.num_tokens = tokens.shape[0], tokens.shape[1]
-        ctx.tokens_dtype = tokens.dtype
+        ctx.num_tokens, ctx.tokens_dtype = tokens.shape[1], tokens.dtype
         ctx.pos_shape = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
         ctx.save_for_backward(idx)
         return op_or_launcher(_masked_gather_fwd_op, masked_gather_fwd)(tokens, idx, pos_embed)
@@ -192,7 +177,7 @@ class MaskedGatherFunction(torch.autograd.Function):
         need_tokens, _, need_pos = ctx.needs_input_grad
         # The positional embedding's gradient is the tokens' gradient summed over the batch: accumulate it in fp32.
         dtype = torch.float32 if need_pos else ctx.tokens_dtype
-        dx = op_or_launcher(_masked_gather_bwd_op, masked_gather_bwd)(grad_out, idx, ctx.batch, ctx.num_tokens, dtype)
+        dx = op_or_launcher(_masked_gather_bwd_op, masked_gather_bwd)(grad_out, idx, ctx.num_tokens, dtype)
         grad_pos = None
         if need_pos:
             shape, dtype = ctx.pos_shape
@@ -205,16 +190,16 @@ def masked_gather(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None = 
 
     Args:
         tokens: ``[B, N, D]``.
-        masks: one ``[B, K]`` int64 index tensor or a list of M of them (the official mask format); indices in
-            ``[0, N)`` (a repeated index gathers the token twice and its gradients add up, as with ``torch.gather``).
+        masks: ``[M, B, K]`` int64 indices, or one ``[B, K]`` tensor, or a list of M of them (the official mask
+            format); indices in ``[0, N)`` (others raise; a repeated index gathers the token twice and its
+            gradients add up, as with ``torch.gather``).
         pos_embed: optional ``[N, D]`` (or ``[1, N, D]``) added at the gathered positions.
     Returns:
         ``[M*B, K, D]``, masks concatenated on the batch dimension (the order of the official ``apply_masks``), in
         the promoted dtype of ``tokens`` and ``pos_embed``.
     Backward scatter-adds into the gradient of ``tokens`` (and of ``pos_embed`` when it requires grad).
     """
-    check = [tokens] + as_mask_list(masks) + ([pos_embed] if pos_embed is not None else [])
-    if not fused_enabled(*check):
-        return masked_gather_ref(tokens, masks, pos_embed)
-    idx = stack_masks(masks, tokens.shape[0], tokens.shape[1])
+    idx = _check(tokens, masks, pos_embed)
+    if not use_triton(tokens, idx, *([pos_embed] if pos_embed is not None else [])):
+        return _gather_ref(tokens, idx, pos_embed)
     return MaskedGatherFunction.apply(tokens, idx, pos_embed)

@@ -11,23 +11,52 @@ import torch
 import triton
 import triton.language as tl
 
-from fastjepa.kernels._switch import fused_enabled, op_or_launcher
-from fastjepa.kernels.masked_gather import _row_blocks, as_mask_list, masked_gather_ref, stack_masks
-from fastjepa.kernels.target_norm_gather import repeat_interleave_batch
+from fastjepa.kernels._utils import (
+    mask_index,
+    op_or_launcher,
+    repeat_interleave_batch,
+    row_blocks,
+    stack_masks,
+    use_triton,
+)
+from fastjepa.kernels.masked_gather import _gather_ref
+
+OP = "predictor_tokens"
+
+
+def _check(x, masks_enc, masks_pred, mask_token, pos_embed) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[nenc, B, Kc]`` and ``[M, B, Kt]`` indices, after checking every input against the others."""
+    if x.dim() != 3:
+        raise ValueError(f"{OP}: x must be the [nenc*B, Kc, D] context, got shape {tuple(x.shape)}")
+    dim = x.shape[-1]
+    if mask_token.numel() != dim or pos_embed.dim() not in (2, 3) or pos_embed.shape[-1] != dim or (
+            pos_embed.dim() == 3 and pos_embed.shape[0] != 1):
+        raise ValueError(f"{OP}: mask_token {tuple(mask_token.shape)} must hold D={dim} values and pos_embed "
+                         f"{tuple(pos_embed.shape)} must be [N, D] or [1, N, D] with D={dim}")
+    num_tokens = pos_embed.shape[-2]
+    enc = stack_masks(masks_enc)
+    batch = enc.shape[1] if enc.dim() == 3 else -1
+    enc = mask_index(enc, batch, num_tokens, OP, "masks_enc")
+    if tuple(x.shape[:2]) != (enc.shape[0] * batch, enc.shape[2]):
+        raise ValueError(f"{OP}: x has shape {tuple(x.shape)}; expected [nenc*B, Kc, D] = "
+                         f"[{enc.shape[0] * batch}, {enc.shape[2]}, {dim}] from masks_enc {tuple(enc.shape)}")
+    return enc, mask_index(masks_pred, batch, num_tokens, OP, "masks_pred")
+
+
+def _tokens_ref(x, idx_enc, idx_pred, mask_token, pos_embed) -> torch.Tensor:
+    nenc, batch, _ = idx_enc.shape
+    dim = x.shape[-1]
+    pos = pos_embed.reshape(1, -1, dim).expand(batch, -1, -1)
+    ctx = x + _gather_ref(pos, idx_enc, None)
+    tgt = mask_token.reshape(1, 1, dim) + repeat_interleave_batch(_gather_ref(pos, idx_pred, None), batch, nenc)
+    return torch.cat([ctx.repeat(idx_pred.shape[0], 1, 1), tgt], dim=1)
 
 
 def predictor_tokens_ref(
     x: torch.Tensor, masks_enc, masks_pred, mask_token: torch.Tensor, pos_embed: torch.Tensor
 ) -> torch.Tensor:
     """Reference, following the official predictor step by step."""
-    masks_enc, masks_pred = as_mask_list(masks_enc), as_mask_list(masks_pred)
-    dim = x.shape[-1]
-    pos = pos_embed.reshape(1, -1, dim)
-    batch = x.shape[0] // len(masks_enc)
-    ctx = x + masked_gather_ref(pos.expand(batch, -1, -1), masks_enc)
-    tgt_pos = masked_gather_ref(pos.expand(batch, -1, -1), masks_pred)
-    tgt = mask_token.reshape(1, 1, dim) + repeat_interleave_batch(tgt_pos, batch, len(masks_enc))
-    return torch.cat([ctx.repeat(len(masks_pred), 1, 1), tgt], dim=1)
+    return _tokens_ref(x, *_check(x, masks_enc, masks_pred, mask_token, pos_embed), mask_token, pos_embed)
 
 
 @triton.jit
@@ -86,23 +115,31 @@ def _predictor_tokens_bwd_kernel(dy, dx, partial, B, NENC, M, KC, KT, D, NUM_KC_
         tl.store(partial + i_p * D + o_d, tl.sum(b_acc, axis=0), mask=o_d < D)
 
 
-def predictor_tokens_fwd(x, idx_enc, idx_pred, mask_token, pos_embed, batch: int, out=None) -> torch.Tensor:
-    """``[nenc*B, Kc, D]`` x, ``[nenc*B, Kc]`` / ``[M*B, Kt]`` indices -> ``[M*nenc*B, Kc+Kt, D]``."""
-    rows_enc, kc = idx_enc.shape
-    rows_pred, kt = idx_pred.shape
-    dim = x.shape[-1]
-    if tuple(x.shape) != (rows_enc, kc, dim):
-        raise ValueError(f"predictor_tokens: x has shape {tuple(x.shape)}; expected [nenc*B, Kc, D] = "
-                         f"[{rows_enc}, {kc}, D] from masks_enc")
-    if mask_token.numel() != dim or pos_embed.numel() % dim:
-        raise ValueError(f"predictor_tokens: mask_token ({tuple(mask_token.shape)}) and pos_embed "
-                         f"({tuple(pos_embed.shape)}) must have D={dim} features")
-    nenc, num_pred = rows_enc // batch, rows_pred // batch
+# sm_90 compile check of every kernel (tests/test_kernels_compile.py), ViT-H predictor-like block sizes.
+COMPILE_SPECS = {
+    "predictor_tokens_fwd": (
+        _predictor_tokens_fwd_kernel,
+        {"x": "*bf16", "idx_enc": "*i64", "idx_pred": "*i64", "mask_token": "*fp32", "pos": "*fp32", "out": "*fp32",
+         "B": "i32", "NENC": "i32", "M": "i32", "KC": "i32", "KT": "i32", "D": "i32"},
+        {"BLOCK_K": 16, "BLOCK_D": 512}),
+    "predictor_tokens_bwd": (
+        _predictor_tokens_bwd_kernel,
+        {"dy": "*fp32", "dx": "*bf16", "partial": "*fp32", "B": "i32", "NENC": "i32", "M": "i32", "KC": "i32",
+         "KT": "i32", "D": "i32", "NUM_KC_TILES": "i32"},
+        {"BLOCK_K": 16, "BLOCK_D": 512}),
+}
+
+
+def predictor_tokens_fwd(x, idx_enc, idx_pred, mask_token, pos_embed, out=None) -> torch.Tensor:
+    """``[nenc*B, Kc, D]`` x, checked ``[nenc, B, Kc]`` / ``[M, B, Kt]`` indices -> ``[M*nenc*B, Kc+Kt, D]``."""
+    nenc, batch, kc = idx_enc.shape
+    num_pred, _, kt = idx_pred.shape
+    rows_enc, rows_pred, dim = nenc * batch, num_pred * batch, x.shape[-1]
     x, mask_token, pos_embed = x.contiguous(), mask_token.contiguous(), pos_embed.contiguous()
     if out is None:
         dtype = torch.promote_types(torch.promote_types(x.dtype, pos_embed.dtype), mask_token.dtype)
         out = torch.empty(num_pred * rows_enc, kc + kt, dim, dtype=dtype, device=x.device)
-    block_k, block_d = _row_blocks(max(kc, kt), dim)
+    block_k, block_d = row_blocks(max(kc, kt), dim)
     _predictor_tokens_fwd_kernel[(triton.cdiv(max(kc, kt), block_k), rows_enc + rows_pred)](
         x, idx_enc, idx_pred, mask_token, pos_embed, out, batch, nenc, num_pred, kc, kt, dim,
         BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
@@ -119,7 +156,7 @@ def predictor_tokens_bwd(grad_out, batch: int, nenc: int, kc: int, x_dtype, dx=N
     rows_enc = nenc * batch
     if dx is None:
         dx = torch.empty(rows_enc, kc, dim, dtype=x_dtype, device=grad_out.device)
-    block_k, block_d = _row_blocks(max(kc, kt), dim)
+    block_k, block_d = row_blocks(max(kc, kt), dim)
     num_kc, num_kt = triton.cdiv(kc, block_k), triton.cdiv(kt, block_k)
     partial = torch.empty(rows_enc, num_kt, dim, dtype=torch.float32, device=grad_out.device)
     _predictor_tokens_bwd_kernel[(num_kc + num_kt, rows_enc)](
@@ -131,15 +168,15 @@ def predictor_tokens_bwd(grad_out, batch: int, nenc: int, kc: int, x_dtype, dx=N
 
 @torch.library.custom_op("fastjepa::predictor_tokens_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, idx_enc: torch.Tensor, idx_pred: torch.Tensor, mask_token: torch.Tensor,
-            pos_embed: torch.Tensor, batch: int) -> torch.Tensor:
-    return predictor_tokens_fwd(x, idx_enc, idx_pred, mask_token, pos_embed, batch)
+            pos_embed: torch.Tensor) -> torch.Tensor:
+    return predictor_tokens_fwd(x, idx_enc, idx_pred, mask_token, pos_embed)
 
 
 @_fwd_op.register_fake
-def _(x, idx_enc, idx_pred, mask_token, pos_embed, batch):
+def _(x, idx_enc, idx_pred, mask_token, pos_embed):
     dtype = torch.promote_types(torch.promote_types(x.dtype, pos_embed.dtype), mask_token.dtype)
-    rows = idx_pred.shape[0] // batch * idx_enc.shape[0]
-    return x.new_empty((rows, idx_enc.shape[1] + idx_pred.shape[1], x.shape[-1]), dtype=dtype)
+    rows = idx_pred.shape[0] * idx_enc.shape[0] * idx_enc.shape[1]
+    return x.new_empty((rows, idx_enc.shape[2] + idx_pred.shape[2], x.shape[-1]), dtype=dtype)
 
 
 @torch.library.custom_op("fastjepa::predictor_tokens_bwd", mutates_args=())
@@ -156,19 +193,18 @@ def _(grad_out, batch, nenc, kc, x_dtype):
 
 class PredictorTokensFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx_enc, idx_pred, mask_token, pos_embed, batch):
-        ctx.batch, ctx.kc = batch, x.shape[1]
+    def forward(ctx, x, idx_enc, idx_pred, mask_token, pos_embed):
+        ctx.kc = x.shape[1]
         ctx.meta = (x.dtype, mask_token.shape, mask_token.dtype, pos_embed.shape, pos_embed.dtype)
         ctx.save_for_backward(idx_enc, idx_pred)
-        return op_or_launcher(_fwd_op, predictor_tokens_fwd)(x, idx_enc, idx_pred, mask_token, pos_embed, batch)
+        return op_or_launcher(_fwd_op, predictor_tokens_fwd)(x, idx_enc, idx_pred, mask_token, pos_embed)
 
     @staticmethod
     def backward(ctx, grad_out):
         idx_enc, idx_pred = ctx.saved_tensors
         x_dtype, mt_shape, mt_dtype, pos_shape, pos_dtype = ctx.meta
-        batch, kc = ctx.batch, ctx.kc
-        nenc = idx_enc.shape[0] // batch
-        need_x, _, _, need_mt, need_pos, _ = ctx.needs_input_grad
+        nenc, batch, kc = idx_enc.shape
+        need_x, _, _, need_mt, need_pos = ctx.needs_input_grad
         bwd = op_or_launcher(_bwd_op, predictor_tokens_bwd)
         dx, dmt = bwd(grad_out, batch, nenc, kc, torch.float32 if need_pos else x_dtype)
         dpos = None
@@ -181,7 +217,7 @@ class PredictorTokensFunction(torch.autograd.Function):
             dpos.index_add_(0, idx_pred.reshape(-1).long(), dtgt.reshape(-1, dim))
             dpos = dpos.to(pos_dtype).reshape(pos_shape)
         return (dx.to(x_dtype) if need_x else None, None, None, dmt.to(mt_dtype).reshape(mt_shape) if need_mt else None,
-                dpos, None)
+                dpos)
 
 
 def predictor_tokens(
@@ -191,17 +227,14 @@ def predictor_tokens(
 
     Args:
         x: ``[nenc*B, Kc, Dp]`` context tokens already mapped to the predictor width.
-        masks_enc: list of nenc ``[B, Kc]`` context indices; masks_pred: list of M ``[B, Kt]`` target indices.
+        masks_enc: ``[nenc, B, Kc]`` context indices (or a list of nenc ``[B, Kc]``); masks_pred: ``[M, B, Kt]``
+            target indices (or a list of M ``[B, Kt]``).
         mask_token: ``[Dp]`` (any shape with Dp elements); pos_embed: ``[N, Dp]`` (or ``[1, N, Dp]``).
     Returns:
         ``[M*nenc*B, Kc+Kt, Dp]``. Backward: the context gradient is summed over the M repeats; the mask token's
         gradient is summed over every target slot; the positional embedding's when it requires grad.
     """
-    masks_enc, masks_pred = as_mask_list(masks_enc), as_mask_list(masks_pred)
-    if not fused_enabled(x, mask_token, pos_embed, *masks_enc, *masks_pred):
-        return predictor_tokens_ref(x, masks_enc, masks_pred, mask_token, pos_embed)
-    batch = masks_enc[0].shape[0]
-    num_tokens = pos_embed.numel() // x.shape[-1]
-    idx_enc = stack_masks(masks_enc, batch, num_tokens, "masks_enc")
-    idx_pred = stack_masks(masks_pred, batch, num_tokens, "masks_pred")
-    return PredictorTokensFunction.apply(x, idx_enc, idx_pred, mask_token, pos_embed, batch)
+    idx_enc, idx_pred = _check(x, masks_enc, masks_pred, mask_token, pos_embed)
+    if not use_triton(x, mask_token, pos_embed, idx_enc, idx_pred):
+        return _tokens_ref(x, idx_enc, idx_pred, mask_token, pos_embed)
+    return PredictorTokensFunction.apply(x, idx_enc, idx_pred, mask_token, pos_embed)

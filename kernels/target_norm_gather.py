@@ -12,29 +12,42 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastjepa.kernels._switch import fused_enabled, op_or_launcher
-from fastjepa.kernels.masked_gather import _row_blocks, as_mask_list, masked_gather_ref, stack_masks
+from fastjepa.kernels._utils import mask_index, op_or_launcher, repeat_interleave_batch, row_blocks, use_triton
+from fastjepa.kernels.masked_gather import _gather_ref
 
 
-def repeat_interleave_batch(x: torch.Tensor, batch_size: int, repeat: int) -> torch.Tensor:
-    """``[G*B, ...]`` -> ``[G*repeat*B, ...]``: each group of B rows repeated ``repeat`` times in place
-    (the official ordering that pairs predictions of every context block with their targets)."""
-    if repeat == 1:
-        return x
-    groups = x.reshape(-1, batch_size, *x.shape[1:])
-    return groups.unsqueeze(1).expand(-1, repeat, *groups.shape[1:]).reshape(-1, *x.shape[1:])
+def _check(h: torch.Tensor, masks_pred, num_context_blocks: int, op: str) -> torch.Tensor:
+    """The ``[M, B, K]`` target index, after checking h, the masks and nenc (both paths)."""
+    if h.dim() != 3:
+        raise ValueError(f"{op}: h must be the [B, N, D] target-encoder output, got shape {tuple(h.shape)}")
+    if num_context_blocks < 1:
+        raise ValueError(f"{op}: num_context_blocks={num_context_blocks!r}; pass the number of context blocks "
+                         "(>= 1, len(masks_enc))")
+    return mask_index(masks_pred, h.shape[0], h.shape[1], op, "masks_pred")
+
+
+def _check_pred(pred: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, num_context_blocks: int, op: str) -> None:
+    expected = (idx.shape[0] * num_context_blocks * idx.shape[1], idx.shape[2], h.shape[2])
+    if tuple(pred.shape) != expected:
+        raise ValueError(f"{op}: pred has shape {tuple(pred.shape)}; expected [M*nenc*B, K, D] = {expected} for "
+                         f"{idx.shape[0]} target masks, nenc={num_context_blocks} and h of shape {tuple(h.shape)}")
+
+
+def _targets_ref(h: torch.Tensor, idx: torch.Tensor, num_context_blocks: int, eps: float) -> torch.Tensor:
+    h = F.layer_norm(h, (h.shape[-1],), eps=eps)
+    return repeat_interleave_batch(_gather_ref(h, idx, None), h.shape[0], num_context_blocks)
 
 
 def target_norm_gather_ref(h: torch.Tensor, masks_pred, num_context_blocks: int = 1, eps: float = 1e-5):
     """Reference: ``[B, N, D]`` target-encoder output -> ``[M*nenc*B, K, D]`` normalised targets."""
-    h = F.layer_norm(h, (h.shape[-1],), eps=eps)
-    out = masked_gather_ref(h, as_mask_list(masks_pred))
-    return repeat_interleave_batch(out, h.shape[0], num_context_blocks)
+    return _targets_ref(h, _check(h, masks_pred, num_context_blocks, "target_norm_gather"), num_context_blocks, eps)
 
 
 def target_norm_smooth_l1_ref(pred, h, masks_pred, num_context_blocks: int = 1, eps: float = 1e-5):
     """Reference: the official loss, ``smooth_l1_loss(pred, targets)`` (beta 1, mean), targets from ``h``."""
-    return F.smooth_l1_loss(pred, target_norm_gather_ref(h, masks_pred, num_context_blocks, eps))
+    idx = _check(h, masks_pred, num_context_blocks, "target_norm_smooth_l1")
+    _check_pred(pred, h, idx, num_context_blocks, "target_norm_smooth_l1")
+    return F.smooth_l1_loss(pred, _targets_ref(h, idx, num_context_blocks, eps))
 
 
 @triton.jit
@@ -91,23 +104,35 @@ def _target_norm_smooth_l1_kernel(pred, h, idx, partial, dpred, dloss, B, N, K, 
         tl.store(partial + i_r * tl.num_programs(0) + tl.program_id(0), tl.sum(tl.sum(b_acc, axis=1), axis=0))
 
 
-def _check_h(h: torch.Tensor, name: str) -> None:
-    if h.dim() != 3:
-        raise ValueError(f"{name}: h must be the [B, N, D] target-encoder output, got shape {tuple(h.shape)}")
+# sm_90 compile check of every kernel (tests/test_kernels_compile.py), ViT-H-like block sizes.
+_SMOOTH_L1_SIGNATURE = {"pred": "*bf16", "h": "*bf16", "idx": "*i64", "partial": "*fp32", "dpred": "*bf16",
+                        "dloss": "*bf16", "B": "i32", "N": "i32", "K": "i32", "D": "i32", "NENC": "i32", "eps": "fp32",
+                        "scale": "fp32"}
+COMPILE_SPECS = {
+    "target_norm_gather_fwd": (
+        _target_norm_gather_fwd_kernel,
+        {"h": "*bf16", "idx": "*i64", "out": "*bf16", "B": "i32", "N": "i32", "K": "i32", "D": "i32", "NENC": "i32",
+         "eps": "fp32"},
+        {"BLOCK_K": 4, "BLOCK_D": 2048}),
+    "target_norm_smooth_l1_fwd": (_target_norm_smooth_l1_kernel, _SMOOTH_L1_SIGNATURE,
+                                  {"BACKWARD": False, "BLOCK_K": 4, "BLOCK_D": 2048}),
+    "target_norm_smooth_l1_bwd": (_target_norm_smooth_l1_kernel, _SMOOTH_L1_SIGNATURE,
+                                  {"BACKWARD": True, "BLOCK_K": 4, "BLOCK_D": 2048}),
+}
 
 
 def target_norm_gather_fwd(h, idx, num_context_blocks: int = 1, eps: float = 1e-5, dtype=None, out=None):
-    """``[B, N, D]`` h, ``[M*B, K]`` indices -> ``[M*nenc*B, K, D]`` normalised targets in ``dtype`` (h's)."""
-    _check_h(h, "target_norm_gather")
+    """``[B, N, D]`` h, checked ``[M, B, K]`` indices -> ``[M*nenc*B, K, D]`` normalised targets in ``dtype``
+    (h's by default)."""
     h = h.contiguous()
     batch, num_tokens, dim = h.shape
-    rows, k = idx.shape
+    num_masks, _, k = idx.shape
     if out is None:
-        out = torch.empty(rows * num_context_blocks, k, dim, dtype=dtype or h.dtype, device=h.device)
+        out = torch.empty(num_masks * num_context_blocks * batch, k, dim, dtype=dtype or h.dtype, device=h.device)
     if out.numel() == 0:
         return out
-    block_k, block_d = _row_blocks(k, dim)
-    _target_norm_gather_fwd_kernel[(triton.cdiv(k, block_k), rows)](
+    block_k, block_d = row_blocks(k, dim)
+    _target_norm_gather_fwd_kernel[(triton.cdiv(k, block_k), num_masks * batch)](
         h, idx, out, batch, num_tokens, k, dim, num_context_blocks, eps, BLOCK_K=block_k, BLOCK_D=block_d,
         num_warps=4,
     )
@@ -116,10 +141,10 @@ def target_norm_gather_fwd(h, idx, num_context_blocks: int = 1, eps: float = 1e-
 
 def _smooth_l1_launch(pred, h, idx, num_context_blocks, eps, dloss=None, dpred=None):
     batch, num_tokens, dim = h.shape
-    rows, k = idx.shape
-    block_k, block_d = _row_blocks(k, dim)
-    grid = (triton.cdiv(k, block_k), rows)
-    partial = torch.empty(rows, grid[0], dtype=torch.float32, device=h.device)
+    num_masks, _, k = idx.shape
+    block_k, block_d = row_blocks(k, dim)
+    grid = (triton.cdiv(k, block_k), num_masks * batch)
+    partial = torch.empty(grid[1], grid[0], dtype=torch.float32, device=h.device)
     _target_norm_smooth_l1_kernel[grid](
         pred, h, idx, partial, pred if dpred is None else dpred, partial if dloss is None else dloss,
         batch, num_tokens, k, dim, num_context_blocks, eps, 1.0 / pred.numel(),
@@ -148,7 +173,7 @@ def _target_norm_gather_op(h: torch.Tensor, idx: torch.Tensor, num_context_block
 
 @_target_norm_gather_op.register_fake
 def _(h, idx, num_context_blocks, eps, dtype):
-    return h.new_empty((idx.shape[0] * num_context_blocks, idx.shape[1], h.shape[2]), dtype=dtype)
+    return h.new_empty((idx.shape[0] * num_context_blocks * idx.shape[1], idx.shape[2], h.shape[2]), dtype=dtype)
 
 
 @torch.library.custom_op("fastjepa::target_norm_smooth_l1_partial", mutates_args=())
@@ -159,8 +184,8 @@ def _partial_op(pred: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, num_cont
 
 @_partial_op.register_fake
 def _(pred, h, idx, num_context_blocks, eps):
-    block_k, _ = _row_blocks(idx.shape[1], h.shape[2])
-    return h.new_empty((idx.shape[0], triton.cdiv(idx.shape[1], block_k)), dtype=torch.float32)
+    block_k, _ = row_blocks(idx.shape[2], h.shape[2])
+    return h.new_empty((idx.shape[0] * idx.shape[1], triton.cdiv(idx.shape[2], block_k)), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastjepa::target_norm_smooth_l1_grad", mutates_args=())
@@ -196,16 +221,14 @@ def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1,
     Args:
         h: ``[B, N, D]`` target-encoder output (after its final norm); no gradient flows to it on the fused path
             (with grad enabled and ``h.requires_grad`` the reference runs, so autograd stays exact).
-        masks_pred: a list of M ``[B, K]`` int64 index tensors (the target blocks).
+        masks_pred: the M target blocks: ``[M, B, K]`` int64 indices, or a list of M ``[B, K]`` tensors.
         num_context_blocks: nenc; each target block's rows are repeated that many times, as the official code does.
     Returns:
         ``[M*nenc*B, K, D]`` in ``h``'s dtype (statistics in fp32); fp32 under CUDA autocast, as the reference.
     """
-    masks = as_mask_list(masks_pred)
-    if not fused_enabled(h, *masks) or (torch.is_grad_enabled() and h.requires_grad):
-        return target_norm_gather_ref(h, masks, num_context_blocks, eps)
-    _check_h(h, "target_norm_gather")
-    idx = stack_masks(masks, h.shape[0], h.shape[1], "masks_pred")
+    idx = _check(h, masks_pred, num_context_blocks, "target_norm_gather")
+    if not use_triton(h, idx) or (torch.is_grad_enabled() and h.requires_grad):
+        return _targets_ref(h, idx, num_context_blocks, eps)
     # CUDA autocast runs F.layer_norm in fp32, so the reference's targets are fp32 there: keep that dtype.
     dtype = torch.float32 if h.is_cuda and torch.is_autocast_enabled("cuda") else h.dtype
     return op_or_launcher(_target_norm_gather_op, target_norm_gather_fwd)(h, idx, num_context_blocks, eps, dtype)
@@ -217,23 +240,16 @@ def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_c
 
     Args:
         pred: ``[M*nenc*B, K, D]`` predictor outputs; h: ``[B, N, D]`` target-encoder output (treated as constant);
-        masks_pred: list of M ``[B, K]`` target indices; num_context_blocks: nenc.
+        masks_pred: the M target blocks (``[M, B, K]`` or a list of ``[B, K]``); num_context_blocks: nenc.
     Returns:
         The mean smooth-L1 loss (beta 1), accumulated in fp32, in the promoted dtype of pred and h (fp32 under
-        autocast, as the reference).
+        autocast, as the reference); NaN for K = 0, as the reference's mean over nothing.
     Backward writes the gradient w.r.t. ``pred`` only, recomputing the targets from ``h``.
     """
-    masks = as_mask_list(masks_pred)
-    if not fused_enabled(pred, h, *masks):
-        return target_norm_smooth_l1_ref(pred, h.detach(), masks, num_context_blocks, eps)
-    _check_h(h, "target_norm_smooth_l1")
-    idx = stack_masks(masks, h.shape[0], h.shape[1], "masks_pred")
-    expected = (idx.shape[0] * num_context_blocks, idx.shape[1], h.shape[2])
-    if tuple(pred.shape) != expected:
-        raise ValueError(
-            f"target_norm_smooth_l1: pred has shape {tuple(pred.shape)}; expected [M*nenc*B, K, D] = {expected} "
-            f"for {len(masks)} target masks, nenc={num_context_blocks} and h of shape {tuple(h.shape)}"
-        )
+    idx = _check(h, masks_pred, num_context_blocks, "target_norm_smooth_l1")
+    _check_pred(pred, h, idx, num_context_blocks, "target_norm_smooth_l1")
+    if not use_triton(pred, h, idx) or pred.numel() == 0:
+        return F.smooth_l1_loss(pred, _targets_ref(h.detach(), idx, num_context_blocks, eps))
     # Autocast (CPU and CUDA) runs smooth_l1_loss in fp32: the reference's loss is fp32 there.
     autocast = torch.is_autocast_enabled(pred.device.type)
     loss_dtype = torch.float32 if autocast else torch.promote_types(pred.dtype, h.dtype)

@@ -22,9 +22,9 @@ def pytest_collection_modifyitems(config, items):
 def reference_ops():
     """Run the fastjepa.kernels ops through their PyTorch references: under the Triton interpreter (CPU) the
     fused kernels are exact but slow, and they have their own tests (tests/test_kernels_*.py)."""
-    from fastjepa.kernels import fused_enabled, set_fused
+    from fastjepa.kernels import get_backend, set_backend
 
-    was_on = fused_enabled()
-    set_fused(False)
+    was = get_backend()
+    set_backend("reference")
     yield
-    set_fused(was_on)
+    set_backend(was)

@@ -20,5 +20,5 @@ def test_quick_attention_bench_rows(tmp_path):
     providers = [r["provider"] for r in by_op["vit_attention"] if r["mode"] == "fwd"]
     assert providers[0] == "reference" and {"sdpa", "sdpa_math"} <= set(providers)
     shared = [r["provider"] for r in by_op["predictor_attention"] if r["mode"] == "fwd"]
-    assert shared[0] == "reference" and "shared_ref" in shared
+    assert shared[0] == "reference" and "shared_reference" in shared
     assert all(r["speedup_vs_reference"] != "" for r in rows)

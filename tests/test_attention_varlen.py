@@ -5,21 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from fastjepa.ijepa import IJEPA
-from fastjepa.kernels import fused_enabled, set_fused
+from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
-from fastjepa.models.varlen import encoder_forward_varlen, pack_context, predictor_forward_varlen
 from fastjepa.modules import attention_backends as ab
 
 LENGTHS = [5, 1, 9, 4]
 
 
-@pytest.fixture(autouse=True)
-def reference_glue():
-    # fp64 comparisons against the lead's modules: their gathers on the PyTorch references.
-    was = fused_enabled()
-    set_fused(False)
-    yield
-    set_fused(was)
+# fp64 comparisons: the models' gathers on the PyTorch references.
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def packed_qkv(dtype=torch.float64, heads=2, dim=16):
@@ -73,23 +67,25 @@ def make_model(seed=0):
 
 
 def random_context(nenc, batch, seed=1):
+    """bool ``[nenc, B, N]`` context tokens and the collator's untruncated lists of them (-1 padded)."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.rand(nenc, batch, GRID * GRID, generator=gen) < 0.5
     tokens[..., 0] = True  # every context keeps at least one token
-    return tokens
+    order = torch.where(tokens, torch.arange(GRID * GRID), GRID * GRID).sort(-1).values
+    return tokens, torch.where(order < GRID * GRID, order, -1)[..., : int(tokens.sum(-1).max())]
 
 
 @pytest.mark.parametrize("nenc", [1, 2])
 def test_packed_encoder_and_predictor_equal_per_image_runs(nenc):
     model, batch = make_model(), 3
     images = torch.randn(batch, 3, GRID * 4, GRID * 4, dtype=torch.float64)
-    tokens = random_context(nenc, batch)
-    packed = pack_context(tokens)
+    tokens, padded = random_context(nenc, batch)
     gen = torch.Generator().manual_seed(2)
     masks_pred = [torch.stack([torch.randperm(GRID * GRID, generator=gen)[:3].sort().values for _ in range(batch)])
                   for _ in range(2)]
-    z = encoder_forward_varlen(model.encoder, images, packed)
-    out = predictor_forward_varlen(model.predictor, z, packed, masks_pred)
+    packed = Masks.from_lists(padded, masks_pred, GRID * GRID).packed
+    z = model.encoder.forward_packed(images, packed)
+    out = model.predictor.forward_packed(z, packed, masks_pred)
     assert out.shape == (2 * nenc * batch, 3, DIM)
     rows = out.reshape(2, nenc, batch, 3, DIM)
     for e in range(nenc):

@@ -10,7 +10,7 @@ from bench import bench_step
 
 def test_flops_match_the_vith14_cost_model():
     # DESIGN.md §1: ViT-H/14 at 224 px, ~70 context and 4 x 44 target tokens: ~333 / 264 / 61 GFLOP per image.
-    f = bench_step.step_flops(bench_step.SETUPS["vit_huge_14"], 1, 70, 44, "repeat")
+    f = bench_step.step_flops(bench_step.SETUPS["vit_huge_14"], 1, 70, 44, "official")
     assert f["target"] / 1e9 == pytest.approx(333, rel=0.02)
     assert f["context"] / 1e9 == pytest.approx(264, rel=0.02)
     assert f["predictor"] / 1e9 == pytest.approx(61, rel=0.05)
@@ -19,7 +19,7 @@ def test_flops_match_the_vith14_cost_model():
 def test_cheaper_predictor_layouts_count_fewer_flops():
     s = bench_step.SETUPS["vit_huge_14"]
     full, last, shared = (bench_step.step_flops(s, 8, 70, 44, lay)["predictor"]
-                          for lay in ("repeat", "repeat_targets_last", "shared"))
+                          for lay in ("official", "repeat", "shared"))
     assert shared < last < full
     # The shared layout skips the M-1 repeated context computations of every predictor block, roughly.
     assert shared < 0.75 * full

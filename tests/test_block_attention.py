@@ -26,9 +26,10 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-def make_qkv(batch, heads, head_dim, ctx_len, tgt_len, num_blocks, dtype, device="cpu", strided=False, seed=0):
+def make_qkv(batch, heads, head_dim, context_len, target_len, num_target_blocks, dtype, device="cpu", strided=False,
+             seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    seq_len = ctx_len + num_blocks * tgt_len
+    seq_len = context_len + num_target_blocks * target_len
     if strided:  # slices of one [B, L, 3, H, D] projection, as the attention module produces them
         qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device, dtype)
         return [qkv[:, :, i].requires_grad_() for i in range(3)]
@@ -36,12 +37,12 @@ def make_qkv(batch, heads, head_dim, ctx_len, tgt_len, num_blocks, dtype, device
             for _ in range(3)]
 
 
-def check_against_fp64(q, k, v, ctx_len, num_blocks, provider):
-    out = ba.block_attention(q, k, v, ctx_len, num_blocks, provider=provider)
+def check_against_fp64(q, k, v, context_len, num_target_blocks, backend):
+    out = ba.block_attention(q, k, v, context_len, num_target_blocks, backend=backend)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = ba.block_attention_ref(*ref_in, ctx_len, num_blocks)
+    ref = ba.block_attention_ref(*ref_in, context_len, num_target_blocks)
     ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
     tol = TOL[q.dtype]
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -51,7 +52,7 @@ def check_against_fp64(q, k, v, ctx_len, num_blocks, provider):
         assert rel_rms(g, rg) < tol, f"d{name} rel RMS {rel_rms(g, rg):.2e} >= {tol}"
 
 
-# (batch, heads, head_dim, ctx_len, tgt_len, num_blocks, dtype, strided)
+# (batch, heads, head_dim, context_len, target_len, num_target_blocks, dtype, strided)
 CASES = {
     "fp32_d24_ctx7_3x4": (2, 2, 24, 7, 4, 3, torch.float32, False),
     "fp16_d16_ctx5_2x3": (2, 2, 16, 5, 3, 2, torch.float16, False),
@@ -71,32 +72,32 @@ def test_triton_matches_reference(case, nan_empty):
 def test_flex_forward_matches_reference():
     # FlexAttention has no CPU backward: its gradients are checked by the gpu test below.
     q, k, v = (t.detach() for t in make_qkv(2, 2, 16, 7, 4, 3, torch.float32))
-    out = ba.block_attention(q, k, v, 7, 3, provider="flex")
+    out = ba.block_attention(q, k, v, 7, 3, backend="flex")
     ref = ba.block_attention_ref(q.double(), k.double(), v.double(), 7, 3)
     assert rel_rms(out, ref) < TOL[torch.float32]
 
 
 def test_reference_equals_repeated_context_layout():
     """Context rows = attention over the context alone; block m's rows = the official [context; block m] sequence."""
-    batch, heads, head_dim, ctx_len, tgt_len, num_blocks = 2, 2, 8, 5, 3, 3
-    q, k, v = (t.detach().double() for t in make_qkv(batch, heads, head_dim, ctx_len, tgt_len, num_blocks,
+    batch, heads, head_dim, context_len, target_len, num_target_blocks = 2, 2, 8, 5, 3, 3
+    q, k, v = (t.detach().double() for t in make_qkv(batch, heads, head_dim, context_len, target_len, num_target_blocks,
                                                      torch.float64))
-    out = ba.block_attention_ref(q, k, v, ctx_len, num_blocks)
+    out = ba.block_attention_ref(q, k, v, context_len, num_target_blocks)
 
     def dense(idx):
         s = torch.einsum("blhd,bmhd->bhlm", q[:, idx], k[:, idx]) * head_dim**-0.5
         return torch.einsum("bhlm,bmhd->blhd", s.softmax(-1), v[:, idx])
 
-    ctx = torch.arange(ctx_len)
-    torch.testing.assert_close(out[:, :ctx_len], dense(ctx), rtol=1e-12, atol=1e-12)
-    for m in range(num_blocks):
-        blk = ctx_len + m * tgt_len + torch.arange(tgt_len)
-        torch.testing.assert_close(out[:, blk], dense(torch.cat([ctx, blk]))[:, ctx_len:], rtol=1e-12, atol=1e-12)
+    ctx = torch.arange(context_len)
+    torch.testing.assert_close(out[:, :context_len], dense(ctx), rtol=1e-12, atol=1e-12)
+    for m in range(num_target_blocks):
+        blk = context_len + m * target_len + torch.arange(target_len)
+        torch.testing.assert_close(out[:, blk], dense(torch.cat([ctx, blk]))[:, context_len:], rtol=1e-12, atol=1e-12)
 
 
 def test_traceable_by_compile():
     q, k, v = make_qkv(1, 2, 16, 5, 3, 2, torch.float32)
-    fn = torch.compile(lambda a, b, c: ba.block_attention(a, b, c, 5, 2, provider="triton"), backend="aot_eager",
+    fn = torch.compile(lambda a, b, c: ba.block_attention(a, b, c, 5, 2, backend="triton"), backend="aot_eager",
                        fullgraph=True)
     out = fn(q, k, v)
     out.sum().backward()
@@ -106,19 +107,19 @@ def test_traceable_by_compile():
 
 def test_bad_layout_is_named():
     q = torch.randn(1, 10, 2, 8)
-    with pytest.raises(ValueError, match="ctx_len"):
-        ba.block_attention(q, q, q, ctx_len=5, num_blocks=3)
-    with pytest.raises(ValueError, match="provider"):
-        ba.block_attention(q, q, q, ctx_len=4, num_blocks=3, provider="cuda")
+    with pytest.raises(ValueError, match="context_len"):
+        ba.block_attention(q, q, q, context_len=5, num_target_blocks=3)
+    with pytest.raises(ValueError, match="backend"):
+        ba.block_attention(q, q, q, context_len=4, num_target_blocks=3, backend="cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [24, 80])
-@pytest.mark.parametrize("provider", ["triton", "flex"])
-def test_gpu_bf16_predictor_shape(provider, head_dim):
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_gpu_bf16_predictor_shape(backend, head_dim):
     # official ViT-H predictor: ~70 context tokens, 4 blocks of ~44 targets, 16 heads
     q, k, v = make_qkv(8, 16, head_dim, 70, 44, 4, torch.bfloat16, device="cuda", strided=True)
-    out = ba.block_attention(q, k, v, 70, 4, provider=provider)
+    out = ba.block_attention(q, k, v, 70, 4, backend=backend)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]

@@ -69,7 +69,7 @@ def test_checkpoint_that_does_not_fit_the_config_names_the_fix(tmp_path):
     path = tmp_path / "ckpt.pth.tar"
     save_official(path, model, None, epoch=0)
     with pytest.raises(ValueError, match="meta.model_name"):
-        load_official(path, CONFIG, overrides=["meta.pred_depth=1"])
+        load_official(path, fj_config.load(CONFIG, ["meta.pred_depth=1"]))
     torch.save({"encoder": {}}, tmp_path / "bad.pth.tar")
     with pytest.raises(ValueError, match="lacks"):
         load_official(tmp_path / "bad.pth.tar", CONFIG)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from fastjepa import config
@@ -116,7 +117,7 @@ def test_missing_sections_and_keys_take_documented_defaults(tmp_path):
     assert dataclasses.replace(cfg.mask, patch_size=14) == official.mask
     assert cfg.optimization == official.optimization
     assert (cfg.fastjepa.mode, cfg.fastjepa.seed, cfg.fastjepa.attn_backend) == ("parity", 0, "sdpa")
-    assert (cfg.fastjepa.in_chans, cfg.fastjepa.fused, cfg.train.device) == (3, True, "auto")
+    assert (cfg.fastjepa.in_chans, cfg.fastjepa.kernel_backend, cfg.train.device) == (3, "auto", "auto")
     assert cfg.data.root_path == "" and cfg.logging.folder == ""
 
 
@@ -375,11 +376,28 @@ def test_exit_on_config_error(capsys):
 # ---- names shared with other modules -------------------------------------------------------------------------------
 
 
-def test_valid_names_match_models_and_attention():
-    from fastjepa.models import VIT_SIZES
-    from fastjepa.models.shared_context import LAYOUTS
-    from fastjepa.modules.attention_backends import BACKENDS
+def test_every_choice_the_config_accepts_is_accepted_where_it_is_used():
+    """The choice tuples live once in fastjepa.choices; the modules take every name the config lets through."""
+    from fastjepa import choices
+    from fastjepa.kernels import set_backend
+    from fastjepa.models import VisionTransformerPredictor, build_models
+    from fastjepa.modules import Attention
 
-    assert set(config.MODEL_NAMES) == set(VIT_SIZES)
-    assert set(config.ATTN_BACKENDS) == set(BACKENDS)
-    assert set(config.PREDICTOR_LAYOUTS) == set(LAYOUTS)
+    for name in choices.VIT_SIZES:
+        with torch.device("meta"):
+            build_models(load("test_tiny", [f"meta.model_name={name}"]))
+    for backend in choices.ATTENTION_BACKENDS:
+        Attention(8, 2, backend=load("test_tiny", [f"fastjepa.attn_backend={backend}"]).fastjepa.attn_backend)
+    for layout in choices.PREDICTOR_LAYOUTS:
+        cfg = load("test_tiny", [f"fastjepa.predictor_layout={layout}"])
+        assert VisionTransformerPredictor((4, 4), 8, 8, 1, 2, layout=cfg.fastjepa.predictor_layout).layout == layout
+    for backend in choices.KERNEL_BACKENDS:
+        set_backend(load("test_tiny", [f"fastjepa.kernel_backend={backend}"]).fastjepa.kernel_backend)
+    set_backend("auto")
+
+
+def test_renamed_and_unsupported_official_keys_say_what_to_use():
+    with pytest.raises(ConfigError, match="renamed. Fix: use fastjepa.kernel_backend"):
+        load("test_tiny", ["fastjepa.fused=false"])
+    with pytest.raises(ConfigError, match="meta.copy_data=true: .*data.source=webdataset"):
+        load("test_tiny", ["meta.copy_data=true"])

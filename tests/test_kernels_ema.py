@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+from kernel_utils import assert_matches
 
-from fastjepa.kernels import ema_update, ema_update_ref, set_fused
-from fastjepa.kernels._testing import assert_matches
+from fastjepa.kernels import ema_update, ema_update_ref, set_backend
 from fastjepa.kernels.ema import _TABLES, _groups, build_chunk_table, ema_update_fused
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,11 +107,11 @@ def test_shape_mismatch_names_the_tensor():
 def test_switch_off_runs_the_reference():
     target, online = params(torch.float32, 0), params(torch.float32, 1)
     plain = copy.deepcopy(target)
-    set_fused(False)
+    set_backend("reference")
     try:
         ema_update(target, online, 0.99)
     finally:
-        set_fused(True)
+        set_backend("auto")
     ema_update_ref(plain, online, 0.99)
     for t, p in zip(target, plain, strict=True):
         torch.testing.assert_close(t, p, rtol=0, atol=0)

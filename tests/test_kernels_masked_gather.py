@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from kernel_utils import assert_matches, random_masks
 
-from fastjepa.kernels import masked_gather, masked_gather_ref, set_fused
-from fastjepa.kernels._testing import assert_matches, random_masks
-from fastjepa.kernels.masked_gather import masked_gather_bwd, masked_gather_fwd, stack_masks
+from fastjepa.kernels import mask_index, masked_gather, masked_gather_ref, set_backend
+from fastjepa.kernels.masked_gather import masked_gather_bwd, masked_gather_fwd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -32,8 +32,9 @@ def make(case, dtype, seed=0):
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_into_nan_poisoned_output(case, dtype):
     tokens, masks, pos = make(case, dtype)
-    idx = stack_masks(masks, tokens.shape[0], tokens.shape[1])
-    out = torch.full((idx.shape[0], idx.shape[1], tokens.shape[2]), float("nan"), dtype=dtype, device=DEVICE)
+    idx = mask_index(masks, tokens.shape[0], tokens.shape[1], "test")
+    out = torch.full((idx.shape[0] * idx.shape[1], idx.shape[2], tokens.shape[2]), float("nan"), dtype=dtype,
+                     device=DEVICE)
     masked_gather_fwd(tokens, idx, pos, out=out)
     exact = masked_gather_ref(tokens.double(), masks, None if pos is None else pos.double())
     assert_matches(out, masked_gather_ref(tokens, masks, pos), exact, case)
@@ -64,21 +65,21 @@ def test_backward_matches_autograd_of_reference(case, dtype):
 
 def test_backward_writes_every_element_of_the_gradient():
     tokens, masks, _ = make("d80_n69", torch.float32)
-    idx = stack_masks(masks, tokens.shape[0], tokens.shape[1])
-    grad = torch.randn(idx.shape[0], idx.shape[1], tokens.shape[2], device=DEVICE)
+    idx = mask_index(masks, tokens.shape[0], tokens.shape[1], "test")
+    grad = torch.randn(idx.shape[0] * idx.shape[1], idx.shape[2], tokens.shape[2], device=DEVICE)
     dx = torch.full_like(tokens, float("nan"))
-    masked_gather_bwd(grad, idx, tokens.shape[0], tokens.shape[1], dx.dtype, out=dx)
+    masked_gather_bwd(grad, idx, tokens.shape[1], dx.dtype, out=dx)
     ref = torch.autograd.grad(masked_gather_ref(tokens.requires_grad_(True), masks), tokens, grad)[0]
     torch.testing.assert_close(dx, ref, rtol=0, atol=0)
 
 
 def test_switch_off_runs_the_reference():
     tokens, masks, pos = make("vit_like", torch.float32)
-    set_fused(False)
+    set_backend("reference")
     try:
         out = masked_gather(tokens.requires_grad_(True), masks, pos)
     finally:
-        set_fused(True)
+        set_backend("auto")
     assert "MaskedGather" not in type(out.grad_fn).__name__
 
 

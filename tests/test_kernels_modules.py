@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from kernel_utils import random_masks
 from torch import nn
 
 from fastjepa.kernels import ema_update_ref, masked_gather_ref, predictor_tokens_ref, target_norm_gather_ref
-from fastjepa.kernels._testing import random_masks
 from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1_ref
 from fastjepa.modules.ema import EMAUpdater
 from fastjepa.modules.gather import MaskedGather, PredictorTokens, TargetNormGather, TargetNormSmoothL1Loss

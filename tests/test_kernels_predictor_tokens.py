@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from kernel_utils import assert_matches, random_masks
 
-from fastjepa.kernels import predictor_tokens, predictor_tokens_ref
-from fastjepa.kernels._testing import assert_matches, random_masks
-from fastjepa.kernels.masked_gather import stack_masks
+from fastjepa.kernels import mask_index, predictor_tokens, predictor_tokens_ref
 from fastjepa.kernels.predictor_tokens import predictor_tokens_bwd, predictor_tokens_fwd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,11 +62,11 @@ def test_positional_embedding_gradient(case):
 def test_every_element_written_forward_and_backward(case):
     x, masks_enc, masks_pred, mask_token, pos = make(case, torch.float32)
     batch = masks_enc[0].shape[0]
-    idx_enc = stack_masks(masks_enc, batch, pos.shape[1])
-    idx_pred = stack_masks(masks_pred, batch, pos.shape[1])
+    idx_enc = mask_index(masks_enc, batch, pos.shape[1], "test")
+    idx_pred = mask_index(masks_pred, batch, pos.shape[1], "test")
     ref = predictor_tokens_ref(x, masks_enc, masks_pred, mask_token, pos)
     out = torch.full(ref.shape, float("nan"), device=DEVICE)
-    predictor_tokens_fwd(x.detach(), idx_enc, idx_pred, mask_token.detach(), pos, batch, out=out)
+    predictor_tokens_fwd(x.detach(), idx_enc, idx_pred, mask_token.detach(), pos, out=out)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     grad = torch.randn(ref.shape, device=DEVICE)
     dx = torch.full(x.shape, float("nan"), device=DEVICE)

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from kernel_utils import assert_matches, random_masks
 
-from fastjepa.kernels import target_norm_gather, target_norm_gather_ref
-from fastjepa.kernels._testing import assert_matches, random_masks
-from fastjepa.kernels.masked_gather import stack_masks
+from fastjepa.kernels import mask_index, target_norm_gather, target_norm_gather_ref
 from fastjepa.kernels.target_norm_gather import (
     target_norm_gather_fwd,
     target_norm_smooth_l1,
@@ -39,7 +38,7 @@ def make(case, dtype, seed=0):
 def test_targets_into_nan_poisoned_output(case, dtype):
     h, masks, nenc, pred = make(case, dtype)
     out = torch.full_like(pred, float("nan"))
-    target_norm_gather_fwd(h, stack_masks(masks, h.shape[0], h.shape[1]), nenc, out=out)
+    target_norm_gather_fwd(h, mask_index(masks, h.shape[0], h.shape[1], "test"), nenc, out=out)
     exact = target_norm_gather_ref(h.double(), masks, nenc)
     assert_matches(out, target_norm_gather_ref(h, masks, nenc), exact, case)
     assert_matches(target_norm_gather(h, masks, nenc), target_norm_gather_ref(h, masks, nenc), exact, case)

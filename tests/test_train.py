@@ -13,6 +13,7 @@ import torch
 
 from fastjepa import config as fj_config
 from fastjepa import train as fj_train
+from fastjepa import trainer
 from fastjepa.checkpoint import CheckpointManager
 from fastjepa.ijepa import IJEPA
 from fastjepa.metrics import read_jsonl
@@ -84,7 +85,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, fused):
     if fused:  # the GPU path (fused AdamW skips on found_inf without a host sync), forced on CPU
         from fastjepa.optim import param_groups
 
-        monkeypatch.setattr(fj_train, "build_optimizer",
+        monkeypatch.setattr(trainer, "build_optimizer",
                             lambda enc, pred: torch.optim.AdamW(param_groups(enc, pred), fused=True))
     poison_forward(monkeypatch, lambda n: n in (2, 3))
     result = fj_train.run(tiny_cfg(tmp_path, "train.max_steps=5", "train.max_bad_steps=3"))
@@ -166,3 +167,19 @@ def test_official_checkpoint_starts_training_at_its_epoch(tmp_path):
     # The target encoder moved by two EMA steps from the official weights (a fresh init would be far away).
     drift = (result.model.target_encoder.blocks[0].attn.qkv.weight - official.target_encoder.blocks[0].attn.qkv.weight)
     assert drift.abs().max() < 1e-3
+
+
+def test_official_meta_load_checkpoint_starts_from_the_tagged_file_in_the_run_folder(tmp_path):
+    """The official trainer's keys: meta.load_checkpoint reads <folder>/<write_tag>-latest.pth.tar (or
+    meta.read_checkpoint); a missing file stops before any model is built."""
+    from fastjepa.compat.ijepa import save_official
+    from fastjepa.ijepa import build_ijepa
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    cfg = tiny_cfg(folder, "optimization.epochs=2", "train.max_steps=9", "meta.load_checkpoint=true",
+                   "logging.write_tag=mine")
+    with pytest.raises(fj_train.SetupError, match="mine-latest.pth.tar not found"):
+        fj_train.run(cfg)
+    save_official(folder / "mine-latest.pth.tar", build_ijepa(cfg), None, 1)
+    assert sorted(fj_train.run(cfg).losses) == [9]

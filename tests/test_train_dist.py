@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun with FSDP2 (gloo) train exactly as one process that computes both ranks'
+"""Two CPU processes under torchrun with FSDP2 (gloo; one unit per block of the encoder, the target encoder and the
+predictor, whose last block computes the targets only) train exactly as one process that computes both ranks'
 batches and averages their losses; the sharded checkpoint loads back into a single unsharded process."""
 
 import os
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.filterwarnings("ignore:torch.distrib
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
-OVERRIDES = ["meta.model_name=vit_micro", "meta.pred_emb_dim=32", "meta.pred_depth=1", "train.progress=lines",
+OVERRIDES = ["meta.model_name=vit_micro", "meta.pred_emb_dim=32", "meta.pred_depth=2", "train.progress=lines",
              "train.device=cpu", "train.log_every=1", f"train.max_steps={STEPS}", "train.checkpoint_steps=2",
              "train.parallel=fsdp", "data.batch_size=4", "train.dist_timeout_s=120"]
 
@@ -98,3 +99,22 @@ def test_fsdp2_run_exports_the_full_target_encoder(fsdp_run):
     loaded = build_ijepa(fj_config.load(ROOT / "configs/test_tiny.yaml", OVERRIDES)).target_encoder
     assert state.keys() == loaded.state_dict().keys()
     assert all(v.shape == loaded.state_dict()[k].shape for k, v in state.items())  # gathered, not shards
+
+
+def test_fsdp2_units_cover_every_block_of_the_three_models(tmp_path):
+    """One FSDP2 unit per block (the predictor's too, in every layout) and per model, on a 1-rank gloo group."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from fastjepa.parallel import apply_fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for layout in ("repeat", "shared", "official"):
+            cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"fastjepa.predictor_layout={layout}"])
+            model = apply_fsdp(build_ijepa(cfg), torch.device("cpu"), bf16=False)
+            blocks = [*model.encoder.blocks, *model.target_encoder.blocks, *model.predictor.predictor_blocks]
+            assert len(model.predictor.predictor_blocks) == 2
+            assert all(isinstance(m, FSDPModule) for m in [*blocks, model.encoder, model.predictor, model])
+    finally:
+        dist.destroy_process_group()

@@ -43,27 +43,28 @@ class OfficialCheckpoint:
     extra: dict = field(default_factory=dict)  # loss, batch_size, world_size, lr, scaler as saved
 
 
-def _load_strict(module: nn.Module, state_dict: dict, what: str, checkpoint: Path, config_path: Path) -> None:
+def _load_strict(module: nn.Module, state_dict: dict, what: str, checkpoint: Path) -> None:
     result = module.load_state_dict(strip_prefixes(state_dict), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{checkpoint}: the '{what}' weights do not fit the model built from {config_path} "
+            f"{checkpoint}: the '{what}' weights do not fit the model built from the config "
             f"(missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}). Use the YAML the "
             "checkpoint was trained with (meta.model_name, mask.patch_size, data.crop_size, meta.pred_depth, "
             "meta.pred_emb_dim must match)."
         )
 
 
-def load_official(checkpoint_path: str | os.PathLike, config_path: str | os.PathLike,
-                  overrides: list[str] | tuple[str, ...] = (), map_location: str | torch.device = "cpu"
-                  ) -> OfficialCheckpoint:
-    """Load an official I-JEPA checkpoint together with its official YAML.
+def load_official(checkpoint_path: str | os.PathLike, cfg: "fj_config.Config | str | os.PathLike",
+                  map_location: str | torch.device = "cpu") -> OfficialCheckpoint:
+    """Load an official I-JEPA checkpoint together with the config it was trained with (a ``Config``, or the path
+    of its official YAML).
 
     Returns the ``IJEPA`` model with encoder, predictor and target encoder loaded, the optimizer state (loadable
     into ``fastjepa.optim.build_optimizer(model.encoder, model.predictor)``) and the epoch to resume from.
     """
-    checkpoint_path, config_path = Path(checkpoint_path), Path(config_path)
-    cfg = fj_config.load(config_path, overrides=list(overrides))
+    checkpoint_path = Path(checkpoint_path)
+    if not isinstance(cfg, fj_config.Config):
+        cfg = fj_config.load(cfg)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {checkpoint_path}")
     ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
@@ -73,7 +74,7 @@ def load_official(checkpoint_path: str | os.PathLike, config_path: str | os.Path
                          f"(has {sorted(ckpt)[:8]})")
     model = build_ijepa(cfg)
     for what in ("encoder", "predictor", "target_encoder"):
-        _load_strict(getattr(model, what), ckpt[what], what, checkpoint_path, config_path)
+        _load_strict(getattr(model, what), ckpt[what], what, checkpoint_path)
     extra = {k: ckpt[k] for k in ("loss", "batch_size", "world_size", "lr", "scaler") if k in ckpt}
     return OfficialCheckpoint(model, ckpt.get("opt"), int(ckpt["epoch"]), cfg, extra)
 

@@ -44,3 +44,17 @@ def load_mnist_5k():
     """-> (images uint8 [5000, 1, 28, 28], labels int64 [5000]); digits 0-9, 500 per class."""
     images, labels = _load_arrays()
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.copy())
+
+
+def split_indices(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) indices of a fixed random split: the held-out digits of the demo's and the probe's score."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = int(n * test_fraction)
+    return perm[n_test:], perm[:n_test]
+
+
+def mnist_split() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The bundled digits split into ``{"train": (images, labels), "test": (images, labels)}`` (20% held out)."""
+    images, labels = load_mnist_5k()
+    train, test = split_indices(len(images))
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}

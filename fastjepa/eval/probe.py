@@ -39,12 +39,9 @@ def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
 
 def load_data(data: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if data == "mnist":
-        from fastjepa.data.mnist import load_mnist_5k
-        from fastjepa.demo import split_indices
+        from fastjepa.data.mnist import mnist_split
 
-        images, labels = load_mnist_5k()
-        train, test = split_indices(len(images))
-        return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+        return mnist_split()
     path = Path(data)
     if not path.is_file():
         raise FileNotFoundError(f"--data {data}: not 'mnist' and not a file")

@@ -1,22 +1,22 @@
 """ViT encoder and predictor (official I-JEPA structure and names)."""
 
+from fastjepa.choices import VIT_SIZES
 from fastjepa.models.predictor import VisionTransformerPredictor
 from fastjepa.models.vit import (
-    VIT_SIZES,
     VisionTransformer,
     vit_base,
     vit_giant,
     vit_huge,
     vit_large,
+    vit_micro,
+    vit_mini,
     vit_small,
     vit_tiny,
 )
 
 
 def build_models(cfg) -> tuple[VisionTransformer, VisionTransformerPredictor]:
-    """Encoder and predictor for a config, as the official ``init_model`` builds them."""
-    if cfg.meta.model_name not in VIT_SIZES:
-        raise ValueError(f"meta.model_name={cfg.meta.model_name!r} is not one of {sorted(VIT_SIZES)}")
+    """Encoder and predictor for a (validated) config, as the official ``init_model`` builds them."""
     dim, depth, heads, mlp_ratio = VIT_SIZES[cfg.meta.model_name]
     backend = cfg.fastjepa.attn_backend
     encoder = VisionTransformer(
@@ -32,5 +32,5 @@ def build_models(cfg) -> tuple[VisionTransformer, VisionTransformerPredictor]:
 
 __all__ = [
     "VIT_SIZES", "VisionTransformer", "VisionTransformerPredictor", "build_models",
-    "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant",
+    "vit_micro", "vit_mini", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant",
 ]

@@ -3,22 +3,11 @@
 import torch
 from torch import nn
 
+from fastjepa.choices import VIT_SIZES
 from fastjepa.kernels import masked_gather
+from fastjepa.masks import PackedContext
 from fastjepa.models.pos_embed import sincos_2d
-from fastjepa.models.varlen import PackedContext, encoder_forward_varlen
 from fastjepa.modules.block import Block
-
-# name: (embed_dim, depth, num_heads, mlp_ratio), the official sizes.
-VIT_SIZES = {
-    "vit_micro": (64, 4, 4, 4.0),  # not an official size: the CPU demo (MNIST) and fast tests
-    "vit_mini": (192, 4, 4, 4.0),  # not an official size: vit_tiny's width at depth 4, the MNIST CPU demo encoder
-    "vit_tiny": (192, 12, 3, 4.0),
-    "vit_small": (384, 12, 6, 4.0),
-    "vit_base": (768, 12, 12, 4.0),
-    "vit_large": (1024, 24, 16, 4.0),
-    "vit_huge": (1280, 32, 16, 4.0),
-    "vit_giant": (1408, 40, 16, 48 / 11),
-}
 
 
 def init_official_(module: nn.Module, std: float = 0.02) -> None:
@@ -70,22 +59,34 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_official_(self, init_std)
 
-    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | torch.Tensor | PackedContext | None = None
-                ) -> torch.Tensor:
-        """``[B, C, H, W]`` -> ``[B, N, D]``; with masks (one or a list of M ``[B, K]``) -> ``[M*B, K, D]``; with
-        a ``PackedContext`` (variable-length context) -> packed ``[T, D]``."""
-        if isinstance(masks, PackedContext):
-            return encoder_forward_varlen(self, x, masks)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, N, D]`` patch embeddings (without the positional embedding)."""
         x = self.patch_embed(x)
         if x.shape[1] != self.num_patches:
             raise ValueError(f"input gives {x.shape[1]} patches, the model was built for {self.num_patches} "
                              f"(grid {self.grid[0]}x{self.grid[1]} of {self.patch_size}px patches)")
-        if masks is None:
-            x = x + self.pos_embed
-        else:
-            x = masked_gather(x, masks, self.pos_embed)
+        return x
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, N, D]``; with masks (``[M, B, K]`` indices, or one or a list of M ``[B, K]``)
+        -> ``[M*B, K, D]``, the tokens at those positions only."""
+        x = self.embed(x)
+        x = x + self.pos_embed if masks is None else masked_gather(x, masks, self.pos_embed)
         for blk in self.blocks:
             x = blk(x)
+        return self.norm(x)
+
+    def forward_packed(self, x: torch.Tensor, packed: PackedContext) -> torch.Tensor:
+        """``[B, C, H, W]`` -> packed ``[T, D]``: the variable-length context blocks of ``packed``, one sequence each
+        (no FLOP on padding)."""
+        x = self.embed(x)
+        batch, num_patches, dim = x.shape
+        if (batch, num_patches) != (packed.batch, packed.num_patches):
+            raise ValueError(f"forward_packed: images give {batch} x {num_patches} patches, the packed context was "
+                             f"built for {packed.batch} x {packed.num_patches}")
+        x = (x + self.pos_embed).reshape(-1, dim)[packed.index]
+        for blk in self.blocks:
+            x = blk(x, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
         return self.norm(x)
 
 

@@ -1,40 +1,82 @@
-"""Multi-head self-attention with selectable backends and the official I-JEPA parameter names."""
+"""Multi-head self-attention with selectable backends and the official I-JEPA parameter names.
+
+One module, four layouts of its input, each a method of its own (``forward`` dispatches on the keyword arguments,
+so hooks, activation checkpointing and ``torch.compile`` see every call through the module):
+
+- dense ``[B, N, C]`` (the default);
+- packed sequences ``[T, C]`` delimited by ``cu_seqlens`` (variable-length context);
+- ``queries_from=k``: every token is a key and value, only tokens ``k:`` are queries (the predictor's last block,
+  which only needs the mask tokens' outputs);
+- ``context_len, num_target_blocks``: the shared-context predictor's block-structured attention
+  (``fastjepa.kernels.block_attention``).
+"""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-# The backends (sdpa, pinned SDPA kernels, flash-attn, xformers, math, auto) live in attention_backends.
-from fastjepa.modules.attention_backends import BACKENDS as ATTENTION_BACKENDS
-from fastjepa.modules.attention_backends import (  # noqa: F401 (attention_math re-exported)
-    attention,
-    attention_math,
-    varlen_attention,
-)
+from fastjepa.choices import ATTENTION_BACKENDS, BLOCK_ATTENTION_BACKENDS
+from fastjepa.kernels.block_attention import block_attention
+from fastjepa.modules.attention_backends import attention, varlen_attention
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa",
+                 block_backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+        if block_backend not in BLOCK_ATTENTION_BACKENDS:
+            raise ValueError(f"unknown block-attention backend {block_backend!r}; choose one of "
+                             f"{BLOCK_ATTENTION_BACKENDS}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.backend = backend
+        self.block_backend = block_backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0) -> torch.Tensor:
-        """``[B, N, C]``; or, with ``cu_seqlens`` (int ``[S + 1]``), packed sequences ``[T, C]`` that attend only
-        within themselves (variable-length context, ``fastjepa.models.varlen``)."""
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0, *,
+                queries_from: int = 0, context_len: int = 0, num_target_blocks: int = 0) -> torch.Tensor:
+        """``[B, N, C]`` -> ``[B, N, C]``; the other layouts as the module docstring lists them."""
         if cu_seqlens is not None:
-            T, C = x.shape
-            q, k, v = self.qkv(x).reshape(T, 3, self.num_heads, self.head_dim).unbind(1)
-            backend = "math" if self.backend == "math" else "auto"
-            return self.proj(varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, backend).reshape(T, C))
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            return self.forward_packed(x, cu_seqlens, max_seqlen)
+        if queries_from:
+            return self.forward_queries_from(x, queries_from)
+        if num_target_blocks:
+            return self.forward_block_structured(x, context_len, num_target_blocks)
+        batch, seq_len, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, self.scale, self.backend)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.proj(out.transpose(1, 2).reshape(batch, seq_len, dim))
+
+    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Packed sequences ``[T, C]`` that attend only within themselves (``fastjepa.masks.PackedContext``)."""
+        total, dim = x.shape
+        q, k, v = self.qkv(x).reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
+        backend = "math" if self.backend == "math" else "auto"
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, backend)
+        return self.proj(out.reshape(total, dim))
+
+    def forward_queries_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """``[B, N, C]`` -> ``[B, N - start, C]``: the outputs of tokens ``start:`` only (q for those tokens alone)."""
+        batch, seq_len, dim = x.shape
+        w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
+        b_q, b_kv = self.qkv.bias.split([dim, 2 * dim]) if self.qkv.bias is not None else (None, None)
+        q = F.linear(x[:, start:], w_q, b_q).reshape(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = F.linear(x, w_kv, b_kv).reshape(batch, seq_len, 2, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4)
+        out = attention(q, k, v, self.scale, self.backend)
+        return self.proj(out.transpose(1, 2).reshape(batch, -1, dim))
+
+    def forward_block_structured(self, x: torch.Tensor, context_len: int, num_target_blocks: int) -> torch.Tensor:
+        """``[B, Lc + M*Lt, C]`` laid out ``[context; block 1; ...; block M]``: context queries see the context,
+        the queries of block m see the context and block m."""
+        batch, seq_len, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, seq_len, 3, self.num_heads, self.head_dim)
+        out = block_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], context_len, num_target_blocks, self.scale,
+                              self.block_backend)
+        return self.proj(out.reshape(batch, seq_len, dim))

@@ -14,15 +14,16 @@ Every backend computes ``softmax(q k^T * scale) v`` on ``[B, H, L, D]`` tensors 
   deterministic choice ``sdpa``. Run one eager step before compiling to let it time (bench_step does).
 """
 
-import functools
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn", "xformers",
-            "math")
+from fastjepa.choices import ATTENTION_BACKENDS as BACKENDS
+from fastjepa.choices import VARLEN_ATTENTION_BACKENDS as VARLEN_BACKENDS
+from fastjepa.kernels._utils import compiled_flex_attention
+
 _SDPA_PINNED = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -200,9 +201,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, b
 # Variable-length (packed) attention: sequences of different lengths concatenated along the token dimension,
 # delimited by cumulative lengths (flash-attn's cu_seqlens convention). No padding FLOPs on flash_attn/flex.
 
-VARLEN_BACKENDS = ("auto", "flash_attn", "flex", "sdpa", "math")
-
-
 def _varlen_math(q, k, v, cu_seqlens, max_seqlen, scale):
     bounds = cu_seqlens.tolist()
     outs = [attention_math(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale).transpose(0, 1)
@@ -233,13 +231,6 @@ def _varlen_sdpa(q, k, v, cu_seqlens, max_seqlen, scale):
     return out.transpose(1, 2)[seq, pos]
 
 
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)  # automatic dynamic shapes: the packed length changes every step
-
-
 def _varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -250,7 +241,7 @@ def _varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale):
         return seq[q_idx] == seq[kv_idx]
 
     block_mask = create_block_mask(same_sequence, None, None, total, total, device=q.device)
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    fn = compiled_flex_attention() if q.is_cuda else flex_attention
     out = fn(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask, scale=scale)
     return out[0].transpose(0, 1)
 

@@ -1,0 +1,39 @@
+"""The named choices of fastjepa, defined once (no torch import: the config validates against them before anything
+heavy is imported). Every module that accepts one of these names imports its tuple from here."""
+
+# name: (embed_dim, depth, num_heads, mlp_ratio); the official sizes plus two small ones for CPU demos and tests.
+VIT_SIZES = {
+    "vit_micro": (64, 4, 4, 4.0),  # not an official size: fast tests
+    "vit_mini": (192, 4, 4, 4.0),  # not an official size: vit_tiny's width at depth 4, the MNIST CPU demo encoder
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_small": (384, 12, 6, 4.0),
+    "vit_base": (768, 12, 12, 4.0),
+    "vit_large": (1024, 24, 16, 4.0),
+    "vit_huge": (1280, 32, 16, 4.0),
+    "vit_giant": (1408, 40, 16, 48 / 11),
+}
+
+# Mask sampler: "parity" reproduces the official sampler, quirks included; "fixed" corrects them.
+MASK_MODES = ("parity", "fixed")
+
+# ViT attention (fastjepa.modules.attention_backends): "auto" times the available ones on a GPU.
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn",
+                      "xformers", "math")
+# Packed (variable-length) sequences.
+VARLEN_ATTENTION_BACKENDS = ("auto", "flash_attn", "flex", "sdpa", "math")
+# The shared-context predictor's block-structured attention (fastjepa.kernels.block_attention).
+BLOCK_ATTENTION_BACKENDS = ("auto", "triton", "flex", "reference")
+# The fused ops of fastjepa.kernels: "auto" runs Triton on CUDA tensors (or under TRITON_INTERPRET=1) and the
+# PyTorch reference elsewhere; "reference" always runs the reference.
+KERNEL_BACKENDS = ("auto", "reference")
+# The EMA's fused kernel: Triton, or the CUDA C++ twin from csrc/ (built with FASTJEPA_BUILD_CUDA=1).
+EMA_BACKENDS = ("triton", "cuda")
+
+# How the predictor lays out its mask-token attention (fastjepa.models.predictor): "repeat" computes the official
+# result with a cheaper last block, "official" runs every block on every token, "shared" (opt-in) computes the
+# context once.
+PREDICTOR_LAYOUTS = ("repeat", "official", "shared")
+
+DATA_SOURCES = ("imagefolder", "webdataset", "synthetic", "mnist")
+PARALLEL_STRATEGIES = ("auto", "none", "ddp", "fsdp")
+PROGRESS_STYLES = ("auto", "bar", "lines")

@@ -1,0 +1,410 @@
+"""The trainer's pieces, over one small state object (torchtitan's shape): ``Trainer.setup`` builds a run,
+``train_step`` runs one optimisation step on the device, ``Trainer.record`` logs, ``Trainer.save`` checkpoints.
+``fastjepa.train.run`` is the loop that calls them.
+
+Setup checks everything that can be wrong with the config, the data and the checkpoint paths before any model is
+built (``SetupError``). A step never synchronises with the host: its loss, gradient norm and non-finite flag stay
+on the device until a log step reads a whole window of them at once.
+"""
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastjepa import schedules
+from fastjepa.checkpoint import CheckpointManager, rng_state, set_rng_state
+from fastjepa.ijepa import IJEPA, build_ijepa
+from fastjepa.kernels import set_backend
+from fastjepa.masks import Masks
+from fastjepa.metrics import FlopModel, MetricsSink, StepAccumulator, peak_flops
+from fastjepa.optim import build_optimizer
+from fastjepa.parallel import DistEnv, init_distributed, parallelize, resolve_strategy
+
+logger = logging.getLogger("fastjepa")
+
+
+class SetupError(Exception):
+    """A problem with the config, data or checkpoint paths, found before any model is built."""
+
+
+class TrainingDiverged(RuntimeError):
+    """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; with the weights, what a checkpoint restores."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+    loader_state: dict | None = None  # the data position inside the epoch to continue from
+
+
+@dataclass
+class StepOutput:
+    """One step's results, still on the device."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    bad: torch.Tensor  # non-finite loss or gradient: the update was skipped
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 (preemption notice) -> save a checkpoint at the next step boundary and exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def install(self) -> None:
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+
+@dataclass
+class Trainer:
+    """A built run: its components and its ``TrainState``. Every rank holds one."""
+
+    cfg: object
+    env: DistEnv
+    strategy: str
+    loader: object
+    sched: schedules.Schedules
+    manager: CheckpointManager
+    total_steps: int
+    model: IJEPA
+    train_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    bf16: bool
+    flops: FlopModel
+    state: TrainState
+    sink: MetricsSink | None = None
+    stop: StopSignal = field(default_factory=StopSignal)
+    rankme_images: torch.Tensor | None = None
+    window: StepAccumulator = field(default_factory=StepAccumulator)
+    consecutive_bad: torch.Tensor | None = None  # on the device: non-finite steps in a row
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.logging.folder)
+
+    @property
+    def autocast(self) -> dict:
+        # FSDP2's mixed-precision policy casts the parameters itself; autocast would cast them again.
+        return {"device_type": self.env.device.type, "dtype": torch.bfloat16,
+                "enabled": self.bf16 and self.strategy != "fsdp"}
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def ipe(self) -> int:
+        return len(self.loader)
+
+    @classmethod
+    def setup(cls, cfg, resume: str | None = None, official_checkpoint: str | None = None) -> "Trainer":
+        """Processes, data, schedules and checkpoint paths (checked first), then the model, its wrapping, the
+        optimizer and the restored state."""
+        env = init_distributed(cfg.train.dist_timeout_s, cfg.train.device)
+        strategy = resolve_strategy(cfg.train.parallel, env.world_size)
+        torch.manual_seed(cfg.fastjepa.seed)
+        try:
+            cfg.require_paths(("logging.folder", "data.root_path") if cfg.data.source == "imagefolder"
+                              else ("logging.folder",))
+            loader = build_data(cfg, env)
+            sched = schedules.build(cfg.optimization, len(loader))
+            manager = CheckpointManager(cfg.logging.folder, keep_last=cfg.train.keep_last)
+            resume_from = resolve_resume(cfg, manager, resume)
+            official = official_checkpoint_path(cfg, official_checkpoint) if resume_from is None else None
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            raise SetupError(str(e)) from e
+        total_steps = int(cfg.optimization.epochs * len(loader))
+        if cfg.train.max_steps > 0:
+            total_steps = min(total_steps, cfg.train.max_steps)
+
+        model, official_opt, start_epoch = build_model(cfg, official)
+        model.to(env.device)
+        flops = FlopModel.from_model(model)
+        bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
+        train_module = parallelize(model, env, strategy, bf16=bf16,
+                                   activation_checkpointing=cfg.train.activation_checkpointing,
+                                   compile=cfg.train.compile)
+        optimizer = build_optimizer(model.encoder, model.predictor)
+        if official_opt is not None:
+            if strategy == "fsdp":
+                logger.warning("official optimizer state is not loaded under FSDP2 (weights are); AdamW restarts")
+            else:
+                optimizer.load_state_dict(official_opt)
+        state = TrainState(step=start_epoch * len(loader), epoch=start_epoch)
+        trainer = cls(cfg, env, strategy, loader, sched, manager, total_steps, model, train_module, optimizer,
+                      bf16, flops, state)
+        trainer.consecutive_bad = torch.zeros((), dtype=torch.int64, device=env.device)
+        manager.remove_partial_saves()
+        if resume_from is not None:
+            trainer.restore(resume_from)
+        return trainer
+
+    def start(self) -> None:
+        """Rank 0's run folder, metrics sink and console; the signal handlers; RankMe's fixed images."""
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            cfg.dump(self.folder / "config.yaml")
+        self.sink = MetricsSink(self.folder, self.total_steps, self.state.step, enabled=env.is_main,
+                                progress={"auto": None, "bar": True, "lines": False}[cfg.train.progress])
+        if cfg.train.rankme_every > 0:
+            self.rankme_images = rankme_images(cfg, env, cfg.train.rankme_samples)
+        self.stop.install()
+        self.sink.message(f"training {self.total_steps} steps ({self.ipe} per epoch) on {env.world_size} x "
+                          f"{env.device.type}, parallel={self.strategy}, bf16={self.bf16}, from step {self.state.step}")
+
+    def close(self) -> None:
+        self.stop.restore()
+        if self.sink is not None:
+            self.sink.close()
+
+    def restore(self, path: Path) -> None:
+        """Weights, optimizer, RNG and data position from checkpoint ``path``."""
+        saved = self.manager.load(path, self.model, self.optimizer)
+        self.state = TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
+                                skipped_steps=saved["skipped_steps"], loader_state=saved["loader"])
+        set_rng_state(saved["rng"])
+        logger.info(f"resumed from {path} at step {self.state.step}"
+                    + ("" if saved["exact"] else " (other world size: data position and RNG approximate)"))
+
+    def save(self, permanent: bool = False) -> Path:
+        """Checkpoint the current step (every rank calls it)."""
+        s = self.state
+        # Position of the next batch: an epoch just finished resumes at the start of the next one.
+        next_epoch, next_batch = (s.epoch + 1, 0) if s.batch_in_epoch >= self.ipe else (s.epoch, s.batch_in_epoch)
+        return self.manager.save(s.step, self.model, self.optimizer, {
+            "step": s.step, "epoch": next_epoch, "batch_in_epoch": next_batch,
+            "loader": self.loader.state_dict() if next_batch > 0 else None, "rng": rng_state(),
+            "skipped_steps": s.skipped_steps,
+        }, meta={"epoch": next_epoch, "ipe": self.ipe}, permanent=permanent)
+
+    def epoch_batches(self):
+        """This epoch's remaining batches, each as (normalised images on the device, ``Masks`` on the device,
+        the step's FLOPs, seconds spent waiting for the loader)."""
+        from fastjepa.data import mean_std, normalize_on_device
+
+        mean, std = mean_std(self.cfg)
+        self.loader.set_epoch(self.state.epoch)
+        if self.state.loader_state is not None:
+            self.loader.load_state_dict(self.state.loader_state)
+            self.state.loader_state = None
+        packed = self.model.encoder.num_patches if self.model.varlen_context else None
+        batches = iter(self.loader)
+        while self.state.batch_in_epoch < self.ipe:
+            tic = time.perf_counter()
+            (images, _), masks_enc, masks_pred = next(batches)
+            waited = time.perf_counter() - tic
+            masks = Masks.from_lists(masks_enc, masks_pred, packed)  # on the CPU: FLOPs need no device read
+            flops = self.flops.masks_step(masks)
+            device = self.env.device
+            images = normalize_on_device(images.to(device, non_blocking=True), mean, std, torch.float32)
+            yield images, masks.to(device, non_blocking=True), flops, waited
+
+    def record(self, out: StepOutput, images: int, flops: float, waited: float, lr: float, wd: float,
+               momentum: float) -> dict | None:
+        """Add a step to the logging window; on a log step, read the window (one host sync) and write a record."""
+        self.window.add(out.loss, out.grad_norm, out.bad, images, flops, waited)
+        s, t = self.state, self.cfg.train
+        if s.step % t.log_every and s.step != self.total_steps:
+            return None
+        losses = mean_over_ranks(torch.stack(self.window.losses).float(), self.env).tolist()
+        norms = torch.stack(self.window.grad_norms).float().tolist()
+        s.skipped_steps += int(torch.stack(self.window.bad).sum())
+        elapsed = time.perf_counter() - self.window.t0
+        step_time = elapsed / self.window.steps
+        record = {
+            "step": s.step, "epoch": s.epoch, "loss": losses[-1], "loss_avg": sum(losses) / len(losses),
+            "lr": lr, "wd": wd, "momentum": momentum, "grad_norm": norms[-1],
+            "img_per_s": self.window.images * self.env.world_size / elapsed, "step_time_s": step_time,
+            "data_time_s": self.window.data_seconds / self.window.steps,
+            "peak_mem_mb": peak_memory_mb(self.env.device), "skipped_steps": s.skipped_steps,
+            "eta_s": step_time * (self.total_steps - s.step),
+        }
+        peak = self.cfg.train.peak_tflops * 1e12 or peak_flops(self.env.device)
+        if peak:
+            record["mfu"] = self.window.flops / elapsed / peak
+        record["losses"] = dict(zip(range(s.step - len(losses) + 1, s.step + 1), losses, strict=True))
+        self.sink.log({k: v for k, v in record.items() if k != "losses"})
+        self.window.reset()
+        return record
+
+    def check_divergence(self) -> None:
+        """Stop when ``train.max_bad_steps`` steps in a row were non-finite (a host read: call at log steps)."""
+        t = self.cfg.train
+        if int(self.consecutive_bad) >= t.max_bad_steps:
+            raise TrainingDiverged(
+                f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.state.step}); stopping. The last good checkpoint is kept: {self.manager.latest()}. Lower "
+                "optimization.lr, check the data, or raise train.max_bad_steps.")
+
+    def stop_requested(self, log_step: bool) -> bool:
+        """A preemption signal arrived (under torchrun: at any rank, agreed on at log steps, all or none)."""
+        if self.env.distributed:
+            if not log_step:
+                return False
+            flag = torch.tensor([float(self.stop.received is not None)], device=self.env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 and self.stop.received is None:
+                self.stop.received = signal.SIGTERM
+        return self.stop.received is not None
+
+    @torch.no_grad()
+    def rankme(self) -> float:
+        """RankMe of the target encoder's average-pooled embeddings of the fixed images."""
+        from fastjepa.data import mean_std, normalize_on_device
+        from fastjepa.eval.rankme import rankme
+
+        mean, std = mean_std(self.cfg)
+        batch, feats = self.cfg.data.batch_size, []
+        for i in range(0, len(self.rankme_images), batch):
+            images = normalize_on_device(self.rankme_images[i:i + batch].to(self.env.device), mean, std)
+            with torch.autocast(**self.autocast):
+                feats.append(self.model.target_encoder(images).float().mean(1))
+        return rankme(torch.cat(feats))
+
+
+def train_step(tr: Trainer, images: torch.Tensor, masks: Masks) -> StepOutput:
+    """Forward, backward, optional clipping, AdamW and the EMA of the target encoder: all on the device. A
+    non-finite loss or gradient skips the update (fused AdamW reads the flag on the device; the others read it)."""
+    s = tr.state
+    tr.sched.apply(tr.optimizer, s.step)
+    with torch.autocast(**tr.autocast):
+        loss = tr.train_module(images, masks)
+    loss.backward()
+    params = tr.params
+    grad_norm = grad_norm_of(params)
+    if tr.cfg.train.clip_grad > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, tr.cfg.train.clip_grad, grad_norm, foreach=True)
+    bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+    if all(g.get("fused") for g in tr.optimizer.param_groups):
+        # Fused AdamW skips the update (and its step count) where found_inf is set: no host sync.
+        tr.optimizer.found_inf, tr.optimizer.grad_scale = bad.float(), None
+        tr.optimizer.step()
+        tr.model.update_target(tr.sched.momentum(s.step))
+    elif not bool(bad):
+        tr.optimizer.step()
+        tr.model.update_target(tr.sched.momentum(s.step))
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.consecutive_bad = (tr.consecutive_bad + 1) * bad
+    return StepOutput(loss.detach(), grad_norm.detach(), bad)
+
+
+def build_data(cfg, env: DistEnv):
+    from fastjepa.data import build_pretrain_loader
+    from fastjepa.masks import MultiBlockMaskCollator
+
+    collator = MultiBlockMaskCollator.from_config(cfg, rank=env.rank)
+    loader = build_pretrain_loader(cfg, rank=env.rank, world_size=env.world_size, collator=collator)
+    if len(loader) < 1:
+        raise SetupError(f"the data source gives no full batch of data.batch_size={cfg.data.batch_size} per rank "
+                         f"on {env.world_size} rank(s); lower data.batch_size or add data")
+    return loader
+
+
+def build_model(cfg, official: Path | None) -> tuple[IJEPA, dict | None, int]:
+    """(model, official optimizer state or None, epoch to start at): an official checkpoint's, or a new model
+    with the same initialisation on every rank (FSDP2 keeps each rank's slice of its own full tensors)."""
+    set_backend(cfg.fastjepa.kernel_backend)
+    torch.manual_seed(cfg.fastjepa.seed)
+    if official is None:
+        return build_ijepa(cfg), None, 0
+    from fastjepa.compat.ijepa import load_official
+
+    loaded = load_official(official, cfg)
+    logger.info(f"loaded official checkpoint {official} (epoch {loaded.epoch})")
+    return loaded.model, loaded.optimizer_state, loaded.epoch
+
+
+def official_checkpoint_path(cfg, given: str | None) -> Path | None:
+    """``--official-checkpoint``, else the official ``meta.load_checkpoint`` (``meta.read_checkpoint`` or
+    ``<logging.write_tag>-latest.pth.tar`` inside ``logging.folder``), else None."""
+    if given is None and not cfg.meta.load_checkpoint:
+        return None
+    if given is not None:
+        path, what = Path(given), "--official-checkpoint"
+    else:
+        path = Path(cfg.logging.folder) / (cfg.meta.read_checkpoint or f"{cfg.logging.write_tag}-latest.pth.tar")
+        what = "meta.load_checkpoint=true"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: official checkpoint {path} not found; pass the .pth.tar file (or set "
+                                "meta.read_checkpoint to its name inside logging.folder)")
+    return path
+
+
+def resolve_resume(cfg, manager: CheckpointManager, resume: str | None) -> Path | None:
+    choice = resume if resume is not None else cfg.train.resume
+    if choice in (None, "", "none"):
+        if manager.latest() is not None:
+            raise SetupError(f"logging.folder={manager.folder} already holds checkpoints ({manager.latest().name}) "
+                             "and train.resume=none: continue it with train.resume=auto, or use a new logging.folder")
+        return None
+    if choice == "auto":
+        return manager.latest()
+    path = Path(choice)
+    if (path / "latest").is_file() or (path.is_dir() and not (path / "meta.json").is_file()):
+        found = CheckpointManager(path).latest()
+        if found is None:
+            raise SetupError(f"--resume {path}: no complete checkpoint in that folder")
+        return found
+    if not (path / "meta.json").is_file():
+        raise SetupError(f"--resume {path}: not a fastjepa checkpoint directory (no meta.json); pass a "
+                         "step_XXXXXXXX directory or a run folder")
+    return path
+
+
+def rankme_images(cfg, env: DistEnv, count: int) -> torch.Tensor:
+    """A fixed set of this rank's images (the first of epoch 0, from a loader of its own) for RankMe."""
+    loader = build_data(cfg, env)
+    loader.set_epoch(0)
+    images = []
+    for (x, _), _, _ in loader:
+        images.append(x)
+        if sum(len(i) for i in images) >= count:
+            break
+    return torch.cat(images)[:count]
+
+
+def grad_norm_of(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of all gradients in one fused reduction (foreach), left on the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a partial norm over each rank's shard
+        norm = norm.full_tensor()
+    return norm
+
+
+def mean_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= env.world_size
+    return values
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

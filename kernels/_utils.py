@@ -1,0 +1,124 @@
+"""What the fused ops share: the backend switch, the mask-index checks, block sizes and small layout helpers.
+
+The backend switch works like timm's ``use_fused_attn()``: ``FASTJEPA_KERNEL_BACKEND=reference`` in the
+environment, or ``set_backend("reference")``, turns every op back to its PyTorch reference; the default ``auto``
+runs Triton on CUDA tensors (or under ``TRITON_INTERPRET=1``, how the kernels are tested on CPU).
+
+Convention for every op that runs inside compiled code: its launchers are registered as ``torch.library`` custom
+ops with fake implementations, and its ``autograd.Function`` calls ``op_or_launcher(op, launcher)``: the opaque
+op while torch.compile traces (no graph break), the launcher itself in eager mode (no dispatcher overhead).
+"""
+
+import functools
+import os
+
+import torch
+import triton
+
+from fastjepa.choices import KERNEL_BACKENDS
+
+_BACKEND = os.environ.get("FASTJEPA_KERNEL_BACKEND", "auto")
+if _BACKEND not in KERNEL_BACKENDS:
+    raise ValueError(f"FASTJEPA_KERNEL_BACKEND={_BACKEND!r}: choose one of {KERNEL_BACKENDS}")
+
+
+def set_backend(name: str) -> None:
+    """``"auto"`` (Triton where it can run, the reference elsewhere) or ``"reference"``, for this process."""
+    global _BACKEND
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {KERNEL_BACKENDS}")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton path should run for these tensors: backend ``auto`` and they live on a GPU (or the
+    Triton interpreter is on)."""
+    if _BACKEND == "reference":
+        return False
+    return interpreting() or all(t.is_cuda for t in tensors)
+
+
+def op_or_launcher(op, launcher):
+    """The registered ``torch.library`` op while torch.compile traces, the launcher itself in eager mode."""
+    return op if torch.compiler.is_compiling() else launcher
+
+
+def stack_masks(masks, name: str = "masks") -> torch.Tensor:
+    """Masks in any of their public forms -> one ``[M, B, K]`` tensor: a stacked tensor passes through as it is, one
+    ``[B, K]`` tensor or a list of M of them (the official format) are stacked. ``mask_index`` checks the rest."""
+    if isinstance(masks, torch.Tensor):
+        return masks if masks.dim() != 2 else masks.unsqueeze(0)
+    masks = list(masks)
+    if not masks:
+        raise ValueError(f"{name}: empty list; pass at least one [B, K] index tensor")
+    for i, m in enumerate(masks):
+        if m.dim() != 2 or m.shape != masks[0].shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(m.shape)}, {name}[0] {tuple(masks[0].shape)}; every mask "
+                             "must be [B, K] with the same B and K (the collator cuts every list to a common length)")
+    return torch.stack(masks)
+
+
+def check_index_range(idx: torch.Tensor, num_tokens: int, op: str, name: str) -> None:
+    """Indices outside ``[0, num_tokens)`` fail loudly on every path: a device-side assert on CUDA and in compiled
+    code (no host synchronisation), an ``IndexError`` naming the op, the mask, the index and the range elsewhere.
+    Unchecked, the fused kernels would read the next image's tokens (index N + k) or the previous one's (-1)."""
+    if idx.numel() == 0:
+        return
+    if idx.is_cuda or torch.compiler.is_compiling():
+        ok = ((idx >= 0) & (idx < num_tokens)).all()
+        torch._assert_async(ok, f"{op}: {name} holds a token index outside [0, {num_tokens})")
+        return
+    lo, hi = (int(v) for v in idx.aminmax())
+    if lo < 0 or hi >= num_tokens:
+        bad = lo if lo < 0 else hi
+        where = tuple(int(i) for i in (idx == bad).nonzero()[0])
+        raise IndexError(f"{op}: {name}{list(where)} = {bad} is outside [0, {num_tokens}) (the tokens of one "
+                         f"image); pass patch indices of the {num_tokens}-token grid")
+
+
+def mask_index(masks, batch: int, num_tokens: int, op: str, name: str = "masks") -> torch.Tensor:
+    """Masks (stacked ``[M, B, K]``, one ``[B, K]`` or a list of them) -> a contiguous ``[M, B, K]`` int index for
+    ``[batch, num_tokens, D]`` tokens, with shape, dtype and range checked (errors name the op and the mask)."""
+    idx = stack_masks(masks, name)
+    if idx.dim() != 3 or idx.shape[1] != batch or idx.shape[0] < 1:
+        raise ValueError(f"{op}: {name} has shape {tuple(idx.shape)}; expected [M, B, K] (or M tensors [B, K]) with "
+                         f"B = {batch}, the batch of the tokens")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: {name} has dtype {idx.dtype}; pass int64 (or int32) token indices in "
+                         f"[0, {num_tokens})")
+    check_index_range(idx, num_tokens, op, name)
+    return idx.contiguous()
+
+
+def row_blocks(rows: int, dim: int) -> tuple[int, int]:
+    """(rows per program, BLOCK_D): one program covers whole rows of the feature dimension. The interpreter runs
+    programs one after another, so it gets as many rows per program as possible."""
+    block_d = triton.next_power_of_2(dim)
+    budget = 1 << 16 if interpreting() else 8192
+    return max(1, min(triton.next_power_of_2(rows), budget // block_d)), block_d
+
+
+def repeat_interleave_batch(x: torch.Tensor, batch_size: int, repeat: int) -> torch.Tensor:
+    """``[G*B, ...]`` -> ``[G*repeat*B, ...]``: each group of B rows repeated ``repeat`` times in place
+    (the official ordering that pairs predictions of every context block with their targets)."""
+    if repeat == 1:
+        return x
+    groups = x.reshape(-1, batch_size, *x.shape[1:])
+    return groups.unsqueeze(1).expand(-1, repeat, *groups.shape[1:]).reshape(-1, *x.shape[1:])
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once per process (eager FlexAttention is unfused). Automatic dynamic shapes: token
+    counts change with every mask draw, a static compile would hit the recompile limit."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
