@@ -77,6 +77,50 @@ def time_batches(collator, batch, calls):
     return (time.perf_counter() - wall) / calls, (time.thread_time() - cpu) / calls
 
 
+def report(times: dict, batch: int, repeats: int, samples: str) -> list[dict]:
+    """Print the wall- and CPU-clock tables and return their rows."""
+    shape = f"H/14 224px patch14 B={batch} nenc=1 npred=4 samples={samples}"
+    info = {
+        "device": f"{device_name('cpu')} (1 thread)",
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    rows = []
+    print(f"\n{shape}, one CPU thread, median of {repeats} repeats (p20-p80)")
+    for clock, col in (("wall", 0), ("cpu", 1)):
+        ms = {name: [1e3 * t[col] for t in ts] for name, ts in times.items()}
+        official_ms = statistics.median(ms["official"]) if "official" in ms else None
+        print(f"\n{clock} clock\n")
+        print("| provider | ms / batch | us / sample | samples/s | vs official |")
+        print("|---|---|---|---|---|")
+        for name, values in ms.items():
+            med = statistics.median(values)
+            q = statistics.quantiles(values, n=5, method="inclusive")
+            ratio = round(official_ms / med, 1) if official_ms else ""
+            rows.append(
+                {
+                    "op": "mask_collator",
+                    "provider": name.split("-")[0],
+                    "mode": name.split("-")[-1],
+                    "shape": shape,
+                    "clock": clock,
+                    "median": round(med, 4),
+                    "p20": round(q[0], 4),
+                    "p80": round(q[3], 4),
+                    "unit": "ms",
+                    "samples_per_s": round(1e3 * batch / med),
+                    "speedup_vs_official": ratio,
+                    **info,
+                }
+            )
+            print(
+                f"| {name} | {med:.3f} ({q[0]:.3f}-{q[3]:.3f}) | {1e3 * med / batch:.2f} | "
+                f"{1e3 * batch / med:,.0f} | {f'{ratio}x' if ratio else '-'} |"
+            )
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -110,45 +154,7 @@ def main(argv=None):
         for name, collator in providers.items():
             times[name].append(time_batches(collator, batch, calls[name]))
 
-    shape = f"H/14 224px patch14 B={args.batch} nenc=1 npred=4 samples={args.samples}"
-    info = {
-        "device": f"{device_name('cpu')} (1 thread)",
-        "torch": torch.__version__,
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    rows = []
-    print(f"\n{shape}, one CPU thread, median of {args.repeats} repeats (p20-p80)")
-    for clock, col in (("wall", 0), ("cpu", 1)):
-        ms = {name: [1e3 * t[col] for t in ts] for name, ts in times.items()}
-        official_ms = statistics.median(ms["official"]) if "official" in ms else None
-        print(f"\n{clock} clock\n")
-        print("| provider | ms / batch | us / sample | samples/s | vs official |")
-        print("|---|---|---|---|---|")
-        for name, values in ms.items():
-            med = statistics.median(values)
-            q = statistics.quantiles(values, n=5, method="inclusive")
-            ratio = round(official_ms / med, 1) if official_ms else ""
-            rows.append(
-                {
-                    "op": "mask_collator",
-                    "provider": name.split("-")[0],
-                    "mode": name.split("-")[-1],
-                    "shape": shape,
-                    "clock": clock,
-                    "median": round(med, 4),
-                    "p20": round(q[0], 4),
-                    "p80": round(q[3], 4),
-                    "unit": "ms",
-                    "samples_per_s": round(1e3 * args.batch / med),
-                    "speedup_vs_official": ratio,
-                    **info,
-                }
-            )
-            print(
-                f"| {name} | {med:.3f} ({q[0]:.3f}-{q[3]:.3f}) | {1e3 * med / args.batch:.2f} | "
-                f"{1e3 * args.batch / med:,.0f} | {f'{ratio}x' if ratio else '-'} |"
-            )
+    rows = report(times, args.batch, args.repeats, args.samples)
     if not args.no_csv:
         out = RESULTS / device_dir("cpu")
         out.mkdir(parents=True, exist_ok=True)
