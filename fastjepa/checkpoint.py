@@ -1,16 +1,24 @@
-"""Sharded, atomic training checkpoints (torch.distributed.checkpoint).
+"""Sharded, atomic, verified training checkpoints (torch.distributed.checkpoint) and the run folder's lock.
 
-A run folder holds ``step_00000120/``-style checkpoint directories and a ``latest`` file naming the newest
-complete one. A save writes everything into ``.tmp-step_.../`` first (DCP shards of model + optimizer, one
-``rank{r}.pt`` per rank with that rank's RNG and data position, ``meta.json`` last), renames it into place and only
-then rewrites ``latest``; a crash at any point leaves the previous checkpoint as the latest. Works with and without
-an initialised process group, and with plain, DDP- or FSDP2-wrapped models (DCP reshards on load).
+A run folder holds ``step_00000120/``-style checkpoint directories and a ``latest`` file naming the newest save of
+the current timeline. A save writes everything into ``.tmp-step_.../`` first (DCP shards of model + optimizer, one
+``rank{r}.pt`` per rank with that rank's RNG and data position, ``meta.json`` last with a manifest of every file
+and its size), renames it into place and only then rewrites ``latest``: a crash at any point leaves the previous
+checkpoint as the latest. A checkpoint is verified against its manifest before use; a damaged one is skipped with
+a warning naming what is wrong, and never breaks saving or pruning. Resuming from an older step starts a new
+timeline: the newer checkpoints of the abandoned one are moved aside (``abandoned-<time>/``), so they can never
+be resumed by mistake. Works with and without an initialised process group, and with plain, DDP- or
+FSDP2-wrapped models (DCP reshards on load).
 """
 
+import errno
 import json
+import logging
 import os
 import random
+import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -28,9 +36,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+logger = logging.getLogger("fastjepa")
+
 LATEST = "latest"
 _PREFIX = "step_"
+_NAME = re.compile(rf"{_PREFIX}\d{{8}}")
 _TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written (a full disk, a read-only folder) or used (damaged, wrong config)."""
 
 
 def _distributed() -> bool:
@@ -85,6 +100,52 @@ def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    return int(Path(path).name[len(_PREFIX):])
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def verify(path: str | os.PathLike) -> str | None:
+    """None when checkpoint ``path`` is complete (every file of its manifest there, at its size), else what is
+    wrong with it, in words."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        return f"{path.name}: no meta.json (a save that did not finish, or a damaged checkpoint)"
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as e:
+        return f"{path.name}: meta.json is unreadable ({e})"
+    # Checkpoints written before manifests existed: their DCP metadata and rank 0's state at least.
+    files = meta.get("files") or {".metadata": None, "rank0.pt": None}
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{path.name}: {name} is missing"
+        if size is not None and file.stat().st_size != size:
+            return f"{path.name}: {name} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
+    return None
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _is_disk_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (DCP wraps the writers' errors), if it is one a user can fix."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(err)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return OSError(errno.ENOSPC, "No space left on device")
+    return None
+
+
 class CheckpointManager:
     """Periodic, atomic, keep-last-N checkpoints in ``folder`` (every rank calls every method)."""
 
@@ -101,31 +162,90 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
 
-    def complete_checkpoints(self) -> list[Path]:
+    def checkpoints(self) -> list[Path]:
+        """Every ``step_XXXXXXXX`` directory, complete or not, oldest first."""
         if not self.folder.is_dir():
             return []
-        found = [p for p in self.folder.glob(f"{_PREFIX}*") if (p / "meta.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+        return sorted((p for p in self.folder.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)), key=step_of)
+
+    def complete_checkpoints(self) -> list[Path]:
+        """The checkpoints that pass ``verify``, oldest first."""
+        return [p for p in self.checkpoints() if verify(p) is None]
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint: the one ``latest`` names, else the highest complete step directory."""
+        """The newest usable checkpoint: the one ``latest`` names if it verifies, else the newest that does (a
+        warning names what is wrong with each newer one). ``latest`` only ever names a directory of this folder."""
         pointer = self.folder / LATEST
         if pointer.is_file():
-            target = self.folder / pointer.read_text().strip()
-            if (target / "meta.json").is_file():
-                return target
-        complete = self.complete_checkpoints()
-        return complete[-1] if complete else None
+            name = pointer.read_text().strip()
+            if _NAME.fullmatch(name):
+                problem = verify(self.folder / name)
+                if problem is None:
+                    return self.folder / name
+                logger.warning(f"checkpoint {self.folder / name} is not usable: {problem}; falling back to the "
+                               "previous complete checkpoint")
+            else:
+                logger.warning(f"{pointer} holds {name[:200]!r}, which is not a checkpoint of this folder; ignored")
+        for path in reversed(self.checkpoints()):
+            problem = verify(path)
+            if problem is None:
+                return path
+            logger.warning(f"skipping damaged checkpoint: {problem}")
+        return None
+
+    def start_timeline(self, step: int, keep: Path | None = None) -> list[Path]:
+        """Before training continues from ``step`` (-1: from scratch), move every checkpoint of this folder from a
+        later step (or from the same step, unless it is ``keep``, the one resumed) aside into
+        ``abandoned-<time>/``, and point ``latest`` at ``keep`` when it is in this folder: the saves of the new
+        timeline then replace the abandoned ones, and an auto-resume can never pick those again. Returns the
+        moved paths."""
+        moved = []
+        if _rank() == 0 and self.folder.is_dir():
+            keep = None if keep is None else Path(keep).resolve()
+            stale = [p for p in self.checkpoints() if step_of(p) > step or (step_of(p) == step and p.resolve() != keep)]
+            if stale:
+                aside = self.folder / time.strftime("abandoned-%Y%m%d-%H%M%S")
+                aside.mkdir(exist_ok=True)
+                for path in stale:
+                    os.replace(path, aside / path.name)
+                    moved.append(aside / path.name)
+                logger.warning(f"continuing from step {step}: moved the checkpoints of the abandoned timeline aside "
+                               f"to {aside}: {', '.join(p.name for p in stale)}")
+            if keep is not None and keep.parent == self.folder.resolve():
+                _write_atomic(self.folder / LATEST, keep.name)
+        _barrier()
+        return moved
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, rank_state: dict,
              meta: dict | None = None, permanent: bool = False) -> Path:
         """Write checkpoint ``step``; returns its directory. ``rank_state`` is this rank's picklable extra state;
-        a ``permanent`` checkpoint is never pruned (the others: the newest ``keep_last`` are kept)."""
+        a ``permanent`` checkpoint is never pruned (the others: the newest ``keep_last`` are kept). A full disk or
+        an unwritable folder raises ``CheckpointError`` naming the folder; the previous checkpoint stays."""
         final = self.folder / step_dir_name(step)
-        if (final / "meta.json").is_file():
-            return final  # this step is already saved (e.g. a preemption signal right after a periodic save)
+        if verify(final) is None:
+            # this step is already saved in this timeline (e.g. a preemption signal right after a periodic save)
+            if _rank() == 0:
+                _write_atomic(self.folder / LATEST, final.name)
+            _barrier()
+            return final
         tmp = self.folder / f"{_TMP_PREFIX}{final.name}"
         t0 = time.perf_counter()
+        try:
+            self._write(tmp, final, step, model, optimizer, rank_state, meta, permanent)
+        except Exception as e:
+            disk = _is_disk_error(e)
+            if disk is None:
+                raise
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"could not write checkpoint {final} ({disk.strerror or disk}): free space on {self.folder} or set "
+                f"logging.folder to a writable disk with room, then restart; the previous checkpoint "
+                f"{self.latest() or '(none)'} is kept") from e
+        self.last_save_seconds = time.perf_counter() - t0
+        return final
+
+    def _write(self, tmp: Path, final: Path, step: int, model, optimizer, rank_state, meta, permanent) -> None:
         if _rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -136,16 +256,19 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             world = dist.get_world_size() if _distributed() else 1
-            meta = {"step": step, "world_size": world, "time": time.time(), "permanent": permanent, **(meta or {})}
+            meta = {"step": step, "world_size": world, "time": time.time(), "permanent": permanent, **(meta or {}),
+                    "files": _manifest(tmp)}
             _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            if final.exists():  # a damaged directory of this step (it failed verify): out of the way
+                shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _write_atomic(self.folder / LATEST, final.name)
             self._prune(keep=final)
         _barrier()
-        self.last_save_seconds = time.perf_counter() - t0
-        return final
 
     def _prune(self, keep: Path) -> None:
+        """Delete the oldest rolling checkpoints beyond ``keep_last``; never ``keep`` (the newest save), never a
+        permanent one; damaged directories are left alone (a warning named them)."""
         if self.keep_last == 0:
             return
         rolling = [p for p in self.complete_checkpoints() if not read_meta(p).get("permanent", False)]
@@ -160,23 +283,84 @@ class CheckpointManager:
         of its own takes rank 0's (its data position and RNG are then approximate, which the caller reports).
         """
         path = Path(path)
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{path} is not a complete fastjepa checkpoint (no meta.json)")
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"{path} cannot be loaded: {problem}")
         dcp.load({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(path))
         own = path / f"rank{_rank()}.pt"
         state = torch.load(own if own.is_file() else path / "rank0.pt", map_location="cpu", weights_only=False)
-        state["exact"] = own.is_file()
+        state["exact"] = own.is_file() and read_meta(path).get("world_size", 1) == (
+            dist.get_world_size() if _distributed() else 1)
         return state
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / "meta.json").read_text())
+class RunLock:
+    """One run per folder: ``folder/.lock`` holds the owner's host, pid and start time, and its modification time
+    is the owner's heartbeat (``refresh`` at every log step). A second run refuses to start; a lock whose owner
+    is gone (a dead pid on this host, or no heartbeat for ``stale_after_s`` from another host) is taken over with
+    a warning."""
+
+    def __init__(self, folder: str | os.PathLike, stale_after_s: float = 900.0):
+        self.path = Path(folder) / ".lock"
+        self.stale_after_s = stale_after_s
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner, why_stale = self._stale()
+                if why_stale is None:
+                    raise CheckpointError(
+                        f"logging.folder={self.path.parent} is in use by another run ({owner}); two runs in one "
+                        "folder would overwrite each other's checkpoints. Wait for it to finish, stop it, or use "
+                        f"another logging.folder (if that run is dead, delete {self.path})") from None
+                logger.warning(f"taking over the stale lock {self.path} ({owner}): {why_stale}")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise CheckpointError(f"could not take the lock {self.path}: another run keeps taking it")
+
+    def _stale(self) -> tuple[str, str | None]:
+        try:
+            owner = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, ValueError):
+            return "unreadable lock", "the lock file is unreadable"
+        who = f"host {owner.get('host')}, pid {owner.get('pid')}, started {owner.get('started')}"
+        if owner.get("host") == socket.gethostname():
+            try:
+                os.kill(int(owner.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return who, "that process no longer exists"
+            except (PermissionError, ValueError, OverflowError):
+                pass
+            return who, None
+        return who, (f"no heartbeat for {age:.0f} s" if age > self.stale_after_s else None)
+
+    def refresh(self) -> None:
+        if self.held:
+            os.utime(self.path)
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def load_model_weights(path: str | os.PathLike, model: nn.Module, prefix: str = "") -> None:
     """Load the weights under ``prefix`` (e.g. ``"target_encoder."``) of a checkpoint into an unwrapped module,
     in a single process (used by evaluation and export)."""
     path = Path(path)
+    problem = verify(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} cannot be loaded: {problem}")
     state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
     dcp.load({"train": {"model": state}}, checkpoint_id=str(path),
              planner=dcp.DefaultLoadPlanner(allow_partial_load=True))

@@ -323,6 +323,7 @@ class Train(_Section):
     dist_timeout_s: float = 600.0  # collective timeout: a rank that died makes the others exit after this
     progress: str = "auto"  # "auto" (progress bar on a terminal, log lines otherwise), "bar", "lines"
     export: bool = True  # write the final target encoder (full state dict + timm-named file) to logging.folder
+    memory_check: bool = True  # refuse a run whose estimated memory is above the device's before building it
 
     def check(self) -> None:
         if not re.fullmatch(DEVICE_PATTERN, self.device):

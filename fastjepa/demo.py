@@ -10,6 +10,7 @@ matplotlib is installed.
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def plot_curves(folder: Path) -> Path | None:
     train = [r for r in records if r.get("kind", "train") == "train"]
     rank = [r for r in records if r.get("kind") == "rankme"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].plot([r["step"] for r in train], [math.nan if r["loss"] is None else r["loss"] for r in train])
     axes[0].set(xlabel="step", ylabel="I-JEPA loss (smooth L1)", title="pretraining loss")
     axes[1].plot([r["step"] for r in rank], [r["rankme"] for r in rank], marker="o")
     axes[1].set(xlabel="step", ylabel="RankMe", title="target-encoder effective rank")

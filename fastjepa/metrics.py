@@ -4,6 +4,7 @@
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -98,6 +99,60 @@ class FlopModel:
         parts = self.step(enc.shape[1], lengths, pred.shape[2], pred.shape[0], enc.shape[0], masks.packed is not None)
         return sum(parts.values())
 
+def expected_tokens(cfg) -> tuple[int, int]:
+    """(context, target) tokens per block a step typically has: the middle of the mask scales, the context cut by
+    the M target blocks it must avoid (ViT-H/14: about 70 and 44)."""
+    grid = (cfg.data.crop_size // cfg.mask.patch_size) ** 2
+    target = grid * sum(cfg.mask.pred_mask_scale) / 2
+    context = grid * sum(cfg.mask.enc_mask_scale) / 2
+    if not cfg.mask.allow_overlap:
+        context *= max(0.0, 1 - cfg.mask.num_pred_masks * target / grid)
+    return max(int(context), cfg.mask.min_keep + 1), max(int(target), 1)
+
+
+def estimate_training_memory(cfg, world_size: int = 1, bf16: bool = False) -> dict[str, float]:
+    """Bytes one rank needs to train ``cfg``: weights, gradients and AdamW moments (sharded over the ranks under
+    FSDP2) plus the activations the backward keeps (Korthikanti et al.'s per-layer count, 34*s*h + 5*a*s^2 bytes
+    in 16-bit, doubled in fp32; the scores term only with the ``math`` attention backend; one block's worth with
+    activation checkpointing). An estimate to refuse hopeless runs early, not a measurement."""
+    from fastjepa.choices import VIT_SIZES
+
+    dim, depth, heads, _ = VIT_SIZES[cfg.meta.model_name]
+    pred_dim, pred_depth = cfg.meta.pred_emb_dim, cfg.meta.pred_depth
+    with torch.device("meta"):
+        from fastjepa.ijepa import build_ijepa
+
+        model = build_ijepa(cfg)
+    trained = sum(p.numel() for p in [*model.encoder.parameters(), *model.predictor.parameters()] if p.requires_grad)
+    target = sum(p.numel() for p in model.target_encoder.parameters())
+    shards = world_size if cfg.train.parallel in ("auto", "fsdp") and world_size > 1 else 1
+    states = (trained * (4 + 4 + 8) + target * (4 + 2 * bf16)) / shards
+    unit = 1 if bf16 else 2  # the count is in 16-bit bytes
+    ctx, tgt = expected_tokens(cfg)
+    batch, nenc, m = cfg.data.batch_size, cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
+    scores = cfg.fastjepa.attn_backend == "math"
+
+    def layers(seqs: int, tokens: int, width: int, num: int) -> float:
+        per_layer = seqs * (34 * tokens * width + 5 * heads * tokens**2 * scores) * unit
+        if cfg.train.activation_checkpointing:
+            return seqs * tokens * width * 2 * unit * num + per_layer
+        return per_layer * num
+
+    pred_seqs, pred_tokens = ((batch * nenc, ctx + m * tgt) if cfg.fastjepa.predictor_layout == "shared"
+                              else (batch * nenc * m, ctx + tgt))
+    grid = (cfg.data.crop_size // cfg.mask.patch_size) ** 2
+    activations = (layers(batch * nenc, ctx, dim, depth) + layers(pred_seqs, pred_tokens, pred_dim, pred_depth)
+                   + batch * grid * 4 * dim * 2 * unit)  # the target encoder's widest transient (the MLP hidden)
+    return {"weights_and_optimizer": states, "activations": activations, "total": states + activations}
+
+
+def device_memory_bytes(device: torch.device, local_ranks: int = 1) -> float:
+    """Memory one rank can use: the GPU's total, or this machine's RAM shared by its ranks."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[1])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, local_ranks)
+
+
 class StepAccumulator:
     """Per-step device scalars kept on the device until a log step reads them all at once (one host sync)."""
 
@@ -157,7 +212,7 @@ class MetricsSink:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         step = record["step"]
         if self.tb is not None:
             for key, value in record.items():
@@ -202,13 +257,30 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _json_safe(value):
+    """Non-finite floats as null: ``metrics.jsonl`` stays valid JSON (no bare NaN or Infinity tokens)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a ``metrics.jsonl``; for a resumed run, the last record of each step wins (steps re-run after
-    the last checkpoint replace the killed run's)."""
+    the last checkpoint replace the killed run's). A torn last line (a run killed while writing it) is skipped; a
+    non-finite value reads as None."""
     by_step: dict[tuple, dict] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                by_step[(rec.get("kind", "train"), rec["step"])] = rec
+    lines = Path(path).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            if number == len(lines):
+                logger.warning(f"{path}: skipping its torn last line ({len(line)} characters)")
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON record ({e})") from None
+        by_step[(rec.get("kind", "train"), rec["step"])] = rec
     return sorted(by_step.values(), key=lambda r: (r["step"], r.get("kind", "train")))

@@ -45,6 +45,10 @@ def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"train.device={device} but no CUDA GPU is visible here (torch.cuda.is_available() is "
+                         "False; torch " + torch.__version__ + "): use train.device=auto or cpu, or a CUDA build of "
+                         "torch on a GPU machine")
     if use_cuda:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -68,10 +72,14 @@ def destroy_distributed() -> None:
 
 
 def resolve_strategy(strategy: str, world_size: int) -> str:
+    """The concrete strategy; ``ddp`` and ``fsdp`` need several processes (torchrun)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"train.parallel={strategy!r} is not one of {STRATEGIES}")
     if strategy == "auto":
         return "fsdp" if world_size > 1 else "none"
+    if strategy in ("ddp", "fsdp") and world_size == 1:
+        raise ValueError(f"train.parallel={strategy} needs several processes: launch with torchrun "
+                         "--nproc_per_node=N, or use train.parallel=none (or auto)")
     return strategy
 
 
@@ -123,9 +131,6 @@ def parallelize(model: IJEPA, env: DistEnv, strategy: str = "auto", *, bf16: boo
     loss. ``model`` itself stays the handle for ``update_target`` and checkpoints (its parameters are the ones
     the optimizer must be built over, after this call)."""
     strategy = resolve_strategy(strategy, env.world_size)
-    if strategy in ("ddp", "fsdp") and not env.distributed:
-        raise ValueError(f"train.parallel={strategy!r} needs several processes: launch with torchrun "
-                         "--nproc_per_node=N, or use train.parallel=none")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 
 from fastjepa import config as fj_config
-from fastjepa.checkpoint import full_model_state
+from fastjepa.checkpoint import CheckpointError, full_model_state
+from fastjepa.data.loader import BadDataError
 from fastjepa.ijepa import IJEPA
 from fastjepa.parallel import DistEnv, destroy_distributed
 from fastjepa.trainer import SetupError, Trainer, TrainingDiverged, train_step
 
 logger = logging.getLogger("fastjepa")
 
-__all__ = ["run", "main", "TrainResult", "SetupError", "TrainingDiverged"]
+__all__ = ["run", "main", "TrainResult", "SetupError", "TrainingDiverged", "BadDataError", "CheckpointError"]
 
 
 @dataclass
@@ -58,6 +59,7 @@ def run(cfg, *, resume: str | None = None, official_checkpoint: str | None = Non
                 if tr.state.step >= tr.total_steps:
                     break
             if tr.state.batch_in_epoch >= tr.ipe:
+                tr.end_epoch()
                 if tr.state.step < tr.total_steps:
                     tr.save(permanent=(tr.state.epoch + 1) % cfg.train.checkpoint_every == 0)
                 tr.state.epoch, tr.state.batch_in_epoch = tr.state.epoch + 1, 0
@@ -140,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(cfg, resume=args.resume, official_checkpoint=args.official_checkpoint)
-    except (SetupError, fj_config.ConfigError) as e:
+    except (SetupError, fj_config.ConfigError, CheckpointError) as e:
         print(f"fastjepa-train: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"fastjepa-train: {e}", file=sys.stderr)
         return 3
+    except BadDataError as e:
+        print(f"fastjepa-train: {e}", file=sys.stderr)
+        return 4
     finally:
         destroy_distributed()
     return 0

@@ -8,8 +8,10 @@ on the device until a log step reads a whole window of them at once.
 """
 
 import logging
+import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +19,28 @@ import torch
 import torch.distributed as dist
 
 from fastjepa import schedules
-from fastjepa.checkpoint import CheckpointManager, rng_state, set_rng_state
+from fastjepa.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    RunLock,
+    read_meta,
+    rng_state,
+    set_rng_state,
+    step_of,
+    verify,
+)
+from fastjepa.data.loader import BadDataError
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.kernels import set_backend
 from fastjepa.masks import Masks
-from fastjepa.metrics import FlopModel, MetricsSink, StepAccumulator, peak_flops
+from fastjepa.metrics import (
+    FlopModel,
+    MetricsSink,
+    StepAccumulator,
+    device_memory_bytes,
+    estimate_training_memory,
+    peak_flops,
+)
 from fastjepa.optim import build_optimizer
 from fastjepa.parallel import DistEnv, init_distributed, parallelize, resolve_strategy
 
@@ -57,9 +76,11 @@ class StepOutput:
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR1 (preemption notice) -> save a checkpoint at the next step boundary and exit."""
+    """SIGTERM/SIGUSR1 (preemption notice) or SIGINT (Ctrl-C) -> save a checkpoint at the end of the step and exit.
+    The first signal puts the previous handlers back, so a second one acts at once (SIGTERM ends the process,
+    SIGINT raises KeyboardInterrupt) when the step would take too long."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
@@ -71,9 +92,13 @@ class StopSignal:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        self.restore()
+        logger.warning(f"signal {signal.Signals(signum).name}: checkpointing at the end of this step; send it again "
+                       "to stop at once, without a checkpoint")
 
 
 @dataclass
@@ -97,7 +122,9 @@ class Trainer:
     stop: StopSignal = field(default_factory=StopSignal)
     rankme_images: torch.Tensor | None = None
     window: StepAccumulator = field(default_factory=StepAccumulator)
+    lock: RunLock | None = None
     consecutive_bad: torch.Tensor | None = None  # on the device: non-finite steps in a row
+    last_loss: torch.Tensor | None = None  # on the device
 
     @property
     def folder(self) -> Path:
@@ -119,26 +146,15 @@ class Trainer:
 
     @classmethod
     def setup(cls, cfg, resume: str | None = None, official_checkpoint: str | None = None) -> "Trainer":
-        """Processes, data, schedules and checkpoint paths (checked first), then the model, its wrapping, the
-        optimizer and the restored state."""
-        env = init_distributed(cfg.train.dist_timeout_s, cfg.train.device)
-        strategy = resolve_strategy(cfg.train.parallel, env.world_size)
-        torch.manual_seed(cfg.fastjepa.seed)
+        """Processes, data, schedules, checkpoint paths, the folder's lock and a memory estimate (all checked
+        first: ``SetupError``), then the model, its wrapping, the optimizer and the restored state."""
         try:
-            cfg.require_paths(("logging.folder", "data.root_path") if cfg.data.source == "imagefolder"
-                              else ("logging.folder",))
-            loader = build_data(cfg, env)
-            sched = schedules.build(cfg.optimization, len(loader))
-            manager = CheckpointManager(cfg.logging.folder, keep_last=cfg.train.keep_last)
-            resume_from = resolve_resume(cfg, manager, resume)
-            official = official_checkpoint_path(cfg, official_checkpoint) if resume_from is None else None
-        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            env = init_distributed(cfg.train.dist_timeout_s, cfg.train.device)
+            strategy = resolve_strategy(cfg.train.parallel, env.world_size)
+        except ValueError as e:
             raise SetupError(str(e)) from e
-        total_steps = int(cfg.optimization.epochs * len(loader))
-        if cfg.train.max_steps > 0:
-            total_steps = min(total_steps, cfg.train.max_steps)
-
-        model, official_opt, start_epoch = build_model(cfg, official)
+        plan = plan_run(cfg, env, strategy, resume, official_checkpoint)
+        model, official_opt, start_epoch = build_model(cfg, plan.official)
         model.to(env.device)
         flops = FlopModel.from_model(model)
         bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
@@ -151,13 +167,13 @@ class Trainer:
                 logger.warning("official optimizer state is not loaded under FSDP2 (weights are); AdamW restarts")
             else:
                 optimizer.load_state_dict(official_opt)
-        state = TrainState(step=start_epoch * len(loader), epoch=start_epoch)
-        trainer = cls(cfg, env, strategy, loader, sched, manager, total_steps, model, train_module, optimizer,
-                      bf16, flops, state)
+        state = TrainState(step=start_epoch * len(plan.loader), epoch=start_epoch)
+        trainer = cls(cfg, env, strategy, plan.loader, plan.sched, plan.manager, plan.total_steps, model,
+                      train_module, optimizer, bf16, flops, state, lock=plan.lock)
         trainer.consecutive_bad = torch.zeros((), dtype=torch.int64, device=env.device)
-        manager.remove_partial_saves()
-        if resume_from is not None:
-            trainer.restore(resume_from)
+        plan.manager.remove_partial_saves()
+        if plan.resume_from is not None:
+            trainer.restore(plan.resume_from)
         return trainer
 
     def start(self) -> None:
@@ -178,26 +194,81 @@ class Trainer:
         self.stop.restore()
         if self.sink is not None:
             self.sink.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def restore(self, path: Path) -> None:
-        """Weights, optimizer, RNG and data position from checkpoint ``path``."""
+        """Weights, optimizer, RNG and data position from checkpoint ``path``. Written by another number of ranks
+        or data workers, the data position continues at the same share of the epoch, approximately (noted)."""
         saved = self.manager.load(path, self.model, self.optimizer)
-        self.state = TrainState(step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
-                                skipped_steps=saved["skipped_steps"], loader_state=saved["loader"])
+        epoch, batch = saved["epoch"], saved["batch_in_epoch"]
+        exact = saved["exact"]
+        if saved["loader"] is not None:
+            self.loader.set_epoch(epoch)
+            exact = self.loader.load_state_dict(saved["loader"]) and exact
+            batch = self.loader.consumed
+        # The step counts this run's batches: another world size changes the batches per epoch.
+        step = saved["step"] if exact else epoch * self.ipe + batch
+        if step < saved["step"]:  # renumbered: the saves ahead of this step belong to the old numbering
+            self.manager.start_timeline(step)
+        self.state = TrainState(step=step, epoch=epoch, batch_in_epoch=batch, skipped_steps=saved["skipped_steps"])
         set_rng_state(saved["rng"])
-        logger.info(f"resumed from {path} at step {self.state.step}"
-                    + ("" if saved["exact"] else " (other world size: data position and RNG approximate)"))
+        logger.info(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch} of {self.ipe})"
+                    + ("" if exact else "; written by another number of ranks or data workers: the data position "
+                       "in this epoch and the RNG are approximate"))
 
-    def save(self, permanent: bool = False) -> Path:
-        """Checkpoint the current step (every rank calls it)."""
+    def healthy(self) -> str | None:
+        """None when the current state may be checkpointed, else why not: the last step was not finite, or a
+        weight is not finite (a host read: called at saves only)."""
+        if int(self.consecutive_bad) > 0:
+            return f"the last {int(self.consecutive_bad)} step(s) had a non-finite loss or gradient"
+        finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                              for p in self.model.parameters()]).all().float()
+        if self.env.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return None if finite.item() == 1 else "some weights are not finite"
+
+    def save(self, permanent: bool = False) -> Path | None:
+        """Checkpoint the current step (every rank calls it), unless the state is not healthy: a state reached
+        through non-finite steps is never saved, so the newest checkpoint is always a healthy one."""
+        problem = self.healthy()
+        if problem is not None:
+            logger.warning(f"not checkpointing step {self.state.step}: {problem}; the newest healthy checkpoint "
+                           f"stays {self.manager.latest()}")
+            return None
         s = self.state
         # Position of the next batch: an epoch just finished resumes at the start of the next one.
         next_epoch, next_batch = (s.epoch + 1, 0) if s.batch_in_epoch >= self.ipe else (s.epoch, s.batch_in_epoch)
-        return self.manager.save(s.step, self.model, self.optimizer, {
+        meta = {"epoch": next_epoch, "ipe": self.ipe, "batch_size": self.cfg.data.batch_size,
+                "num_workers": self.cfg.data.num_workers, "loss": None if self.last_loss is None
+                else float(self.last_loss)}
+        path = self.manager.save(s.step, self.model, self.optimizer, {
             "step": s.step, "epoch": next_epoch, "batch_in_epoch": next_batch,
             "loader": self.loader.state_dict() if next_batch > 0 else None, "rng": rng_state(),
             "skipped_steps": s.skipped_steps,
-        }, meta={"epoch": next_epoch, "ipe": self.ipe}, permanent=permanent)
+        }, meta=meta, permanent=permanent)
+        if self.lock is not None:
+            self.lock.refresh()
+        return path
+
+    def end_epoch(self) -> None:
+        """The epoch's skipped samples in the log and ``metrics.jsonl``; the share of bad samples over all ranks
+        against data.max_bad_fraction."""
+        loader = self.loader
+        counts = torch.tensor([sum(loader.bad.values()), loader.seen], dtype=torch.float64)
+        kinds = dict(loader.bad)
+        if self.env.distributed:
+            dist.all_reduce(counts)
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, kinds)
+            kinds = dict(sum((Counter(k) for k in gathered), Counter()))
+        bad, seen = int(counts[0]), int(counts[1])
+        if bad:
+            self.sink.message(f"epoch {self.state.epoch}: skipped {bad} bad samples of {seen} read ({kinds})")
+        self.sink.log({"step": self.state.step, "kind": "data", "epoch": self.state.epoch, "bad": bad,
+                       "seen": seen, "bad_kinds": kinds})
+        if bad > self.cfg.data.max_bad_fraction * max(seen, 1):
+            raise BadDataError("all", self.state.epoch, Counter(kinds), seen, self.cfg.data.max_bad_fraction)
 
     def epoch_batches(self):
         """This epoch's remaining batches, each as (normalised images on the device, ``Masks`` on the device,
@@ -307,7 +378,109 @@ def train_step(tr: Trainer, images: torch.Tensor, masks: Masks) -> StepOutput:
         tr.model.update_target(tr.sched.momentum(s.step))
     tr.optimizer.zero_grad(set_to_none=True)
     tr.consecutive_bad = (tr.consecutive_bad + 1) * bad
+    tr.last_loss = loss.detach()
     return StepOutput(loss.detach(), grad_norm.detach(), bad)
+
+
+@dataclass
+class RunPlan:
+    """What ``plan_run`` checked and built before any model exists."""
+
+    loader: object
+    sched: schedules.Schedules
+    total_steps: int
+    manager: CheckpointManager
+    lock: RunLock | None
+    resume_from: Path | None
+    official: Path | None
+
+
+def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_checkpoint: str | None) -> RunPlan:
+    """Everything that can be wrong before a model is built, as ``SetupError`` naming the key or path and the fix:
+    paths, a writable and unlocked run folder, the data, the checkpoint to resume (verified; its batch size), the
+    official checkpoint, and whether the run fits in memory."""
+    lock = None
+    try:
+        cfg.require_paths(("logging.folder", "data.root_path") if cfg.data.source == "imagefolder"
+                          else ("logging.folder",))
+        check_writable(Path(cfg.logging.folder))
+        lock = lock_folder(cfg, env)
+        loader = build_data(cfg, env)
+        sched = schedules.build(cfg.optimization, len(loader))
+        manager = CheckpointManager(cfg.logging.folder, keep_last=cfg.train.keep_last)
+        resume_from = resolve_resume(cfg, manager, resume)
+        official = official_checkpoint_path(cfg, official_checkpoint) if resume_from is None else None
+        check_resume_compatible(cfg, resume_from)
+        check_memory(cfg, env, strategy)
+    except (ValueError, OSError, CheckpointError) as e:
+        if lock is not None:
+            lock.release()
+        raise SetupError(str(e)) from e
+    manager.start_timeline(-1 if resume_from is None else step_of(resume_from), keep=resume_from)
+    total_steps = int(cfg.optimization.epochs * len(loader))
+    if cfg.train.max_steps > 0:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    return RunPlan(loader, sched, total_steps, manager, lock, resume_from, official)
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SetupError(f"logging.folder={folder} is not writable ({e.strerror or e}); checkpoints and metrics go "
+                         "there: pick a writable folder or fix its permissions") from e
+
+
+def lock_folder(cfg, env: DistEnv) -> RunLock | None:
+    """Rank 0 locks the run folder; every rank learns whether it could (a second run on a folder stops)."""
+    lock, problem = None, ""
+    if env.is_main:
+        lock = RunLock(cfg.logging.folder, stale_after_s=max(900.0, 2 * cfg.train.dist_timeout_s))
+        try:
+            lock.acquire()
+        except CheckpointError as e:
+            lock, problem = None, str(e)
+    if env.distributed:
+        failed = torch.tensor([float(bool(problem))])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        problem = problem or ("rank 0 could not lock logging.folder (see its error)" if failed.item() else "")
+    if problem:
+        raise CheckpointError(problem)
+    return lock
+
+
+def check_resume_compatible(cfg, path: Path | None) -> None:
+    """A checkpoint continues only with the batch size it was written with (the schedules count its batches)."""
+    if path is None:
+        return
+    saved = read_meta(path).get("batch_size")
+    if saved is not None and saved != cfg.data.batch_size:
+        raise SetupError(
+            f"{path} was written with data.batch_size={saved}, this run has data.batch_size={cfg.data.batch_size}: "
+            f"set data.batch_size={saved} to continue it, or start a new run (a new logging.folder, or "
+            "train.resume=none in an empty one)")
+
+
+def check_memory(cfg, env: DistEnv, strategy: str) -> None:
+    """Refuse a run whose estimated memory is above what the device has; warn above 80% of it."""
+    if not cfg.train.memory_check:
+        return
+    bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
+    need = estimate_training_memory(cfg, env.world_size if strategy == "fsdp" else 1, bf16)
+    have = device_memory_bytes(env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    detail = (f"about {need['total'] / 2**30:.1f} GiB per rank (weights, gradients and AdamW "
+              f"{need['weights_and_optimizer'] / 2**30:.1f} GiB, activations {need['activations'] / 2**30:.1f} GiB) "
+              f"for {cfg.meta.model_name} at data.batch_size={cfg.data.batch_size}, and {env.device.type} has "
+              f"{have / 2**30:.1f} GiB")
+    if need["total"] > have:
+        raise SetupError(f"this run needs {detail}: lower data.batch_size, set train.activation_checkpointing=true, "
+                         "use more GPUs (FSDP2 shards the weights) or a smaller model; train.memory_check=false "
+                         "skips this estimate")
+    if need["total"] > 0.8 * have:
+        logger.warning(f"this run may run out of memory: it needs {detail}")
 
 
 def build_data(cfg, env: DistEnv):
@@ -362,14 +535,18 @@ def resolve_resume(cfg, manager: CheckpointManager, resume: str | None) -> Path 
     if choice == "auto":
         return manager.latest()
     path = Path(choice)
-    if (path / "latest").is_file() or (path.is_dir() and not (path / "meta.json").is_file()):
+    if not path.is_dir():
+        raise SetupError(f"--resume {path}: no such directory; pass a step_XXXXXXXX checkpoint directory or a run "
+                         "folder")
+    if not path.name.startswith("step_"):
         found = CheckpointManager(path).latest()
         if found is None:
             raise SetupError(f"--resume {path}: no complete checkpoint in that folder")
         return found
-    if not (path / "meta.json").is_file():
-        raise SetupError(f"--resume {path}: not a fastjepa checkpoint directory (no meta.json); pass a "
-                         "step_XXXXXXXX directory or a run folder")
+    problem = verify(path)
+    if problem is not None:
+        raise SetupError(f"--resume {path}: {problem}; pass another checkpoint (or the run folder: its newest "
+                         "complete one is used)")
     return path
 
 

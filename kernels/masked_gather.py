@@ -33,11 +33,11 @@ def masked_gather_ref(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | Non
 
 
 def _gather_ref(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
-    num_masks, _, k = idx.shape
+    num_masks, batch, k = idx.shape
     src = tokens.repeat(num_masks, 1, 1) if num_masks > 1 else tokens
-    out = torch.gather(src, 1, idx.reshape(-1, k, 1).expand(-1, -1, tokens.shape[-1]))
+    out = torch.gather(src, 1, idx.reshape(num_masks * batch, k, 1).expand(-1, -1, tokens.shape[-1]))
     if pos_embed is not None:
-        out = out + pos_embed.reshape(-1, tokens.shape[-1])[idx.reshape(-1, k)]
+        out = out + pos_embed.reshape(-1, tokens.shape[-1])[idx.reshape(num_masks * batch, k)]
     return out
 
 

@@ -16,7 +16,7 @@ from webdataset import TarWriter
 
 from fastjepa.config import ConfigError, load
 from fastjepa.data import build_pretrain_loader, mean_std, normalize_on_device, transforms
-from fastjepa.data.loader import produced_by, rank_plan
+from fastjepa.data.loader import BadDataError, produced_by, rank_plan
 from fastjepa.data.make_shards import main as make_shards_main
 from fastjepa.data.make_shards import make_shards
 from fastjepa.data.mnist import load_mnist_5k
@@ -264,9 +264,30 @@ def test_resume_continues_the_epoch_exactly(tmp_path, source):
     for x, y in zip(head + [(t[0][0], t[0][1], t[1], t[2]) for t in tail], full, strict=True):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
         assert all(torch.equal(p, q) for p, q in zip(x[2] + x[3], y[2] + y[3], strict=True))
-    other = build_pretrain_loader(tiny_cfg(source=source, shards=pattern, batch_size=4, num_workers=1))
-    with pytest.raises(ValueError, match="num_workers"):
-        other.load_state_dict(state)
+    # Another data.num_workers: the same share of the epoch is behind, the position inside it is approximate.
+    other = build_pretrain_loader(tiny_cfg(source=source, shards=pattern, batch_size=4, num_workers=1,
+                                           synthetic_samples=40))
+    assert other.load_state_dict(state) is False
+    assert other.consumed == 3
+    assert len(list(other)) == len(full) - 3
+
+
+@pytest.mark.parametrize(("saved", "now"), [(2, 1), (1, 2)])
+def test_another_world_size_continues_at_the_same_share_of_the_epoch(saved, now):
+    """A checkpoint of 2 ranks resumed on 1 (and 1 on 2): the epoch continues after the same number of samples,
+    approximately; the position is exact again from the next epoch on."""
+    cfg = tiny_cfg(source="synthetic", batch_size=4, num_workers=2, synthetic_samples=48)
+    writer = build_pretrain_loader(cfg, rank=0, world_size=saved)
+    run_epoch(writer, epoch=0, limit=2)
+    state = json.loads(json.dumps(writer.state_dict()))
+    reader = build_pretrain_loader(cfg, rank=0, world_size=now)
+    reader.set_epoch(0)
+    assert reader.load_state_dict(state) is False
+    assert reader.consumed * now == 2 * saved  # the same samples of the epoch behind
+    remaining = len(reader) - reader.consumed
+    assert len(list(reader)) == remaining
+    reader.set_epoch(1)
+    assert len(list(reader)) == len(reader)
 
 
 # ---------------------------------------------------------------- bad data
@@ -283,10 +304,10 @@ def test_every_bad_data_kind_is_skipped_counted_and_never_shifts_labels(tmp_path
     ]
     samples = good[:10] + bad + good[10:]  # 44 samples, 8 per shard -> 6 shards
     pattern = write_shards(tmp_path / "shards", samples, 8)
-    # shard 4 cut mid-file (truncated tar), shard 5 unreadable (gone)
+    # shard 4 cut mid-file (truncated tar), shard 5 unreadable (not a tar any more)
     path4 = tmp_path / "shards" / "s-0004.tar"
     path4.write_bytes(path4.read_bytes()[:4096])
-    os.remove(tmp_path / "shards" / "s-0005.tar")
+    (tmp_path / "shards" / "s-0005.tar").write_bytes(b"\x00garbage, not a tar archive" * 40)
     cfg = tiny_cfg(source="webdataset", shards=pattern, batch_size=4, max_bad_fraction=0.5)
     loader = build_pretrain_loader(cfg)
     with caplog.at_level("WARNING", logger="fastjepa.data.loader"):
@@ -325,9 +346,12 @@ def test_a_shard_read_from_its_middle_reports_what_it_cannot_deliver(tmp_path):
 def test_too_many_bad_samples_abort_with_the_counts(tmp_path):
     samples = [{"jpg": flat_jpeg(value_of(i)), "cls": str(i).encode()} for i in range(12)]
     samples += [{"jpg": b"", "cls": b"0"}] * 4
-    pattern = write_shards(tmp_path / "shards", samples, 16)
-    loader = build_pretrain_loader(tiny_cfg(source="webdataset", shards=pattern, batch_size=4, max_bad_fraction=0.1))
-    with pytest.raises(RuntimeError, match=r"empty_file=4.*max_bad_fraction=0.1"):
+    pattern = write_shards(tmp_path / "shards", samples[12:] + samples[:12], 16)
+    loader = build_pretrain_loader(tiny_cfg(source="webdataset", shards=pattern, batch_size=4, max_bad_fraction=0.1,
+                                            shuffle_buffer=0))
+    # 0.1 of the 16-sample epoch is 1.6 samples: the first batch's 4 bad ones make the excess certain, and the run
+    # stops there, three batches before the epoch ends
+    with pytest.raises(BadDataError, match=r"4 of 8 samples read are bad \(empty_file=4\).*max_bad_fraction=0.1"):
         run_epoch(loader)
     # a budget of 0 stops at the first batch that skipped a sample, not at the end of the epoch
     pattern = write_shards(tmp_path / "one_bad", samples[-1:] + samples[:15], 16)
@@ -335,6 +359,17 @@ def test_too_many_bad_samples_abort_with_the_counts(tmp_path):
                                             shuffle_buffer=0))
     with pytest.raises(RuntimeError, match=r"1 of 5 samples read are bad \(empty_file=1\)"):
         next(iter(strict))
+
+
+def test_bad_samples_within_the_epochs_budget_never_stop_the_run(tmp_path):
+    """12 unreadable samples at the very start of a 1,200-sample epoch are 1%: within data.max_bad_fraction=0.01,
+    however early they come (the budget was judged over the first 1,000 samples read before)."""
+    good = [{"jpg": flat_jpeg(value_of(i % 40), size=(34, 34)), "cls": str(i % 40).encode()} for i in range(1188)]
+    pattern = write_shards(tmp_path / "shards", [{"jpg": b"", "cls": b"0"}] * 12 + good, 1200)
+    loader = build_pretrain_loader(tiny_cfg(source="webdataset", shards=pattern, batch_size=100, shuffle_buffer=0,
+                                            max_bad_fraction=0.01))
+    assert len(run_epoch(loader)) == len(loader) == 12
+    assert loader.bad_counts() == {"empty_file": 12}
 
 
 def test_missing_index_and_unknown_source_say_how_to_fix(tmp_path):

@@ -118,3 +118,34 @@ def test_fsdp2_units_cover_every_block_of_the_three_models(tmp_path):
             assert all(isinstance(m, FSDPModule) for m in [*blocks, model.encoder, model.predictor, model])
     finally:
         dist.destroy_process_group()
+
+
+def torchrun(folder: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fastjepa.train", "--config", "configs/test_tiny.yaml", *OVERRIDES, *overrides,
+           f"logging.folder={folder}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_two_rank_checkpoint_continues_on_one_rank_at_the_same_share_of_the_epoch(fsdp_run, tmp_path):
+    """Step 4 of 8 per epoch on 2 ranks (32 samples behind) is step 8 of 16 on one rank."""
+    folder = tmp_path / "run"
+    shutil.copytree(fsdp_run[0], folder)
+    run = torchrun(folder, "train.parallel=auto", "train.max_steps=10", nproc=1)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "at step 8 (epoch 0, batch 8 of 16)" in run.stdout and "approximate" in run.stdout
+    steps = [r["step"] for r in read_jsonl(folder / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    assert steps == [1, 2, 3, 4, 9, 10]
+
+
+def test_a_one_rank_checkpoint_continues_on_two_ranks(tmp_path):
+    single = torchrun(tmp_path, "train.parallel=auto", "train.max_steps=6", "train.checkpoint_steps=6", nproc=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    run = torchrun(tmp_path, "train.max_steps=5")  # 6 of 16 on one rank = 3 of 8 on two
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "at step 3 (epoch 0, batch 3 of 8)" in run.stdout and "approximate" in run.stdout
+    assert CheckpointManager(tmp_path).latest().name == "step_00000005"
+    # the one-rank step 6 belongs to the old numbering: moved aside, so it is never resumed instead of step 5
+    assert [p.name for p in CheckpointManager(tmp_path).complete_checkpoints()] == ["step_00000004", "step_00000005"]
+    assert [p.name for p in tmp_path.glob("abandoned-*/*")] == ["step_00000006"]

@@ -17,7 +17,9 @@ buffer (webdataset.filters.shuffle).
 Each position yields one item; a broken one is counted per kind, logged with its shard and key, and skipped.
 A worker that has not filled its batches at the end of its positions goes over them again (same order, new
 augmentation draws) until it has: batch counts never change, and nothing is padded with a mismatched label.
-The share of bad samples above `data.max_bad_fraction` aborts with the counts per kind.
+`data.max_bad_fraction` is a share of the epoch: a rank stops (`BadDataError`, with the counts per kind) as soon
+as its own bad samples exceed that share of the whole epoch, and the trainer checks the share over all ranks at the
+end of the epoch; an epoch below the budget never stops.
 
 Determinism: sample at raw position p of worker w gets its augmentation from Generator(seed, epoch, rank, w, p);
 masks come from the collator's `sample(B, step, worker=0)` with step = epoch * len(loader) + batch index, so the
@@ -41,6 +43,17 @@ from fastjepa.data.sources import BAD_KINDS, BadSample
 logger = logging.getLogger(__name__)
 
 MAX_LOGGED_PER_KIND = 20  # per worker and epoch; the counts keep going
+
+
+class BadDataError(RuntimeError):
+    """More of an epoch's samples are unusable than data.max_bad_fraction allows."""
+
+    def __init__(self, rank, epoch, bad: Counter, seen: int, fraction: float, where: str = ""):
+        kinds = ", ".join(f"{k}={bad[k]}" for k in BAD_KINDS if bad[k])
+        super().__init__(
+            f"rank {rank} epoch {epoch}{where}: {sum(bad.values())} of {seen} samples read are bad ({kinds}), more "
+            f"than data.max_bad_fraction={fraction} of the epoch allows. The warnings above name the shards/files "
+            "and keys; fix or drop them, or raise data.max_bad_fraction to train on")
 
 
 def rank_plan(num_samples, batch_size, world_size, num_workers):
@@ -221,17 +234,26 @@ class PretrainLoader:
             state["collator"] = self.collator.state_dict()
         return state
 
-    def load_state_dict(self, state):
-        for key in ("num_workers", "world_size", "batch_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
-                                 f"{getattr(self, key)}: the resume position is only valid with the same "
-                                 f"data.batch_size, world size and data.num_workers")
-        self.epoch, self.consumed = int(state["epoch"]), int(state["batches"])
-        self.positions = {int(w): int(p) for w, p in state["positions"].items()}
-        self.bad, self.seen = Counter(state["bad"]), int(state["seen"])
-        if "collator" in state and hasattr(self.collator, "load_state_dict"):
+    def load_state_dict(self, state) -> bool:
+        """Continue an epoch where ``state_dict()`` left it. Returns True when the position is exact (same world
+        size, data.batch_size and data.num_workers); otherwise the loader continues at the same share of the epoch,
+        approximately (this epoch may repeat or skip a few samples; the next epoch is exact) and returns False."""
+        self.epoch = int(state["epoch"])
+        exact = all(state[key] == getattr(self, key) for key in ("num_workers", "world_size", "batch_size"))
+        if exact:
+            self.consumed = int(state["batches"])
+            self.positions = {int(w): int(p) for w, p in state["positions"].items()}
+            self.bad, self.seen = Counter(state["bad"]), int(state["seen"])
+        else:
+            # the same number of samples of the epoch behind us, over the new plan of ranks and workers
+            done = int(state["batches"]) * int(state["batch_size"]) * int(state["world_size"])
+            self.consumed = min(done // (self.batch_size * self.world_size), len(self))
+            k = max(self.num_workers, 1)
+            self.positions = {w: produced_by(w, self.consumed, k) * self.batch_size for w in range(k)}
+            self.bad, self.seen = Counter(), self.consumed * self.batch_size
+        if exact and "collator" in state and hasattr(self.collator, "load_state_dict"):
             self.collator.load_state_dict(state["collator"])
+        return exact
 
     def __iter__(self):
         if self.consumed >= len(self):
@@ -249,22 +271,24 @@ class PretrainLoader:
             self.consumed += 1
             if hasattr(self.collator, "load_state_dict") and hasattr(self.collator, "sample"):
                 self.collator.load_state_dict({"step": self.epoch * len(self) + report["batch"]})
-            self._check_bad(final=self.consumed == len(self))
+            self._check_bad()
             yield batch
         if self.bad:
             logger.info("rank %d epoch %d: %d bad samples of %d read (%s) in %.0f s", self.rank, self.epoch,
                         sum(self.bad.values()), self.seen, dict(self.bad), time.perf_counter() - t0)
 
-    def _check_bad(self, final):
-        # judged over at least 1000 samples until the epoch ends, so a few bad ones early do not abort a 1% budget;
-        # a budget of 0 aborts at the first batch that skipped one
+    @property
+    def epoch_samples(self) -> int:
+        """Samples of one epoch over all ranks (what data.max_bad_fraction is a share of)."""
+        return len(self) * self.batch_size * self.world_size
+
+    def _check_bad(self):
+        # Stop as soon as this rank's bad samples alone exceed the whole epoch's budget: the epoch's share is then
+        # certain to be above data.max_bad_fraction (a budget of 0 stops at the first bad sample). The share over
+        # all ranks is checked at the end of the epoch (fastjepa.trainer).
         n_bad = sum(self.bad.values())
-        if n_bad > self.max_bad_fraction * (self.seen if final else max(self.seen, 1000)):
-            kinds = ", ".join(f"{k}={self.bad[k]}" for k in BAD_KINDS if self.bad[k])
-            raise RuntimeError(f"rank {self.rank} epoch {self.epoch}: {n_bad} of {self.seen} samples read are bad "
-                               f"({kinds}), more than data.max_bad_fraction={self.max_bad_fraction}. The warnings "
-                               f"above name the shards/files and keys; fix or drop them, or raise "
-                               f"data.max_bad_fraction to train on")
+        if n_bad > self.max_bad_fraction * self.epoch_samples:
+            raise BadDataError(self.rank, self.epoch, self.bad, self.seen, self.max_bad_fraction)
 
     def bad_counts(self):
         return dict(self.bad)

@@ -171,6 +171,10 @@ class ShardSource:
         self.urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError(f"data.shards={urls!r} expands to no shard")
+        missing = [u for u in self.urls if _is_local(u) and not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(self.urls)} shards in data.shards do not exist, e.g. "
+                                    f"{missing[0]}; fix data.shards (or restore the files)")
         self.index_path = index or default_index_path(self.urls)
         self.counts = np.asarray(shard_counts(self.urls, self.index_path), dtype=np.int64)
         self.num_samples = int(self.counts.sum())
@@ -240,9 +244,13 @@ def decode_fields(sample, url):
     return RawSample(key, image, label, url)
 
 
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
+
+
 def default_index_path(urls):
     first = urls[0]
-    if first.startswith("pipe:") or "://" in first:
+    if not _is_local(first):
         raise ValueError(f"shards {first!r} are remote: set data.shard_index to a local copy of the index.json "
                          f"written by `python -m fastjepa.data.make_shards`")
     return os.path.join(os.path.dirname(os.path.abspath(first)), INDEX_NAME)
