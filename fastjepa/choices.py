@@ -18,7 +18,7 @@ MASK_MODES = ("parity", "fixed")
 
 # ViT attention (fastjepa.modules.attention_backends): "auto" times the available ones on a GPU.
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn",
-                      "xformers", "math")
+                      "flash_attn3", "xformers", "math")
 # Packed (variable-length) sequences.
 VARLEN_ATTENTION_BACKENDS = ("auto", "flash_attn", "flex", "sdpa", "math")
 # The shared-context predictor's block-structured attention (fastjepa.kernels.block_attention).

@@ -312,7 +312,7 @@ class Train(_Section):
     checkpoint_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends, preemption and the end)
     resume: str = "auto"  # "auto": latest checkpoint in logging.folder if any; "none"; or a checkpoint path
     parallel: str = "auto"  # "auto" (fsdp under torchrun, else none), "none", "ddp", "fsdp" (FSDP2)
-    compile: bool = False  # torch.compile each transformer block
+    compile: bool | None = None  # torch.compile every transformer block; null (default): on with CUDA
     activation_checkpointing: bool = False  # recompute encoder/predictor block activations in the backward
     max_steps: int = 0  # stop after this many steps (0: optimization.epochs); schedules keep the full horizon
     max_bad_steps: int = 20  # consecutive non-finite loss/gradient steps (each skipped) that stop the run

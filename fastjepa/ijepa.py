@@ -24,6 +24,28 @@ class IJEPA(nn.Module):
         self.predictor = predictor
         self.target_encoder = copy.deepcopy(encoder) if target_encoder is None else target_encoder
         self.target_encoder.requires_grad_(False)
+        # The low-precision replica the target forward reads (enable_target_replica): derived from the fp32
+        # target, written by the EMA pass, never checkpointed, so it is kept out of the module tree.
+        self.__dict__["target_replica"] = None
+
+    def enable_target_replica(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Run the target forward on a ``dtype`` copy of the target encoder that the EMA pass writes (the fused
+        kernel's ``copy=`` output), so autocast never re-casts the frozen weights: the forward reads 2 bytes per
+        weight. The fp32 target stays the EMA's master and what checkpoints hold. Call after ``.to(device)``."""
+        replica = copy.deepcopy(self.target_encoder).to(dtype)
+        replica.requires_grad_(False)
+        self.__dict__["target_replica"] = replica
+
+    @property
+    def target_forward_encoder(self) -> VisionTransformer:
+        """The module the target forward runs: the replica when there is one, else the target encoder."""
+        return self.target_replica if self.target_replica is not None else self.target_encoder
+
+    @torch.no_grad()
+    def sync_target_replica(self) -> None:
+        """Refresh the replica from the target encoder (after loading weights into it)."""
+        if self.target_replica is not None:
+            torch._foreach_copy_(_locals(self.target_replica.parameters()), _locals(self.target_encoder.parameters()))
 
     def to_masks(self, masks_enc, masks_pred=None) -> Masks:
         """The official lists (or stacked tensors) as one ``Masks`` value; a ``Masks`` passes through."""
@@ -35,7 +57,7 @@ class IJEPA(nn.Module):
     def targets(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
         """``[M*nenc*B, Kt, D]``: layer-normalised (no affine) target-encoder features at every target block."""
         masks = self.to_masks(masks_enc, masks_pred)
-        return target_norm_gather(self.target_encoder(images), masks.pred, masks.num_context_blocks)
+        return target_norm_gather(self.target_forward_encoder(images), masks.pred, masks.num_context_blocks)
 
     def predict(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
         """``[M*nenc*B, Kt, D]``: the predictor's outputs from the context encoder's view of the context blocks."""
@@ -51,15 +73,22 @@ class IJEPA(nn.Module):
         with or without variable-length context."""
         masks = self.to_masks(masks_enc, masks_pred)
         with torch.no_grad():
-            h = self.target_encoder(images)
+            h = self.target_forward_encoder(images)
         z = self.predict(images, masks)
         # = smooth_l1_loss(z, self.targets(...)), without materialising the normalised targets when fused
         return target_norm_smooth_l1(z, h, masks.pred, masks.num_context_blocks)
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """``target <- momentum * target + (1 - momentum) * encoder``, over every parameter (as the official loop)."""
-        ema_update(list(self.target_encoder.parameters()), list(self.encoder.parameters()), momentum)
+        """``target <- momentum * target + (1 - momentum) * encoder``, over every parameter (as the official loop),
+        writing the replica's low-precision copy in the same pass."""
+        replica = None if self.target_replica is None else list(self.target_replica.parameters())
+        ema_update(list(self.target_encoder.parameters()), list(self.encoder.parameters()), momentum, copy=replica)
+
+
+def _locals(params) -> list[torch.Tensor]:
+    """The local tensors of (possibly FSDP2-sharded) parameters."""
+    return [p.to_local() if hasattr(p, "to_local") else p for p in params]
 
 
 def build_ijepa(cfg) -> IJEPA:

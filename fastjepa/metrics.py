@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("fastjepa")
@@ -72,15 +73,16 @@ class FlopModel:
         official collator does, else one value per sequence) and whose M target blocks hold ``target_len`` tokens
         each. ``packed``: the variable-length predictor path (every block on every token)."""
         d, n, m, kt, pd = self.embed_dim, self.num_patches, num_target_blocks, target_len, self.pred_dim
-        lengths = torch.as_tensor(context_lengths, dtype=torch.float64).reshape(-1)
-        if lengths.numel() == 1:
-            lengths = lengths.repeat(num_context_blocks * batch)
+        # numpy, not torch: counting needs no tensor read (the trainer calls this between steps)
+        lengths = np.asarray(context_lengths, dtype=np.float64).reshape(-1)
+        if lengths.size == 1:
+            lengths = np.repeat(lengths, num_context_blocks * batch)
         patch = 2.0 * n * self.patch_dim * d * batch
         target = patch + batch * self.depth * block_flops(n, n * n, d, self.mlp_hidden)
-        blocks = block_flops(lengths, lengths**2, d, self.mlp_hidden).sum().item()
+        blocks = float(block_flops(lengths, lengths**2, d, self.mlp_hidden).sum())
         context = 2 * patch + 3 * self.depth * blocks
         # predictor_embed on every context token once, predictor_proj on every prediction
-        io = 2.0 * lengths.sum().item() * d * pd + 2.0 * m * len(lengths) * kt * pd * d
+        io = 2.0 * float(lengths.sum()) * d * pd + 2.0 * m * len(lengths) * kt * pd * d
         hid, depth = self.pred_mlp_hidden, self.pred_depth
         if self.layout == "shared" and not packed:
             tokens = lengths + m * kt
@@ -90,12 +92,12 @@ class FlopModel:
             full = block_flops(tokens, tokens**2, pd, hid)
             last = full if self.layout == "official" or packed else block_flops(tokens, kt * tokens, pd, hid, kt)
             pred = m * ((depth - 1) * full + last)
-        return {"target": target, "context": context, "predictor": 3 * (pred.sum().item() + io)}
+        return {"target": target, "context": context, "predictor": 3 * (float(pred.sum()) + io)}
 
     def masks_step(self, masks) -> float:
         """Total FLOPs of a step with these ``fastjepa.masks.Masks`` (on the CPU: no device read)."""
         enc, pred = masks.enc, masks.pred
-        lengths = masks.packed.cu_seqlens.diff() if masks.packed is not None else enc.shape[2]
+        lengths = np.diff(masks.packed.cu_seqlens.numpy()) if masks.packed is not None else enc.shape[2]
         parts = self.step(enc.shape[1], lengths, pred.shape[2], pred.shape[0], enc.shape[0], masks.packed is not None)
         return sum(parts.values())
 

@@ -84,7 +84,26 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
 
 
 def _block_lists(model: IJEPA) -> list[nn.ModuleList]:
-    return [model.encoder.blocks, model.target_encoder.blocks, model.predictor.predictor_blocks]
+    """The blocks that run in a step: the encoder's, the target forward's (the replica's when there is one) and
+    the predictor's."""
+    return [model.encoder.blocks, model.target_forward_encoder.blocks, model.predictor.predictor_blocks]
+
+
+def resolve_attention(model: IJEPA, cfg, dtype: torch.dtype) -> None:
+    """Every ``auto`` attention of the step resolved to a concrete backend at the step's shapes (the expected
+    token counts of the config's masks), before anything is compiled."""
+    from fastjepa.metrics import expected_tokens
+
+    context, target = expected_tokens(cfg)
+    batch, nenc, m = cfg.data.batch_size, cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
+    pred_rows, pred_len = ((batch * nenc, context + m * target) if model.predictor.layout == "shared"
+                           else (batch * nenc * m, context + target))
+    device = next(model.parameters()).device
+    for blocks, rows, seq_len, grad in ((model.encoder.blocks, batch * nenc, context, True),
+                                        (model.target_forward_encoder.blocks, batch, model.encoder.num_patches, False),
+                                        (model.predictor.predictor_blocks, pred_rows, pred_len, True)):
+        for block in blocks:
+            block.attn.resolve_backend(rows, seq_len, device, dtype, grad)
 
 
 def apply_activation_checkpointing(model: IJEPA) -> None:
@@ -116,8 +135,11 @@ def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_for
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     mp = mp or MixedPrecisionPolicy()
     shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    for net, blocks in zip((model.encoder, model.target_encoder, model.predictor), _block_lists(model), strict=True):
-        for block in blocks:
+    nets = [model.encoder, model.target_encoder, model.predictor]
+    if model.target_replica is not None:  # sharded as the target, so the EMA pairs up local shards
+        nets.append(model.target_replica)
+    for net in nets:
+        for block in net.predictor_blocks if net is model.predictor else net.blocks:
             fully_shard(block, **shard)
         fully_shard(net, **shard)
         register_fsdp_forward_method(net, "forward_packed")
@@ -126,15 +148,16 @@ def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_for
 
 
 def parallelize(model: IJEPA, env: DistEnv, strategy: str = "auto", *, bf16: bool = False,
-                activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+                activation_checkpointing: bool = False, compile: str | None = None) -> nn.Module:
     """Wrap ``model`` (already on ``env.device``) for training; returns the module whose ``forward`` gives the
-    loss. ``model`` itself stays the handle for ``update_target`` and checkpoints (its parameters are the ones
-    the optimizer must be built over, after this call)."""
+    loss. ``compile``: the ``torch.compile`` backend for every block, or None. ``model`` itself stays the handle
+    for ``update_target`` and checkpoints (its parameters are the ones the optimizer must be built over, after
+    this call)."""
     strategy = resolve_strategy(strategy, env.world_size)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if compile:
-        apply_compile(model)
+    if compile is not None:
+        apply_compile(model, compile)
     if strategy == "fsdp":
         return apply_fsdp(model, env.device, bf16)
     if strategy == "ddp":

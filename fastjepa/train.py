@@ -77,14 +77,14 @@ def _train_one(tr: Trainer, result: TrainResult, images, masks, flops: float, wa
     signal ended the run (after its checkpoint)."""
     s, t = tr.state, tr.cfg.train
     lr, wd, momentum = tr.sched.lr(s.step), tr.sched.weight_decay(s.step), tr.sched.momentum(s.step)
-    out = train_step(tr, images, masks)
+    out = train_step(tr, *tr.to_device(images, masks))
     s.step += 1
     s.batch_in_epoch += 1
     record = tr.record(out, images.shape[0], flops, waited, lr, wd, momentum)
     log_step = record is not None
     if log_step:
         result.losses.update(record["losses"])
-    if log_step or not all(g.get("fused") for g in tr.optimizer.param_groups):
+    if log_step or not tr.stepper.fused:
         tr.check_divergence()
     if tr.rankme_images is not None and s.step % t.rankme_every == 0:
         tr.sink.log({"step": s.step, "kind": "rankme", "rankme": tr.rankme()})

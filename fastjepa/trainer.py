@@ -1,6 +1,6 @@
 """The trainer's pieces, over one small state object (torchtitan's shape): ``Trainer.setup`` builds a run,
-``train_step`` runs one optimisation step on the device, ``Trainer.record`` logs, ``Trainer.save`` checkpoints.
-``fastjepa.train.run`` is the loop that calls them.
+``train_step`` runs one optimisation step on the device (``fastjepa.step``), ``Trainer.record`` logs,
+``Trainer.save`` checkpoints. ``fastjepa.train.run`` is the loop that calls them.
 
 Setup checks everything that can be wrong with the config, the data and the checkpoint paths before any model is
 built (``SetupError``). A step never synchronises with the host: its loss, gradient norm and non-finite flag stay
@@ -29,6 +29,7 @@ from fastjepa.checkpoint import (
     step_of,
     verify,
 )
+from fastjepa.data import Normalize, mean_std
 from fastjepa.data.loader import BadDataError
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.kernels import set_backend
@@ -41,8 +42,8 @@ from fastjepa.metrics import (
     estimate_training_memory,
     peak_flops,
 )
-from fastjepa.optim import build_optimizer
-from fastjepa.parallel import DistEnv, init_distributed, parallelize, resolve_strategy
+from fastjepa.parallel import DistEnv, init_distributed, resolve_strategy
+from fastjepa.step import StepOutput, Stepper
 
 logger = logging.getLogger("fastjepa")
 
@@ -63,16 +64,6 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     skipped_steps: int = 0
-    loader_state: dict | None = None  # the data position inside the epoch to continue from
-
-
-@dataclass
-class StepOutput:
-    """One step's results, still on the device."""
-
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-    bad: torch.Tensor  # non-finite loss or gradient: the update was skipped
 
 
 class StopSignal:
@@ -113,32 +104,23 @@ class Trainer:
     manager: CheckpointManager
     total_steps: int
     model: IJEPA
-    train_module: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    bf16: bool
+    stepper: Stepper
     flops: FlopModel
     state: TrainState
     sink: MetricsSink | None = None
     stop: StopSignal = field(default_factory=StopSignal)
     rankme_images: torch.Tensor | None = None
     window: StepAccumulator = field(default_factory=StepAccumulator)
+    normalize: Normalize | None = None
     lock: RunLock | None = None
-    consecutive_bad: torch.Tensor | None = None  # on the device: non-finite steps in a row
-    last_loss: torch.Tensor | None = None  # on the device
 
     @property
     def folder(self) -> Path:
         return Path(self.cfg.logging.folder)
 
     @property
-    def autocast(self) -> dict:
-        # FSDP2's mixed-precision policy casts the parameters itself; autocast would cast them again.
-        return {"device_type": self.env.device.type, "dtype": torch.bfloat16,
-                "enabled": self.bf16 and self.strategy != "fsdp"}
-
-    @property
-    def params(self) -> list[torch.Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.stepper.optimizer
 
     @property
     def ipe(self) -> int:
@@ -155,22 +137,17 @@ class Trainer:
             raise SetupError(str(e)) from e
         plan = plan_run(cfg, env, strategy, resume, official_checkpoint)
         model, official_opt, start_epoch = build_model(cfg, plan.official)
-        model.to(env.device)
         flops = FlopModel.from_model(model)
-        bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
-        train_module = parallelize(model, env, strategy, bf16=bf16,
-                                   activation_checkpointing=cfg.train.activation_checkpointing,
-                                   compile=cfg.train.compile)
-        optimizer = build_optimizer(model.encoder, model.predictor)
+        stepper = Stepper.build(cfg, env, strategy, model, plan.sched)
         if official_opt is not None:
             if strategy == "fsdp":
                 logger.warning("official optimizer state is not loaded under FSDP2 (weights are); AdamW restarts")
             else:
-                optimizer.load_state_dict(official_opt)
+                stepper.optimizer.load_state_dict(official_opt)
         state = TrainState(step=start_epoch * len(plan.loader), epoch=start_epoch)
-        trainer = cls(cfg, env, strategy, plan.loader, plan.sched, plan.manager, plan.total_steps, model,
-                      train_module, optimizer, bf16, flops, state, lock=plan.lock)
-        trainer.consecutive_bad = torch.zeros((), dtype=torch.int64, device=env.device)
+        trainer = cls(cfg, env, strategy, plan.loader, plan.sched, plan.manager, plan.total_steps, model, stepper,
+                      flops, state, lock=plan.lock)
+        trainer.normalize = Normalize(*mean_std(cfg), env.device)
         plan.manager.remove_partial_saves()
         if plan.resume_from is not None:
             trainer.restore(plan.resume_from)
@@ -188,7 +165,8 @@ class Trainer:
             self.rankme_images = rankme_images(cfg, env, cfg.train.rankme_samples)
         self.stop.install()
         self.sink.message(f"training {self.total_steps} steps ({self.ipe} per epoch) on {env.world_size} x "
-                          f"{env.device.type}, parallel={self.strategy}, bf16={self.bf16}, from step {self.state.step}")
+                          f"{env.device.type}, parallel={self.strategy}, bf16={self.stepper.bf16}, "
+                          f"from step {self.state.step}")
 
     def close(self) -> None:
         self.stop.restore()
@@ -213,6 +191,7 @@ class Trainer:
             self.manager.start_timeline(step)
         self.state = TrainState(step=step, epoch=epoch, batch_in_epoch=batch, skipped_steps=saved["skipped_steps"])
         set_rng_state(saved["rng"])
+        self.model.sync_target_replica()
         logger.info(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch} of {self.ipe})"
                     + ("" if exact else "; written by another number of ranks or data workers: the data position "
                        "in this epoch and the RNG are approximate"))
@@ -220,8 +199,9 @@ class Trainer:
     def healthy(self) -> str | None:
         """None when the current state may be checkpointed, else why not: the last step was not finite, or a
         weight is not finite (a host read: called at saves only)."""
-        if int(self.consecutive_bad) > 0:
-            return f"the last {int(self.consecutive_bad)} step(s) had a non-finite loss or gradient"
+        bad = int(self.stepper.consecutive_bad)
+        if bad > 0:
+            return f"the last {bad} step(s) had a non-finite loss or gradient"
         finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
                               for p in self.model.parameters()]).all().float()
         if self.env.distributed:
@@ -240,8 +220,8 @@ class Trainer:
         # Position of the next batch: an epoch just finished resumes at the start of the next one.
         next_epoch, next_batch = (s.epoch + 1, 0) if s.batch_in_epoch >= self.ipe else (s.epoch, s.batch_in_epoch)
         meta = {"epoch": next_epoch, "ipe": self.ipe, "batch_size": self.cfg.data.batch_size,
-                "num_workers": self.cfg.data.num_workers, "loss": None if self.last_loss is None
-                else float(self.last_loss)}
+                "num_workers": self.cfg.data.num_workers, "loss": None if self.stepper.last_loss is None
+                else float(self.stepper.last_loss)}
         path = self.manager.save(s.step, self.model, self.optimizer, {
             "step": s.step, "epoch": next_epoch, "batch_in_epoch": next_batch,
             "loader": self.loader.state_dict() if next_batch > 0 else None, "rng": rng_state(),
@@ -271,26 +251,23 @@ class Trainer:
             raise BadDataError("all", self.state.epoch, Counter(kinds), seen, self.cfg.data.max_bad_fraction)
 
     def epoch_batches(self):
-        """This epoch's remaining batches, each as (normalised images on the device, ``Masks`` on the device,
-        the step's FLOPs, seconds spent waiting for the loader)."""
-        from fastjepa.data import mean_std, normalize_on_device
-
-        mean, std = mean_std(self.cfg)
+        """This epoch's remaining batches as the loader hands them off, on the CPU: (uint8 images, the step's
+        ``Masks``, its FLOPs, seconds spent waiting for the loader). Packing the masks and counting the FLOPs
+        here needs no device read."""
         self.loader.set_epoch(self.state.epoch)
-        if self.state.loader_state is not None:
-            self.loader.load_state_dict(self.state.loader_state)
-            self.state.loader_state = None
         packed = self.model.encoder.num_patches if self.model.varlen_context else None
         batches = iter(self.loader)
         while self.state.batch_in_epoch < self.ipe:
             tic = time.perf_counter()
             (images, _), masks_enc, masks_pred = next(batches)
             waited = time.perf_counter() - tic
-            masks = Masks.from_lists(masks_enc, masks_pred, packed)  # on the CPU: FLOPs need no device read
-            flops = self.flops.masks_step(masks)
-            device = self.env.device
-            images = normalize_on_device(images.to(device, non_blocking=True), mean, std, torch.float32)
-            yield images, masks.to(device, non_blocking=True), flops, waited
+            masks = Masks.from_lists(masks_enc, masks_pred, packed)
+            yield images, masks, self.flops.masks_step(masks), waited
+
+    def to_device(self, images: torch.Tensor, masks: Masks) -> tuple[torch.Tensor, Masks]:
+        """One batch to the device, normalised there (asynchronous copies, constants already on the device)."""
+        device = self.env.device
+        return self.normalize(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True)
 
     def record(self, out: StepOutput, images: int, flops: float, waited: float, lr: float, wd: float,
                momentum: float) -> dict | None:
@@ -323,7 +300,7 @@ class Trainer:
     def check_divergence(self) -> None:
         """Stop when ``train.max_bad_steps`` steps in a row were non-finite (a host read: call at log steps)."""
         t = self.cfg.train
-        if int(self.consecutive_bad) >= t.max_bad_steps:
+        if int(self.stepper.consecutive_bad) >= t.max_bad_steps:
             raise TrainingDiverged(
                 f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (last at step "
                 f"{self.state.step}); stopping. The last good checkpoint is kept: {self.manager.latest()}. Lower "
@@ -343,43 +320,19 @@ class Trainer:
     @torch.no_grad()
     def rankme(self) -> float:
         """RankMe of the target encoder's average-pooled embeddings of the fixed images."""
-        from fastjepa.data import mean_std, normalize_on_device
         from fastjepa.eval.rankme import rankme
 
-        mean, std = mean_std(self.cfg)
         batch, feats = self.cfg.data.batch_size, []
         for i in range(0, len(self.rankme_images), batch):
-            images = normalize_on_device(self.rankme_images[i:i + batch].to(self.env.device), mean, std)
-            with torch.autocast(**self.autocast):
-                feats.append(self.model.target_encoder(images).float().mean(1))
+            images = self.normalize(self.rankme_images[i:i + batch].to(self.env.device))
+            with torch.autocast(**self.stepper.autocast):
+                feats.append(self.model.target_forward_encoder(images).float().mean(1))
         return rankme(torch.cat(feats))
 
 
 def train_step(tr: Trainer, images: torch.Tensor, masks: Masks) -> StepOutput:
-    """Forward, backward, optional clipping, AdamW and the EMA of the target encoder: all on the device. A
-    non-finite loss or gradient skips the update (fused AdamW reads the flag on the device; the others read it)."""
-    s = tr.state
-    tr.sched.apply(tr.optimizer, s.step)
-    with torch.autocast(**tr.autocast):
-        loss = tr.train_module(images, masks)
-    loss.backward()
-    params = tr.params
-    grad_norm = grad_norm_of(params)
-    if tr.cfg.train.clip_grad > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, tr.cfg.train.clip_grad, grad_norm, foreach=True)
-    bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-    if all(g.get("fused") for g in tr.optimizer.param_groups):
-        # Fused AdamW skips the update (and its step count) where found_inf is set: no host sync.
-        tr.optimizer.found_inf, tr.optimizer.grad_scale = bad.float(), None
-        tr.optimizer.step()
-        tr.model.update_target(tr.sched.momentum(s.step))
-    elif not bool(bad):
-        tr.optimizer.step()
-        tr.model.update_target(tr.sched.momentum(s.step))
-    tr.optimizer.zero_grad(set_to_none=True)
-    tr.consecutive_bad = (tr.consecutive_bad + 1) * bad
-    tr.last_loss = loss.detach()
-    return StepOutput(loss.detach(), grad_norm.detach(), bad)
+    """The run's next step (``fastjepa.step.Stepper``) on a batch already on the device."""
+    return tr.stepper(images, masks, tr.state.step)
 
 
 @dataclass
@@ -560,15 +513,6 @@ def rankme_images(cfg, env: DistEnv, count: int) -> torch.Tensor:
         if sum(len(i) for i in images) >= count:
             break
     return torch.cat(images)[:count]
-
-
-def grad_norm_of(params: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of all gradients in one fused reduction (foreach), left on the device."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a partial norm over each rank's shard
-        norm = norm.full_tensor()
-    return norm
 
 
 def mean_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -72,16 +72,19 @@ def check_index_range(idx: torch.Tensor, num_tokens: int, op: str, name: str) ->
     Unchecked, the fused kernels would read the next image's tokens (index N + k) or the previous one's (-1)."""
     if idx.numel() == 0:
         return
+    ok = ((idx >= 0) & (idx < num_tokens)).all()
+    message = f"{op}: {name} holds a token index outside [0, {num_tokens})"
     if idx.is_cuda or torch.compiler.is_compiling():
-        ok = ((idx >= 0) & (idx < num_tokens)).all()
-        torch._assert_async(ok, f"{op}: {name} holds a token index outside [0, {num_tokens})")
+        torch._assert_async(ok, message)
         return
-    lo, hi = (int(v) for v in idx.aminmax())
-    if lo < 0 or hi >= num_tokens:
+    try:
+        torch._assert_async(ok, message)  # on the CPU it checks at once, with no Python-level read of the tensor
+    except RuntimeError:
+        lo, hi = (int(v) for v in idx.aminmax())
         bad = lo if lo < 0 else hi
         where = tuple(int(i) for i in (idx == bad).nonzero()[0])
         raise IndexError(f"{op}: {name}{list(where)} = {bad} is outside [0, {num_tokens}) (the tokens of one "
-                         f"image); pass patch indices of the {num_tokens}-token grid")
+                         f"image); pass patch indices of the {num_tokens}-token grid") from None
 
 
 def mask_index(masks, batch: int, num_tokens: int, op: str, name: str = "masks") -> torch.Tensor:

@@ -37,7 +37,7 @@ def _gather_ref(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor
     src = tokens.repeat(num_masks, 1, 1) if num_masks > 1 else tokens
     out = torch.gather(src, 1, idx.reshape(num_masks * batch, k, 1).expand(-1, -1, tokens.shape[-1]))
     if pos_embed is not None:
-        out = out + pos_embed.reshape(-1, tokens.shape[-1])[idx.reshape(num_masks * batch, k)]
+        out = (out + pos_embed.reshape(-1, tokens.shape[-1])[idx.reshape(num_masks * batch, k)]).to(tokens.dtype)
     return out
 
 
@@ -104,17 +104,15 @@ COMPILE_SPECS = {
 
 def masked_gather_fwd(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, N, D]`` tokens, checked ``[M, B, K]`` indices -> ``[M*B, K, D]`` in the promoted dtype of tokens and pos
-    (written into ``out`` when given, which tests fill with NaN)."""
+    """``[B, N, D]`` tokens, checked ``[M, B, K]`` indices -> ``[M*B, K, D]`` in the tokens' dtype, the sum with pos
+    taken in fp32 (written into ``out`` when given, which tests fill with NaN)."""
     batch, num_tokens, dim = tokens.shape
     num_masks, _, k = idx.shape
     tokens = tokens.contiguous()
-    dtype = tokens.dtype
     if pos_embed is not None:
         pos_embed = pos_embed.reshape(num_tokens, dim).contiguous()
-        dtype = torch.promote_types(dtype, pos_embed.dtype)
     if out is None:
-        out = torch.empty(num_masks * batch, k, dim, dtype=dtype, device=tokens.device)
+        out = torch.empty(num_masks * batch, k, dim, dtype=tokens.dtype, device=tokens.device)
     if out.numel() == 0:
         return out
     block_k, block_d = row_blocks(k, dim)
@@ -148,8 +146,7 @@ def _masked_gather_fwd_op(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: to
 
 @_masked_gather_fwd_op.register_fake
 def _(tokens, idx, pos_embed):
-    dtype = tokens.dtype if pos_embed is None else torch.promote_types(tokens.dtype, pos_embed.dtype)
-    return tokens.new_empty((idx.shape[0] * idx.shape[1], idx.shape[2], tokens.shape[2]), dtype=dtype)
+    return tokens.new_empty((idx.shape[0] * idx.shape[1], idx.shape[2], tokens.shape[2]))
 
 
 @torch.library.custom_op("fastjepa::masked_gather_bwd", mutates_args=())
@@ -196,7 +193,7 @@ def masked_gather(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None = 
         pos_embed: optional ``[N, D]`` (or ``[1, N, D]``) added at the gathered positions.
     Returns:
         ``[M*B, K, D]``, masks concatenated on the batch dimension (the order of the official ``apply_masks``), in
-        the promoted dtype of ``tokens`` and ``pos_embed``.
+        the dtype of ``tokens`` (the activations' dtype: bf16 stays bf16 next to an fp32 ``pos_embed``).
     Backward scatter-adds into the gradient of ``tokens`` (and of ``pos_embed`` when it requires grad).
     """
     idx = _check(tokens, masks, pos_embed)

@@ -47,9 +47,9 @@ def _tokens_ref(x, idx_enc, idx_pred, mask_token, pos_embed) -> torch.Tensor:
     nenc, batch, _ = idx_enc.shape
     dim = x.shape[-1]
     pos = pos_embed.reshape(1, -1, dim).expand(batch, -1, -1)
-    ctx = x + _gather_ref(pos, idx_enc, None)
+    ctx = (x + _gather_ref(pos, idx_enc, None)).to(x.dtype)
     tgt = mask_token.reshape(1, 1, dim) + repeat_interleave_batch(_gather_ref(pos, idx_pred, None), batch, nenc)
-    return torch.cat([ctx.repeat(idx_pred.shape[0], 1, 1), tgt], dim=1)
+    return torch.cat([ctx.repeat(idx_pred.shape[0], 1, 1), tgt.to(x.dtype)], dim=1)
 
 
 def predictor_tokens_ref(
@@ -137,8 +137,7 @@ def predictor_tokens_fwd(x, idx_enc, idx_pred, mask_token, pos_embed, out=None) 
     rows_enc, rows_pred, dim = nenc * batch, num_pred * batch, x.shape[-1]
     x, mask_token, pos_embed = x.contiguous(), mask_token.contiguous(), pos_embed.contiguous()
     if out is None:
-        dtype = torch.promote_types(torch.promote_types(x.dtype, pos_embed.dtype), mask_token.dtype)
-        out = torch.empty(num_pred * rows_enc, kc + kt, dim, dtype=dtype, device=x.device)
+        out = torch.empty(num_pred * rows_enc, kc + kt, dim, dtype=x.dtype, device=x.device)
     block_k, block_d = row_blocks(max(kc, kt), dim)
     _predictor_tokens_fwd_kernel[(triton.cdiv(max(kc, kt), block_k), rows_enc + rows_pred)](
         x, idx_enc, idx_pred, mask_token, pos_embed, out, batch, nenc, num_pred, kc, kt, dim,
@@ -174,9 +173,8 @@ def _fwd_op(x: torch.Tensor, idx_enc: torch.Tensor, idx_pred: torch.Tensor, mask
 
 @_fwd_op.register_fake
 def _(x, idx_enc, idx_pred, mask_token, pos_embed):
-    dtype = torch.promote_types(torch.promote_types(x.dtype, pos_embed.dtype), mask_token.dtype)
     rows = idx_pred.shape[0] * idx_enc.shape[0] * idx_enc.shape[1]
-    return x.new_empty((rows, idx_enc.shape[2] + idx_pred.shape[2], x.shape[-1]), dtype=dtype)
+    return x.new_empty((rows, idx_enc.shape[2] + idx_pred.shape[2], x.shape[-1]))
 
 
 @torch.library.custom_op("fastjepa::predictor_tokens_bwd", mutates_args=())
@@ -231,7 +229,7 @@ def predictor_tokens(
             target indices (or a list of M ``[B, Kt]``).
         mask_token: ``[Dp]`` (any shape with Dp elements); pos_embed: ``[N, Dp]`` (or ``[1, N, Dp]``).
     Returns:
-        ``[M*nenc*B, Kc+Kt, Dp]``. Backward: the context gradient is summed over the M repeats; the mask token's
+        ``[M*nenc*B, Kc+Kt, Dp]`` in x's dtype (the activations' dtype; sums taken in fp32). Backward: the context gradient is summed over the M repeats; the mask token's
         gradient is summed over every target slot; the positional embedding's when it requires grad.
     """
     idx_enc, idx_pred = _check(x, masks_enc, masks_pred, mask_token, pos_embed)

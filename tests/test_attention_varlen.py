@@ -50,10 +50,15 @@ def test_varlen_flex_forward_matches():
     torch.testing.assert_close(out, per_sequence(q, k, v, cu, 0.25), rtol=1e-5, atol=1e-6)
 
 
-def test_varlen_bad_lengths_are_named():
+def test_varlen_bad_inputs_are_named_without_reading_cu_seqlens():
     (q, k, v), cu = packed_qkv()
     with pytest.raises(ValueError, match="cu_seqlens"):
-        ab.varlen_attention(q, k, v, cu[:-1], 9, 0.25, "math")
+        ab.varlen_attention(q, k, v, cu.float(), 9, 0.25, "math")
+    with pytest.raises(ValueError, match=r"q must be packed \[T, H, D\]"):
+        ab.varlen_attention(q[None], k, v, cu, 9, 0.25, "math")
+    # the values are checked where the packed context is built, on the CPU
+    with pytest.raises(IndexError, match=r"context indices must lie in \[0, 16\)"):
+        Masks.from_lists([torch.tensor([[0, 16, -1]])], [torch.tensor([[1, 2]])], 16)
 
 
 GRID, DIM, HEADS = 4, 24, 2

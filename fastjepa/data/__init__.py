@@ -23,7 +23,7 @@ from fastjepa.data.transforms import PretrainTransform, build_transform
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
-__all__ = ["build_pretrain_loader", "build_source", "normalize_on_device", "mean_std", "PretrainLoader",
+__all__ = ["build_pretrain_loader", "build_source", "Normalize", "normalize_on_device", "mean_std", "PretrainLoader",
            "PretrainTransform", "ImageFolderSource", "ShardSource", "SyntheticSource", "MnistSource", "SOURCES"]
 
 
@@ -79,18 +79,30 @@ def mean_std(cfg):
     return mean, std
 
 
+class Normalize:
+    """uint8 ``[B, C, H, W]`` (already on the device) -> contiguous ``(x / 255 - mean) / std`` in ``dtype``, one
+    fp32 multiply-add (scale = 1 / (255 std), shift = -mean / std) and one cast. The constants are made on the
+    device once, so normalising a batch copies nothing from the host. The loader's batches have channels-last
+    strides (the workers skip the transpose); it is done here, on the uint8 bytes."""
+
+    def __init__(self, mean, std, device, dtype: torch.dtype = torch.float32):
+        if len(mean) != len(std):
+            raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries; give one per channel")
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = (1.0 / (255.0 * std_t)).to(device)
+        self.shift = (-mean_t / std_t).to(device)
+        self.channels, self.dtype = len(mean), dtype
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+            raise ValueError(f"normalize expects uint8 [B, C, H, W], got {images_uint8.dtype} "
+                             f"{tuple(images_uint8.shape)}")
+        if images_uint8.shape[1] != self.channels:
+            raise ValueError(f"mean/std have {self.channels} entries for {images_uint8.shape[1]} channels")
+        return torch.addcmul(self.shift, images_uint8.contiguous().float(), self.scale).to(self.dtype)
+
+
 def normalize_on_device(images_uint8, mean, std, dtype=torch.float32):
-    """uint8 [B, C, H, W] (already on the device) -> contiguous (x / 255 - mean) / std in `dtype`, computed in
-    float32 as one multiply-add (scale = 1 / (255 std), shift = -mean / std) and cast once. The loader's batches
-    have channels-last strides (the workers skip the transpose); it is done here, on the uint8 bytes."""
-    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-        raise ValueError(f"normalize_on_device expects uint8 [B, C, H, W], got {images_uint8.dtype} "
-                         f"{tuple(images_uint8.shape)}")
-    channels = images_uint8.shape[1]
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {channels} channels")
-    device = images_uint8.device
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    images = images_uint8.contiguous()
-    return torch.addcmul(-mean_t / std_t, images.float(), 1.0 / (255.0 * std_t)).to(dtype)
+    """One batch through ``Normalize`` (build a ``Normalize`` once to normalise many)."""
+    return Normalize(mean, std, images_uint8.device, dtype)(images_uint8)

@@ -107,7 +107,8 @@ class VisionTransformerPredictor(nn.Module):
         pos = self.predictor_pos_embed.reshape(-1, dim)
         masks_enc = mask_index(masks_enc, masks_enc.shape[1], len(pos), "predictor", "masks_enc")
         masks_pred = mask_index(masks_pred, masks_enc.shape[1], len(pos), "predictor", "masks_pred")
-        ctx = self.predictor_embed(x) + pos[masks_enc.reshape(-1, masks_enc.shape[-1])]
+        ctx = self.predictor_embed(x)
+        ctx = ctx + pos[masks_enc.reshape(-1, masks_enc.shape[-1])].to(ctx.dtype)
         tgt = self.mask_token.reshape(1, 1, dim) + pos[masks_pred.permute(1, 0, 2).flatten(1)]  # [B, M*Kt, Dp]
         return torch.cat([ctx, tgt.repeat(masks_enc.shape[0], 1, 1).to(ctx.dtype)], dim=1)
 
@@ -127,7 +128,8 @@ class VisionTransformerPredictor(nn.Module):
         dim = self.mask_token.shape[-1]
         pos = self.predictor_pos_embed.reshape(-1, dim)
         masks_pred = mask_index(masks_pred, packed.batch, len(pos), "predictor", "masks_pred")
-        ctx = self.predictor_embed(z) + pos[packed.index % packed.num_patches]
+        ctx = self.predictor_embed(z)
+        ctx = ctx + pos[packed.index % packed.num_patches].to(ctx.dtype)
         tgt = self.mask_token.reshape(1, dim) + pos[masks_pred.reshape(-1)]  # rows (m, b, k)
         h = torch.cat([ctx, tgt.to(ctx.dtype)])[packed.predictor_index]
         for blk in self.predictor_blocks:

@@ -71,7 +71,8 @@ class VisionTransformer(nn.Module):
         """``[B, C, H, W]`` -> ``[B, N, D]``; with masks (``[M, B, K]`` indices, or one or a list of M ``[B, K]``)
         -> ``[M*B, K, D]``, the tokens at those positions only."""
         x = self.embed(x)
-        x = x + self.pos_embed if masks is None else masked_gather(x, masks, self.pos_embed)
+        # the activations keep their dtype (bf16 under autocast) next to the fp32 positional embedding
+        x = x + self.pos_embed.to(x.dtype) if masks is None else masked_gather(x, masks, self.pos_embed)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -84,7 +85,7 @@ class VisionTransformer(nn.Module):
         if (batch, num_patches) != (packed.batch, packed.num_patches):
             raise ValueError(f"forward_packed: images give {batch} x {num_patches} patches, the packed context was "
                              f"built for {packed.batch} x {packed.num_patches}")
-        x = (x + self.pos_embed).reshape(-1, dim)[packed.index]
+        x = (x + self.pos_embed.to(x.dtype)).reshape(-1, dim)[packed.index]
         for blk in self.blocks:
             x = blk(x, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
         return self.norm(x)

@@ -6,15 +6,17 @@ Every backend computes ``softmax(q k^T * scale) v`` on ``[B, H, L, D]`` tensors 
 - ``sdpa``: ``F.scaled_dot_product_attention`` with PyTorch's own dispatch.
 - ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient`` / ``sdpa_math``: SDPA pinned to one kernel with
   ``torch.nn.attention.sdpa_kernel``.
-- ``flash_attn`` (``flash_attn.flash_attn_func``) and ``xformers`` (``memory_efficient_attention``) when
-  those packages are installed.
-- ``auto``: on a GPU, the fastest of the available backends for this head count, head dim, dtype, grad mode and
-  sequence lengths (bucketed to powers of two), timed once on first use (forward, plus backward when gradients
-  are needed) and cached for the process; on CPU, and while torch.compile traces a shape never timed eagerly, the
-  deterministic choice ``sdpa``. Run one eager step before compiling to let it time (bench_step does).
+- ``flash_attn`` (FlashAttention-2, ``flash_attn.flash_attn_func``), ``flash_attn3`` (FlashAttention-3,
+  ``flash_attn_interface``, Hopper GPUs) and ``xformers`` (``memory_efficient_attention``) when those packages are
+  installed.
+- ``auto``: on a GPU, the fastest of the available backends (cuDNN and FlashAttention-3 among them) for this head
+  count, head dim, dtype, grad mode and sequence lengths (bucketed to powers of two), timed once and cached for
+  the process; on CPU the deterministic choice ``sdpa``. The trainer resolves every ``auto`` attention before it
+  compiles anything (``Attention.resolve_backend``), so compiled blocks read a plain name and never re-trace.
 """
 
 import importlib.util
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,14 @@ def _flash_attn(q, k, v, scale):
     )
 
 
+def _flash_attn3(q, k, v, scale):
+    from flash_attn_interface import flash_attn_func
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+    out = out[0] if isinstance(out, tuple) else out  # some FlashAttention-3 releases also return the LSE
+    return out.transpose(1, 2)
+
+
 def _xformers(q, k, v, scale):
     from xformers.ops import memory_efficient_attention
 
@@ -72,12 +82,14 @@ _IMPLS = {
     "sdpa": _sdpa,
     **{name: _sdpa_pinned(kind) for name, kind in _SDPA_PINNED.items()},
     "flash_attn": _flash_attn,
+    "flash_attn3": _flash_attn3,
     "xformers": _xformers,
 }
 
 
 # Looked up once: find_spec inside a compiled block would break the graph.
-_INSTALLED = {package: importlib.util.find_spec(package) is not None for package in ("flash_attn", "xformers")}
+_INSTALLED = {package: importlib.util.find_spec(package) is not None
+              for package in ("flash_attn", "flash_attn_interface", "xformers")}
 
 
 def installed(package: str) -> bool:
@@ -101,6 +113,9 @@ def supports(backend: str, device: torch.device, dtype: torch.dtype, head_dim: i
         return cuda
     if backend == "flash_attn":
         return cuda and half and installed("flash_attn")
+    if backend == "flash_attn3":  # FlashAttention-3: Hopper (sm_90) kernels
+        return (cuda and half and head_dim % 8 == 0 and installed("flash_attn_interface")
+                and torch.cuda.get_device_capability(device) >= (9, 0))
     if backend == "xformers":
         return cuda and installed("xformers")
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -231,16 +246,24 @@ def _varlen_sdpa(q, k, v, cu_seqlens, max_seqlen, scale):
     return out.transpose(1, 2)[seq, pos]
 
 
+_FLEX_MASK: list = [None, None]  # (weak reference to the cu_seqlens it was built for, block mask)
+
+
 def _varlen_flex(q, k, v, cu_seqlens, max_seqlen, scale):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    total = q.shape[0]
-    seq, _ = varlen_positions(cu_seqlens, total)
+    # Every block of a step attends within the same sequences: build the block mask once per cu_seqlens tensor
+    # (held by a weak reference: a new step's tensor, even at a recycled address, builds a new mask).
+    ref, block_mask = _FLEX_MASK
+    if ref is None or ref() is not cu_seqlens:
+        total = q.shape[0]
+        seq, _ = varlen_positions(cu_seqlens, total)
 
-    def same_sequence(b, h, q_idx, kv_idx):
-        return seq[q_idx] == seq[kv_idx]
+        def same_sequence(b, h, q_idx, kv_idx):
+            return seq[q_idx] == seq[kv_idx]
 
-    block_mask = create_block_mask(same_sequence, None, None, total, total, device=q.device)
+        block_mask = create_block_mask(same_sequence, None, None, total, total, device=q.device)
+        _FLEX_MASK[:] = [weakref.ref(cu_seqlens), block_mask]
     fn = compiled_flex_attention() if q.is_cuda else flex_attention
     out = fn(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask, scale=scale)
     return out[0].transpose(0, 1)
@@ -272,10 +295,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     "math" (per-sequence loop, the reference), "auto" (see ``varlen_auto``)."""
     if backend not in VARLEN_BACKENDS:
         raise ValueError(f"unknown varlen attention backend {backend!r}; choose one of {VARLEN_BACKENDS}")
-    if q.dim() != 3 or cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
-        raise ValueError(
-            f"varlen_attention: q must be packed [T, H, D] and cu_seqlens must run from 0 to T; got q "
-            f"{tuple(q.shape)}, cu_seqlens {cu_seqlens.tolist()[:3]}...{cu_seqlens.tolist()[-1:]}"
-        )
+    # Shapes only: reading cu_seqlens' values would synchronise with the host at every layer. Its values are
+    # checked where it is built (fastjepa.masks.PackedContext, on the CPU).
+    if q.dim() != 3 or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"varlen_attention: q must be packed [T, H, D] and cu_seqlens an int [S + 1] tensor running "
+                         f"from 0 to T; got q {tuple(q.shape)}, cu_seqlens {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
     name = varlen_auto(q) if backend == "auto" else backend
     return _VARLEN_IMPLS[name](q, k, v, cu_seqlens, max_seqlen, scale)

@@ -1,0 +1,115 @@
+"""One I-JEPA training step on the device, and the model preparation that makes it fast: the same code for the
+trainer and for the step benchmark (``bench/bench_step.py``), so the benchmark times exactly the trainer's step.
+
+``prepare_model`` applies, in order: the bf16 target replica (the EMA pass writes it; the target forward reads 2
+bytes per weight and nothing re-casts), ``auto`` attention resolved to concrete backends at the step's shapes,
+then activation checkpointing, ``torch.compile`` of every block (by default on CUDA) and DDP/FSDP2.
+``Stepper`` runs forward, backward, clipping, fused AdamW and the EMA without a host synchronisation: the loss,
+the gradient norm and the non-finite flag stay on the device.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastjepa.ijepa import IJEPA
+from fastjepa.masks import Masks
+from fastjepa.optim import build_optimizer
+from fastjepa.parallel import DistEnv, parallelize, resolve_attention
+from fastjepa.schedules import Schedules
+
+
+@dataclass
+class StepOutput:
+    """One step's results, still on the device."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    bad: torch.Tensor  # non-finite loss or gradient: the update was skipped
+
+
+def prepare_model(cfg, env: DistEnv, strategy: str, model: IJEPA,
+                  compile_backend: str = "inductor") -> tuple[torch.nn.Module, bool]:
+    """Move, prepare and wrap ``model`` for training as the config asks; returns (the module whose forward gives
+    the loss, whether the step runs in bf16). ``model`` stays the handle for the EMA and checkpoints."""
+    model.to(env.device)
+    bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
+    if bf16:
+        model.enable_target_replica(torch.bfloat16)
+    resolve_attention(model, cfg, torch.bfloat16 if bf16 else torch.float32)
+    compile_blocks = cfg.train.compile if cfg.train.compile is not None else env.device.type == "cuda"
+    train_module = parallelize(model, env, strategy, bf16=bf16,
+                               activation_checkpointing=cfg.train.activation_checkpointing,
+                               compile=compile_backend if compile_blocks else None)
+    return train_module, bf16
+
+
+@dataclass
+class Stepper:
+    """Forward, backward, optional clipping, AdamW and the EMA of the target encoder, all on the device. A
+    non-finite loss or gradient skips the update: fused AdamW reads the flag on the device (``found_inf``); an
+    optimizer without it needs the flag on the host."""
+
+    model: IJEPA
+    train_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sched: Schedules
+    bf16: bool
+    autocast: dict
+    clip_grad: float = 0.0
+    consecutive_bad: torch.Tensor | None = None  # non-finite steps in a row, on the device
+    last_loss: torch.Tensor | None = None  # on the device
+
+    @classmethod
+    def build(cls, cfg, env: DistEnv, strategy: str, model: IJEPA, sched: Schedules,
+              compile_backend: str = "inductor") -> "Stepper":
+        train_module, bf16 = prepare_model(cfg, env, strategy, model, compile_backend)
+        # FSDP2's mixed-precision policy casts the parameters itself; autocast would cast them again.
+        autocast = {"device_type": env.device.type, "dtype": torch.bfloat16, "enabled": bf16 and strategy != "fsdp"}
+        stepper = cls(model, train_module, build_optimizer(model.encoder, model.predictor), sched, bf16, autocast,
+                      cfg.train.clip_grad)
+        stepper.consecutive_bad = torch.zeros((), dtype=torch.int64, device=env.device)
+        return stepper
+
+    @property
+    def fused(self) -> bool:
+        return all(g.get("fused") for g in self.optimizer.param_groups)
+
+    def __call__(self, images: torch.Tensor, masks: Masks, step: int,
+                 mark: Callable[[str], None] | None = None) -> StepOutput:
+        """Step ``step`` (0-based: its schedules' values) on a batch already on the device; ``mark`` (phase name)
+        is called at the phase boundaries when a benchmark times them."""
+        self.sched.apply(self.optimizer, step)
+        with torch.autocast(**self.autocast):
+            loss = self.train_module(images, masks)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = grad_norm_of(params)
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, grad_norm, foreach=True)
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if mark is not None:
+            mark("fwd_bwd")
+        if self.fused:
+            self.optimizer.found_inf, self.optimizer.grad_scale = bad.float(), None
+        if self.fused or not bool(bad):
+            self.optimizer.step()
+            if mark is not None:
+                mark("optimizer")
+            self.model.update_target(self.sched.momentum(step))
+        self.optimizer.zero_grad(set_to_none=True)
+        if mark is not None:
+            mark("ema")
+        self.consecutive_bad = (self.consecutive_bad + 1) * bad
+        self.last_loss = loss.detach()
+        return StepOutput(loss.detach(), grad_norm.detach(), bad)
+
+
+def grad_norm_of(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of all gradients in one fused reduction (foreach), left on the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a partial norm over each rank's shard
+        norm = norm.full_tensor()
+    return norm
