@@ -1,17 +1,8 @@
 """Whole I-JEPA training step: target forward, context forward/backward, predictor forward/backward, optimizer, EMA.
 
-Providers, side by side in one run, all from the same initial weights and the same official masks:
-
-- ``official``: what facebookresearch/ijepa does (``fastjepa.compat.official_style``): naive attention with the
-  softmax in fp32, ``apply_masks`` with a repeated int64 index, ``repeat_interleave_batch`` copies, bf16 autocast
-  with a GradScaler, default AdamW, a per-parameter EMA loop, the per-step ``grad_logger`` norms and
-  ``float(loss)`` host syncs (their own phase, ``logging``), no compile.
-- ``pytorch``: strong plain PyTorch: SDPA, the reference gathers, bf16 autocast without a scaler, fused AdamW,
-  ``torch._foreach_lerp_`` EMA, ``torch.compile`` per block.
-- ``fastjepa``: fastjepa's modules and fused ops: timed ``auto`` attention, Triton gathers, the fused target
-  norm + smooth-L1 loss, the fused EMA, fused AdamW, the target-only last predictor block, ``torch.compile`` per
-  block.
-- ``fastjepa_shared`` (opt-in, changes the method): as fastjepa with the shared-context predictor layout.
+Providers, side by side in one run, all from the same initial weights and the same official masks (see
+``bench/step_providers.py``): ``official`` (the official code's step), ``pytorch`` (strong plain PyTorch, its own
+modules), ``fastjepa`` (exactly the trainer's default step) and the opt-in ``fastjepa_shared``.
 
 Reported per provider: images/s per GPU, median step time (p20/p80) and its breakdown by phase, peak memory, MFU
 (matmul FLOPs from the real token counts of each step, over the device's dense bf16 peak and over the measured
@@ -27,109 +18,42 @@ Writes ``train_step.csv`` (appended), ``train_step.md`` and ``train_step.png`` (
 
 import argparse
 import csv
-import dataclasses
 import datetime
+import gc
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from bench.common import RESULTS, BenchConfig, device_dir, git_commit, triton_version
-from fastjepa.compat import official_style as off
-from fastjepa.ijepa import IJEPA
+from bench.plots import phase_chart
+from bench.step_providers import PHASES, STEPS, PhaseTimer, Setup
 from fastjepa.kernels import set_backend
-from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1
-from fastjepa.masks import MultiBlockMaskCollator
+from fastjepa.masks import Masks, MultiBlockMaskCollator
 from fastjepa.metrics import FlopModel, peak_flops
-from fastjepa.models import VisionTransformer, VisionTransformerPredictor
-from fastjepa.parallel import apply_activation_checkpointing, apply_compile
 
 IMAGENET_1K_IMAGES = 1_281_167
 EPOCHS = 300
 A100_BF16_PEAK = 312e12
-PHASES = ("target_fwd", "context_fwd", "predictor_fwd", "backward", "optimizer", "ema", "logging")
-PROVIDERS = ("official", "pytorch", "fastjepa", "fastjepa_shared")
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """A model size and its recipe: encoder, predictor (official: width 384, depth 12), images, official masks."""
-
-    name: str
-    dim: int
-    depth: int
-    heads: int
-    patch: int
-    img: int
-    pred_dim: int = 384
-    pred_depth: int = 12
-    mlp_ratio: float = 4.0
-    in_chans: int = 3
-    enc_mask_scale: tuple = (0.85, 1.0)
-    pred_mask_scale: tuple = (0.15, 0.2)
-    aspect_ratio: tuple = (0.75, 1.5)
-    nenc: int = 1
-    npred: int = 4
-    min_keep: int = 10
-
-    @property
-    def grid(self) -> int:
-        return self.img // self.patch
-
-
+PROVIDERS = tuple(STEPS)
 SETUPS = {
-    "vit_huge_14": Setup("vit_huge_14", 1280, 32, 16, 14, 224),
-    "vit_large_16": Setup("vit_large_16", 1024, 24, 16, 16, 224),
-    "vit_base_16": Setup("vit_base_16", 768, 12, 12, 16, 224),
+    "vit_huge_14": Setup("vit_huge_14", "vit_huge", 14, 224),
+    "vit_large_16": Setup("vit_large_16", "vit_large", 16, 224),
+    "vit_base_16": Setup("vit_base_16", "vit_base", 16, 224),
     # CPU smoke test only: 6x6 patches, head dims 16 (encoder) and 8 (predictor).
-    "quick": Setup("quick", 64, 2, 4, 8, 48, pred_dim=32, pred_depth=2, min_keep=2),
+    "quick": Setup("quick", "vit_micro", 8, 48, pred_dim=32, pred_depth=2, min_keep=2),
 }
 
 
-def flop_model(s: Setup, layout: str) -> FlopModel:
-    """The trainer's FLOP model (fastjepa.metrics) for a setup and the predictor layout a provider runs."""
-    return FlopModel(s.dim, s.depth, int(s.dim * s.mlp_ratio), s.grid**2, s.in_chans * s.patch**2, s.pred_dim,
-                     s.pred_depth, int(s.pred_dim * s.mlp_ratio), layout)
-
-
 def step_flops(s: Setup, batch: int, ctx_len: int, tgt_len: int, layout: str) -> dict[str, float]:
-    """Matmul FLOPs of one training step by part, official masks (one context length per batch)."""
-    return flop_model(s, layout).step(batch, ctx_len, tgt_len, s.npred, s.nenc)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timing
-
-
-class PhaseTimer:
-    """Marks phase boundaries inside a step: CUDA events on a GPU (no host sync until read), clocks on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def start(self):
-        self.marks = [("start", self._now())]
-
-    def mark(self, phase: str):
-        self.marks.append((phase, self._now()))
-
-    def phases_ms(self) -> dict[str, float]:
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-        out = {}
-        for (_, t0), (name, t1) in zip(self.marks, self.marks[1:], strict=False):
-            out[name] = out.get(name, 0.0) + (t0.elapsed_time(t1) if self.cuda else (t1 - t0) * 1e3)
-        return out
+    """Matmul FLOPs of one training step by part (the trainer's FLOP model), official masks (one context length
+    per batch), credited for what the layout executes."""
+    dim, depth, _, mlp_ratio = s.dims
+    model = FlopModel(dim, depth, int(dim * mlp_ratio), s.grid**2, s.in_chans * s.patch**2, s.pred_dim,
+                      s.pred_depth, int(s.pred_dim * mlp_ratio), layout)
+    return model.step(batch, ctx_len, tgt_len, s.npred, s.nenc)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -151,171 +75,6 @@ def matmul_rate(device: torch.device) -> float:
     return 5 * 2 * 512**3 / (time.perf_counter() - tic)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Providers: each builds its models from the same seed and runs one step, marking the phases.
-
-
-def build_models(s: Setup, backend: str, device, layout: str, seed: int = 0):
-    torch.manual_seed(seed)
-    enc = VisionTransformer(s.img, s.patch, s.in_chans, s.dim, s.depth, s.heads, s.mlp_ratio, attn_backend=backend)
-    pred = VisionTransformerPredictor((s.grid, s.grid), s.dim, s.pred_dim, s.pred_depth, s.heads, s.mlp_ratio,
-                                      attn_backend=backend, layout=layout)
-    return IJEPA(enc, pred).to(device)
-
-
-class OfficialStep:
-    layout = "official"
-
-    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False):
-        if act_ckpt:
-            raise ValueError("the official-style provider has no activation checkpointing (the official code has none)")
-        self.model = build_models(s, "math", device, self.layout)
-        self.heads = s.heads
-        self.enc = dict(self.model.encoder.named_parameters())
-        self.pred = dict(self.model.predictor.named_parameters())
-        self.tgt = dict(self.model.target_encoder.named_parameters())
-        self.online = list(self.model.encoder.parameters())
-        self.target = list(self.model.target_encoder.parameters())
-        self.opt = torch.optim.AdamW(
-            [p for p in [*self.model.encoder.parameters(), *self.model.predictor.parameters()] if p.requires_grad]
-        )
-        self.amp_dtype = amp_dtype
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
-
-    def step(self, images, masks_enc, masks_pred, timer: PhaseTimer, momentum: float):
-        with torch.autocast(images.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            with torch.no_grad():
-                h = off.encoder_forward(self.tgt, images, self.heads)
-                h = F.layer_norm(h, (h.size(-1),))
-                h = off.repeat_interleave_batch(off.apply_masks(h, masks_pred), len(h), repeat=len(masks_enc))
-            timer.mark("target_fwd")
-            z = off.encoder_forward(self.enc, images, self.heads, masks_enc)
-            timer.mark("context_fwd")
-            z = off.predictor_forward(self.pred, z, masks_enc, masks_pred, self.heads)
-            loss = F.smooth_l1_loss(z, h)
-        timer.mark("predictor_fwd")
-        self.scaler.scale(loss).backward()
-        timer.mark("backward")
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        timer.mark("optimizer")
-        # the official grad_logger: one host sync per weight matrix, every step
-        grad_norms = [float(torch.norm(p.grad)) for n, p in self.model.encoder.named_parameters()
-                      if p.grad is not None and not (n.endswith(".bias") or p.ndim == 1)]
-        self.opt.zero_grad()
-        timer.mark("logging")
-        off.ema_update(self.target, self.online, momentum)
-        timer.mark("ema")
-        return loss.item(), grad_norms
-
-
-def compile_blocks(model: IJEPA, backend: str | None):
-    if backend is not None:
-        apply_compile(model, backend)
-
-
-class PyTorchStep:
-    """Strong plain PyTorch: what a careful user gets without fastjepa's kernels or predictor layouts."""
-
-    layout = "official"
-    kernel_backend = "reference"
-    backend = "sdpa"
-
-    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False):
-        set_backend(self.kernel_backend)
-        self.model = build_models(s, self.backend, device, self.layout)
-        if act_ckpt:
-            apply_activation_checkpointing(self.model)
-        self.amp_dtype = amp_dtype
-        self.online = list(self.model.encoder.parameters())
-        self.target = list(self.model.target_encoder.parameters())
-        params = [p for p in [*self.model.encoder.parameters(), *self.model.predictor.parameters()] if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, fused=device.type == "cuda", foreach=None if device.type == "cuda"
-                                     else True)
-        self.compile_backend = compile_backend
-
-    def prepare(self, images, masks_enc, masks_pred):
-        compile_blocks(self.model, self.compile_backend)
-
-    def forward_phases(self, images, masks_enc, masks_pred, timer):
-        model = self.model
-        with torch.autocast(images.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            h = model.targets(images, masks_enc, masks_pred)
-            timer.mark("target_fwd")
-            z = model.encoder(images, masks_enc)
-            timer.mark("context_fwd")
-            z = model.predictor(z, masks_enc, masks_pred)
-            loss = F.smooth_l1_loss(z, h)
-        timer.mark("predictor_fwd")
-        return loss
-
-    def ema(self, momentum):
-        torch._foreach_lerp_(self.target, self.online, 1.0 - momentum)
-
-    def step(self, images, masks_enc, masks_pred, timer: PhaseTimer, momentum: float):
-        set_backend(self.kernel_backend)
-        loss = self.forward_phases(images, masks_enc, masks_pred, timer)
-        loss.backward()
-        timer.mark("backward")
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        timer.mark("optimizer")
-        with torch.no_grad():
-            self.ema(momentum)
-        timer.mark("ema")
-        return loss.detach(), None
-
-
-class FastJepaStep(PyTorchStep):
-    layout = "repeat"
-    kernel_backend = "auto"
-    backend = "auto"
-
-    def __init__(self, s, device, amp_dtype, compile_backend, act_ckpt: bool = False):
-        super().__init__(s, device, amp_dtype, compile_backend, act_ckpt)
-        from fastjepa.optim import build_optimizer
-
-        self.opt = build_optimizer(self.model.encoder, self.model.predictor)
-        for group in self.opt.param_groups:
-            group["lr"] = 1e-3
-
-    def prepare(self, images, masks_enc, masks_pred):
-        # One eager forward/backward first, so that 'auto' attention times its candidates outside compiled code.
-        set_backend(self.kernel_backend)
-        loss = self.forward_phases(images, masks_enc, masks_pred, PhaseTimer(images.device))
-        loss.backward()
-        self.opt.zero_grad(set_to_none=True)
-        compile_blocks(self.model, self.compile_backend)
-
-    def forward_phases(self, images, masks_enc, masks_pred, timer):
-        # The fused loss reads the target encoder's output directly: normalised targets never reach memory.
-        model = self.model
-        with torch.autocast(images.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            with torch.no_grad():
-                h = model.target_encoder(images)
-            timer.mark("target_fwd")
-            z = model.encoder(images, masks_enc)
-            timer.mark("context_fwd")
-            z = model.predictor(z, masks_enc, masks_pred)
-            loss = target_norm_smooth_l1(z, h, masks_pred, len(masks_enc))
-        timer.mark("predictor_fwd")
-        return loss
-
-    def ema(self, momentum):
-        self.model.update_target(momentum)
-
-
-class FastJepaSharedStep(FastJepaStep):
-    layout = "shared"
-
-
-STEPS = {"official": OfficialStep, "pytorch": PyTorchStep, "fastjepa": FastJepaStep,
-         "fastjepa_shared": FastJepaSharedStep}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def make_inputs(s: Setup, batch: int, device, rotations: int, seed: int = 0):
     """Normalised random images and official-recipe masks (parity mode), a few batches to rotate through."""
     collator = MultiBlockMaskCollator((s.img, s.img), s.patch, s.enc_mask_scale, s.pred_mask_scale, s.aspect_ratio,
@@ -332,26 +91,30 @@ def make_inputs(s: Setup, batch: int, device, rotations: int, seed: int = 0):
 def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_backend, warmup: int, steps: int,
                  inputs, act_ckpt: bool = False) -> dict:
     images, masks = inputs
+    gc.collect()  # what the previous provider left must not count against this one
+    torch._dynamo.reset()
+    counters.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     runner = STEPS[name](s, device, amp_dtype, None if name == "official" else compile_backend,
-                         act_ckpt and name != "official")
-    if hasattr(runner, "prepare"):
-        runner.prepare(images[0], *masks[0])
+                         act_ckpt and name != "official", batch)
+    if runner.takes_masks_value:  # the trainer hands one Masks value to the step, built once per batch
+        masks = [(Masks.from_lists(enc, pred).to(device), None) for enc, pred in masks]
     timer = PhaseTimer(device)
     step_ms, phase_ms, flops = [], {p: [] for p in PHASES}, []
     for i in range(warmup + steps):
         img, (m_enc, m_pred) = images[i % len(images)], masks[i % len(masks)]
         timer.start()
-        loss, _ = runner.step(img, m_enc, m_pred, timer, momentum=0.996)
+        loss = runner.step(img, m_enc, m_pred, timer, momentum=0.996, index=i)
         phases = timer.phases_ms()
         if i < warmup:
             continue
         step_ms.append(sum(phases.values()))
         for p in PHASES:
             phase_ms[p].append(phases.get(p, 0.0))
-        flops.append(sum(step_flops(s, batch, m_enc[0].shape[1], m_pred[0].shape[1], runner.layout).values()))
+        enc, pred = inputs[1][i % len(masks)]
+        flops.append(sum(step_flops(s, batch, enc[0].shape[1], pred[0].shape[1], runner.layout).values()))
     loss = float(loss)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     set_backend("auto")
@@ -367,6 +130,8 @@ def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_bac
         "achieved_flops": sum(flops) / total_s,
         "peak_mem_gib": peak_mem,
         "loss": loss,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "compiled_graphs": counters["stats"]["unique_graphs"],
         **{f"{p}_ms": quantile(v, 0.5) for p, v in phase_ms.items()},
     }
 
@@ -403,47 +168,38 @@ def write_results(rows: list[dict], out_dir: Path, quick: bool, command: str) ->
              f"measured matmul rate {rows[0]['matmul_rate_tflops']:.3g} TFLOP/s", ""]
     if quick:
         lines += ["CPU smoke run of the script (tiny model, fp32): timings are not claims.", ""]
-    lines += ["| model | provider | img/s | step ms (p20-p80) | vs official | MFU (peak) | MFU (measured) | peak GiB | "
-              "GPU-h 300 ep | A100-h same MFU | " + " | ".join(PHASES) + " |",
-              "|" + "---|" * (10 + len(PHASES))]
+    lines += headline(rows) + ["", "| model | provider | img/s | step ms (p20-p80) | vs official | vs pytorch | "
+                                   "MFU (peak) | MFU (measured) | peak GiB | GPU-h 300 ep | A100-h same MFU | "
+                                   + " | ".join(PHASES) + " |", "|" + "---|" * (11 + len(PHASES))]
     for r in rows:
-        base = next((b for b in rows if b["model"] == r["model"] and b["provider"] == "official"), None)
-        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
         lines.append(
             f"| {r['model']} | {r['provider']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} ({r['step_ms_p20']:.1f}"
-            f"-{r['step_ms_p80']:.1f}) | {ratio} | {r['mfu_peak']:.1%} | {r['mfu_measured']:.1%} | "
-            f"{r['peak_mem_gib']:.1f} | {r['gpu_hours_300ep']:.0f} | {r['a100_hours_300ep_same_mfu']:.0f} | "
-            + " | ".join(f"{r[p + '_ms']:.1f}" for p in PHASES) + " |"
+            f"-{r['step_ms_p80']:.1f}) | {ratio(rows, r, 'official')} | {ratio(rows, r, 'pytorch')} | "
+            f"{r['mfu_peak']:.1%} | {r['mfu_measured']:.1%} | {r['peak_mem_gib']:.1f} | {r['gpu_hours_300ep']:.0f} | "
+            f"{r['a100_hours_300ep_same_mfu']:.0f} | " + " | ".join(f"{r[p + '_ms']:.1f}" for p in PHASES) + " |"
         )
     lines += ["", f"Command: `{command}`", ""]
     paths[1].write_text("\n".join(lines))
-    phase_chart(rows, paths[2])
+    phase_chart(rows, PHASES, paths[2])
     return paths
 
 
-def phase_chart(rows: list[dict], path: Path) -> None:
-    """Stacked bars: median ms per phase for each (model, provider), drawn with Pillow."""
-    from PIL import Image, ImageDraw
+def ratio(rows: list[dict], row: dict, baseline: str) -> str:
+    """images/s of ``row`` over the ``baseline`` provider's in the same run, or '-'."""
+    base = next((b for b in rows if b["model"] == row["model"] and b["provider"] == baseline), None)
+    return f"{row['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
 
-    width, bar_h, label_w = 1000, 18, 260
-    palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
-    img = Image.new("RGB", (width, 50 + bar_h * len(rows) + 10), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((5, 5), f"training step, median ms per phase ({rows[0]['device']})", fill="black")
-    for i, p in enumerate(PHASES):
-        draw.rectangle([5 + 130 * i, 22, 15 + 130 * i, 32], fill=palette[i])
-        draw.text((19 + 130 * i, 21), p, fill="black")
-    top = max(r["step_ms"] for r in rows) or 1.0
-    for j, r in enumerate(rows):
-        y = 45 + j * bar_h
-        draw.text((5, y + 3), f"{r['model']} {r['provider']}"[:40], fill="black")
-        x = float(label_w)
-        for i, p in enumerate(PHASES):
-            w = (width - label_w - 120) * r[p + "_ms"] / top
-            draw.rectangle([int(x), y + 2, int(x + w), y + bar_h - 2], fill=palette[i])
-            x += w
-        draw.text((int(x) + 4, y + 3), f"{r['step_ms']:.1f} ms, {r['images_per_s']:.0f} img/s", fill="black")
-    img.save(path)
+
+def headline(rows: list[dict]) -> list[str]:
+    """Per model: fastjepa against the two baselines measured in this run, its MFU, memory and GPU-hours."""
+    lines = ["| model | fastjepa img/s | / official | / pytorch | MFU | peak GiB | GPU-h 300 ep (this GPU) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["provider"] == "fastjepa":
+            lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {ratio(rows, r, 'official')} | "
+                         f"{ratio(rows, r, 'pytorch')} | {r['mfu_peak']:.1%} | {r['peak_mem_gib']:.1f} | "
+                         f"{r['gpu_hours_300ep']:.0f} |")
+    return lines if len(lines) > 2 else []
 
 
 def benchmark(models, providers, batch: int, warmup: int, steps: int, compile_backend: str | None, out: Path | None,
@@ -469,7 +225,8 @@ def benchmark(models, providers, batch: int, warmup: int, steps: int, compile_ba
             rows.append(row)
             print(f"{model:13s} {provider:16s} {row['images_per_s']:9.1f} img/s  step {row['step_ms']:8.1f} ms  "
                   f"MFU {row['mfu_peak']:.1%} (of measured matmul rate {row['mfu_measured']:.1%})  "
-                  f"peak {row['peak_mem_gib']:.1f} GiB  loss {row['loss']:.4f}", flush=True)
+                  f"peak {row['peak_mem_gib']:.1f} GiB  loss {row['loss']:.4f}  compiled graphs "
+                  f"{row['compiled_graphs']}, graph breaks {row['graph_breaks']}", flush=True)
     out_dir = Path(out) if out else RESULTS / device_dir(str(device))
     for path in write_results(rows, out_dir, quick, command):
         print("wrote", path)

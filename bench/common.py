@@ -176,6 +176,8 @@ def write_results(rows: list[dict], suite: str, cfg: BenchConfig) -> Path:
             writer.writeheader()
         writer.writerows(rows)
     (out / f"{suite}.md").write_text(markdown_table(rows, cfg))
+    from bench.plots import bar_chart
+
     for op in dict.fromkeys(r["op"] for r in rows):
         bar_chart([r for r in rows if r["op"] == op], out / f"{suite}_{op}.png")
     return out
@@ -206,28 +208,6 @@ def markdown_table(rows: list[dict], cfg: BenchConfig) -> str:
 def _num(value) -> str:
     """A percentile cell: suites that report only a median leave p20/p80 empty."""
     return "-" if value == "" else f"{value:.4f}"
-
-
-def bar_chart(rows: list[dict], path: Path) -> None:
-    """Horizontal bars of GB/s per (shape, mode, provider), drawn with Pillow (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    width, bar_h, label_w = 1000, 16, 430
-    img = Image.new("RGB", (width, 30 + bar_h * len(rows) + 10), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((5, 5), f"{rows[0]['op']}: GB/s per provider ({rows[0]['device']})", fill="black")
-    top = max(r["gbps"] for r in rows) or 1.0
-    colors = {}
-    palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
-    for i, r in enumerate(rows):
-        y = 30 + i * bar_h
-        color = colors.setdefault(r["provider"], palette[len(colors) % len(palette)])
-        draw.text((5, y + 2), f"{r['shape'][:28]} {r['mode']} {r['provider']}"[:70], fill="black")
-        length = int((width - label_w - 140) * r["gbps"] / top)
-        draw.rectangle([label_w, y + 2, label_w + max(length, 1), y + bar_h - 2], fill=color)
-        draw.text((label_w + length + 4, y + 2), f"{r['gbps']:.3g} ({100 * r['frac_of_copy']:.0f}% of copy)",
-                  fill="black")
-    img.save(path)
 
 
 def compiled(fn: Callable, cfg: BenchConfig) -> Callable:

@@ -229,8 +229,9 @@ def predictor_tokens(
             target indices (or a list of M ``[B, Kt]``).
         mask_token: ``[Dp]`` (any shape with Dp elements); pos_embed: ``[N, Dp]`` (or ``[1, N, Dp]``).
     Returns:
-        ``[M*nenc*B, Kc+Kt, Dp]`` in x's dtype (the activations' dtype; sums taken in fp32). Backward: the context gradient is summed over the M repeats; the mask token's
-        gradient is summed over every target slot; the positional embedding's when it requires grad.
+        ``[M*nenc*B, Kc+Kt, Dp]`` in x's dtype (the activations' dtype; sums taken in fp32). Backward: the context
+        gradient is summed over the M repeats; the mask token's gradient is summed over every target slot; the
+        positional embedding's when it requires grad.
     """
     idx_enc, idx_pred = _check(x, masks_enc, masks_pred, mask_token, pos_embed)
     if not use_triton(x, mask_token, pos_embed, idx_enc, idx_pred):

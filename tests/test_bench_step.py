@@ -50,5 +50,8 @@ def test_quick_run_writes_results_and_providers_agree(tmp_path, one_thread):
     with open(tmp_path / "train_step.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     md = (tmp_path / "train_step.md").read_text()
-    assert "not claims" in md and md.count("| quick |") == 3
+    assert "not claims" in md and md.count("| quick |") == 4  # the headline row and one row per provider
+    fast = next(r for r in rows if r["provider"] == "fastjepa")
+    ratios = [fast["images_per_s"] / r["images_per_s"] for r in rows[:2]]
+    assert "| / official | / pytorch |" in md and f"| {ratios[0]:.2f}x | {ratios[1]:.2f}x |" in md
     assert (tmp_path / "train_step.png").stat().st_size > 0

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastjepa.ijepa import IJEPA
 from fastjepa.kernels.block_attention import block_attention_mask
-from fastjepa.models import VisionTransformerPredictor
+from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.parallel import apply_activation_checkpointing, apply_compile
 
 GRID, EMBED, PRED, HEADS = (4, 4), 24, 32, 2
@@ -114,6 +115,11 @@ def test_layout_is_a_constructor_argument_over_the_same_state_dict():
         VisionTransformerPredictor(GRID, EMBED, PRED, layout="packed")
 
 
+def with_encoder(pred: VisionTransformerPredictor) -> IJEPA:
+    """The predictor inside an I-JEPA model, as the trainer wraps it."""
+    return IJEPA(VisionTransformer(16, 4, 3, EMBED, 1, HEADS), pred).to(next(pred.parameters()).dtype)
+
+
 def count_block_calls(pred, wrapper_type=None):
     """Calls of each predictor block's own forward (and, with ``wrapper_type``, of each wrapper's)."""
     calls = {"inner": 0, "wrapper": 0}
@@ -136,10 +142,7 @@ def test_activation_checkpointing_recomputes_every_predictor_block(layout):
     pred, x, masks_enc, masks_pred = make(depth=3, layout=layout)
     ref = pred(x, masks_enc, masks_pred)
     ref_grads = grads(ref, pred, x)
-    model = torch.nn.Module()
-    model.encoder, model.predictor = torch.nn.Module(), pred
-    model.encoder.blocks = torch.nn.ModuleList()
-    apply_activation_checkpointing(model)
+    apply_activation_checkpointing(with_encoder(pred))
     calls = count_block_calls(pred, CheckpointWrapper)
     out = pred(x, masks_enc, masks_pred)
     assert calls["inner"] == 3  # every block, the last one of 'repeat' included
@@ -156,12 +159,9 @@ def test_every_predictor_block_runs_compiled(layout):
 
     pred, x, masks_enc, masks_pred = make(depth=3, layout=layout, dtype=torch.float32)
     eager = pred(x, masks_enc, masks_pred)
-    model = torch.nn.Module()
-    model.encoder, model.target_encoder, model.predictor = (torch.nn.Module(), torch.nn.Module(), pred)
-    model.encoder.blocks, model.target_encoder.blocks = torch.nn.ModuleList(), torch.nn.ModuleList()
     torch._dynamo.reset()
     counters.clear()
-    apply_compile(model, backend="eager")
+    apply_compile(with_encoder(pred), backend="eager")
     frames = []
     for blk in pred.predictor_blocks:
         blk.register_forward_pre_hook(lambda m, a, k: frames.append(torch.compiler.is_compiling()), with_kwargs=True)

@@ -1,0 +1,240 @@
+"""The providers of the step benchmark (``bench/bench_step.py``): one training step each, from the same initial
+weights, marking its phases on a ``PhaseTimer``.
+
+- ``official``: what facebookresearch/ijepa does (``fastjepa.compat.official_style``): naive attention with the
+  softmax in fp32, ``apply_masks`` with a repeated int64 index, ``repeat_interleave_batch`` copies, bf16 autocast
+  with a GradScaler, default AdamW, a per-parameter EMA loop, the per-step ``grad_logger`` norms and
+  ``float(loss)`` host syncs (their own phase, ``logging``), no compile.
+- ``pytorch``: strong plain PyTorch (``bench/plain_ijepa.py``): its own modules, SDPA, ``torch.gather`` masks,
+  the official predictor layout, bf16 autocast without a scaler, ``torch.compile`` per block, fused AdamW, a
+  ``_foreach_lerp_`` EMA. No fastjepa code runs in its step.
+- ``fastjepa``: exactly the trainer's default step (``fastjepa.step.Stepper`` built by the trainer's
+  ``prepare_model``): compiled blocks, bf16 activations, the bf16 target replica written by the fused EMA, auto
+  attention, the fused gathers and loss, the target-only last predictor block, fused AdamW. Its forward and
+  backward are one phase (``fwd_bwd``): the step is not split by marks inside the model.
+- ``fastjepa_shared`` (opt-in, changes the method): as fastjepa with the shared-context predictor layout.
+"""
+
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench import plain_ijepa as plain
+from fastjepa import schedules
+from fastjepa.choices import VIT_SIZES
+from fastjepa.compat import official_style as off
+from fastjepa.config import Config
+from fastjepa.ijepa import IJEPA
+from fastjepa.masks import Masks
+from fastjepa.models import VisionTransformer, VisionTransformerPredictor
+from fastjepa.parallel import DistEnv
+from fastjepa.step import Stepper
+
+PHASES = ("target_fwd", "context_fwd", "predictor_fwd", "backward", "fwd_bwd", "optimizer", "ema", "logging")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A model size and its recipe: encoder, predictor (official: width 384, depth 12), images, official masks."""
+
+    name: str
+    model: str  # a fastjepa.choices.VIT_SIZES name
+    patch: int
+    img: int
+    pred_dim: int = 384
+    pred_depth: int = 12
+    in_chans: int = 3
+    enc_mask_scale: tuple = (0.85, 1.0)
+    pred_mask_scale: tuple = (0.15, 0.2)
+    aspect_ratio: tuple = (0.75, 1.5)
+    nenc: int = 1
+    npred: int = 4
+    min_keep: int = 10
+
+    @property
+    def dims(self) -> tuple[int, int, int, float]:
+        return VIT_SIZES[self.model]
+
+    @property
+    def grid(self) -> int:
+        return self.img // self.patch
+
+
+class PhaseTimer:
+    """Marks phase boundaries inside a step: CUDA events on a GPU (no host sync until read), clocks on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self):
+        self.marks = [("start", self._now())]
+
+    def mark(self, phase: str):
+        self.marks.append((phase, self._now()))
+
+    def phases_ms(self) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out = {}
+        for (_, t0), (name, t1) in zip(self.marks, self.marks[1:], strict=False):
+            out[name] = out.get(name, 0.0) + (t0.elapsed_time(t1) if self.cuda else (t1 - t0) * 1e3)
+        return out
+
+
+def initial_model(s: Setup, device, layout: str, backend: str = "sdpa", seed: int = 0) -> IJEPA:
+    """fastjepa's model at the official initialisation from ``seed``: every provider starts from its weights."""
+    dim, depth, heads, mlp_ratio = s.dims
+    torch.manual_seed(seed)
+    enc = VisionTransformer(s.img, s.patch, s.in_chans, dim, depth, heads, mlp_ratio, attn_backend=backend)
+    pred = VisionTransformerPredictor((s.grid, s.grid), dim, s.pred_dim, s.pred_depth, heads, mlp_ratio,
+                                      attn_backend=backend, layout=layout)
+    return IJEPA(enc, pred).to(device)
+
+
+def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: bool, act_ckpt: bool) -> Config:
+    """The trainer's config for a setup, with a constant lr and momentum like the other providers' steps."""
+    return Config.from_dict({
+        "data": {"batch_size": batch, "crop_size": s.img},
+        "mask": {"patch_size": s.patch, "enc_mask_scale": list(s.enc_mask_scale), "min_keep": s.min_keep,
+                 "pred_mask_scale": list(s.pred_mask_scale), "aspect_ratio": list(s.aspect_ratio),
+                 "num_enc_masks": s.nenc, "num_pred_masks": s.npred},
+        "meta": {"model_name": s.model, "pred_emb_dim": s.pred_dim, "pred_depth": s.pred_depth,
+                 "use_bfloat16": bf16},
+        "optimization": {"lr": 1e-3, "start_lr": 1e-3, "final_lr": 1e-3, "warmup": 0, "weight_decay": 0.01,
+                         "final_weight_decay": 0.01, "ema": [0.996, 0.996]},
+        "fastjepa": {"predictor_layout": layout, "attn_backend": "auto", "in_chans": s.in_chans},
+        "train": {"compile": compile_blocks, "activation_checkpointing": act_ckpt},
+    })
+
+
+class OfficialStep:
+    layout = "official"
+    takes_masks_value = False
+
+    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
+        if act_ckpt:
+            raise ValueError("the official-style provider has no activation checkpointing (the official code has none)")
+        model = initial_model(s, device, self.layout, "math")
+        self.heads = s.dims[2]
+        self.enc, self.pred, self.tgt = (dict(m.named_parameters())
+                                         for m in (model.encoder, model.predictor, model.target_encoder))
+        self.online, self.target = list(model.encoder.parameters()), list(model.target_encoder.parameters())
+        self.encoder = model.encoder
+        self.opt = torch.optim.AdamW([p for p in [*model.encoder.parameters(), *model.predictor.parameters()]
+                                      if p.requires_grad])
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is not None)
+
+    def step(self, images, masks_enc, masks_pred, timer: PhaseTimer, momentum: float, index: int):
+        with torch.autocast(images.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            with torch.no_grad():
+                h = off.encoder_forward(self.tgt, images, self.heads)
+                h = F.layer_norm(h, (h.size(-1),))
+                h = off.repeat_interleave_batch(off.apply_masks(h, masks_pred), len(h), repeat=len(masks_enc))
+            timer.mark("target_fwd")
+            z = off.encoder_forward(self.enc, images, self.heads, masks_enc)
+            timer.mark("context_fwd")
+            z = off.predictor_forward(self.pred, z, masks_enc, masks_pred, self.heads)
+            loss = F.smooth_l1_loss(z, h)
+        timer.mark("predictor_fwd")
+        self.scaler.scale(loss).backward()
+        timer.mark("backward")
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        timer.mark("optimizer")
+        # the official grad_logger: one host sync per weight matrix, every step
+        for n, p in self.encoder.named_parameters():
+            if p.grad is not None and not (n.endswith(".bias") or p.ndim == 1):
+                float(torch.norm(p.grad))
+        self.opt.zero_grad()
+        timer.mark("logging")
+        off.ema_update(self.target, self.online, momentum)
+        timer.mark("ema")
+        return loss.item()
+
+
+class PyTorchStep:
+    """Strong plain PyTorch (``bench/plain_ijepa.py``), from the same initial weights."""
+
+    layout = "official"
+    takes_masks_value = False
+
+    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        model = initial_model(s, device, self.layout)
+        dim, depth, heads, mlp_ratio = s.dims
+        self.encoder, self.target, self.predictor = (
+            m.to(device) for m in plain.build(dim, depth, heads, mlp_ratio, s.patch, s.grid**2, s.pred_dim,
+                                              s.pred_depth, s.in_chans))
+        for mine, theirs in ((self.encoder, model.encoder), (self.target, model.target_encoder),
+                             (self.predictor, model.predictor)):
+            mine.load_state_dict(theirs.state_dict())
+        blocks = [*self.encoder.blocks, *self.target.blocks, *self.predictor.predictor_blocks]
+        if act_ckpt:
+            for blocks_of in (self.encoder.blocks, self.predictor.predictor_blocks):
+                for i, blk in enumerate(blocks_of):
+                    blocks_of[i] = checkpoint_wrapper(blk)
+        if compile_backend is not None:
+            for blk in blocks:
+                blk.compile(backend=compile_backend)
+        self.online, self.ema_target = list(self.encoder.parameters()), list(self.target.parameters())
+        params = [p for m in (self.encoder, self.predictor) for p in m.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, fused=True)
+        self.amp_dtype = amp_dtype
+
+    def step(self, images, masks_enc, masks_pred, timer: PhaseTimer, momentum: float, index: int):
+        with torch.autocast(images.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            with torch.no_grad():
+                h = self.target(images)
+                h = plain.repeat_per_context(plain.apply_masks(F.layer_norm(h, (h.shape[-1],)), masks_pred),
+                                             len(masks_pred), len(masks_enc))
+            timer.mark("target_fwd")
+            z = self.encoder(images, masks_enc)
+            timer.mark("context_fwd")
+            loss = F.smooth_l1_loss(self.predictor(z, masks_enc, masks_pred), h)
+        timer.mark("predictor_fwd")
+        loss.backward()
+        timer.mark("backward")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        timer.mark("optimizer")
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_target, self.online, 1.0 - momentum)
+        timer.mark("ema")
+        return loss.detach()
+
+
+class FastJepaStep:
+    """The trainer's default step (``Stepper.build``), on masks handed off as one ``Masks`` value."""
+
+    layout = "repeat"
+    takes_masks_value = True
+
+    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
+        cfg = setup_config(s, batch, self.layout, amp_dtype is not None, compile_backend is not None, act_ckpt)
+        model = initial_model(s, device, self.layout, "auto")
+        env = DistEnv(0, 1, 0, torch.device(device))
+        self.stepper = Stepper.build(cfg, env, "none", model, schedules.build(cfg.optimization, 1000),
+                                     compile_backend or "inductor")
+
+    def step(self, images, masks: Masks, _, timer: PhaseTimer, momentum: float, index: int):
+        return self.stepper(images, masks, index, mark=timer.mark).loss
+
+
+class FastJepaSharedStep(FastJepaStep):
+    layout = "shared"
+
+
+STEPS = {"official": OfficialStep, "pytorch": PyTorchStep, "fastjepa": FastJepaStep,
+         "fastjepa_shared": FastJepaSharedStep}

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The one command to run on a GPU machine: measures the step, the kernels and the attention backends and checks
+# every GPU test, inside an internal deadline (default 9 minutes), stages in order of importance.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]             # OUT_DIR defaults to $OUT, else ./gpu_check_out
+#   bash scripts/gpu_check.sh --dry-run [OUT_DIR]   # every stage's command at tiny sizes, on the CPU (CI runs it)
+#
+# It runs from the source tree, without an install, and installs nothing from the network. Pure-Python packages
+# the GPU machine lacks (webdataset and braceexpand on the lent H200 image) travel as wheels in .whl/ (ignored by
+# git), fetched once on a networked machine:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl webdataset braceexpand
+# and installed here into /tmp/site when they are missing.
+#
+# What it writes to OUT_DIR (at most 8 files, as the device tool brings back): summary.md (the headline table and
+# each stage's status, rewritten after every stage), gpu_check.log (every stage's output) and results.tar.gz (the
+# stages' result files: train_step.{csv,md,png}, profile.md, kernels and attention tables and charts, test logs),
+# refreshed after every stage, so whatever finished before a timeout comes back.
+set -uo pipefail
+
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT_DIR="${1:-${OUT:-$ROOT/gpu_check_out}}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
+WORK="$(mktemp -d)"
+mkdir -p "$OUT_DIR"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+LOG="$OUT_DIR/gpu_check.log"
+SUMMARY="$OUT_DIR/summary.md"
+: >"$LOG"
+declare -a STATUS=()
+
+if ! "$PY" -c "import webdataset" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+if [[ $DRY == 1 ]]; then
+    export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+fi
+
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+
+write_summary() {
+    {
+        echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo
+        echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ $DRY == 1 ]] && echo ', dry run on the CPU: no claims')"
+        echo
+        [[ -f "$WORK/env.txt" ]] && { echo '```'; cat "$WORK/env.txt"; echo '```'; echo; }
+        echo "| stage | status | seconds |"
+        echo "|---|---|---|"
+        printf '%s\n' "${STATUS[@]}"
+        echo
+        [[ -f "$WORK/step/train_step.md" ]] && sed -n '/^| model | fastjepa img/,/^$/p' "$WORK/step/train_step.md"
+        [[ -f "$WORK/profile/profile.md" ]] && { echo; sed -n '1,/^| top kernels/p' "$WORK/profile/profile.md" | head -n -1; }
+        [[ -f "$WORK/step/compile.txt" ]] && { echo; cat "$WORK/step/compile.txt"; }
+    } >"$SUMMARY"
+    tar czf "$OUT_DIR/results.tar.gz" -C "$WORK" . 2>/dev/null
+}
+
+# stage NAME SECONDS_WANTED COMMAND...: runs inside what is left of the budget; its output goes to the log and to
+# $WORK/NAME.log; the summary and the results archive are refreshed afterwards.
+stage() {
+    local name=$1 want=$2; shift 2
+    local budget; budget=$(left)
+    if ((budget < 20)); then
+        STATUS+=("| $name | skipped: deadline | 0 |"); write_summary; return
+    fi
+    ((want < budget)) || want=$budget
+    echo "=== $name (up to ${want}s) ===" | tee -a "$LOG"
+    local t0 rc; t0=$(date +%s)
+    timeout --kill-after=10 "$want" "$@" 2>&1 | tee -a "$LOG" >"$WORK/$name.log"
+    rc=${PIPESTATUS[0]}
+    local status="ok"; ((rc == 0)) || status="failed (exit $rc)"; ((rc == 124)) && status="timed out"
+    STATUS+=("| $name | $status | $(($(date +%s) - t0)) |")
+    write_summary
+}
+
+env_info() {
+    "$PY" - <<'EOF'
+import importlib, platform, subprocess, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}")
+for name in ("triton", "flash_attn", "flash_attn_interface", "xformers", "torchao", "webdataset"):
+    try:
+        print(f"{name} {getattr(importlib.import_module(name), '__version__', 'installed')}")
+    except Exception as e:
+        print(f"{name}: not available ({type(e).__name__})")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs")
+    q = "name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version"
+    print(subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"], capture_output=True, text=True).stdout)
+else:
+    print("no CUDA GPU (dry run)")
+EOF
+}
+
+build_cuda_ext() {
+    if [[ $DRY == 1 ]] || ! command -v nvcc >/dev/null; then
+        echo "skipped: needs a CUDA toolkit (nvcc) and a CUDA build of torch"; return 0
+    fi
+    FASTJEPA_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace --build-temp "$WORK/build" &&
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_ema.py -k cuda &&
+        "$PY" -m bench --suite kernels --ops ema --out "$WORK/cuda_ext"
+}
+
+export PY DRY WORK
+export -f env_info build_cuda_ext
+mkdir -p "$WORK/step" "$WORK/profile" "$WORK/attention" "$WORK/kernels"
+stage env 30 bash -c 'env_info | tee "$WORK/env.txt"'
+if [[ $DRY == 1 ]]; then
+    stage tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_gather.py -k vit_like
+    stage step 120 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --quick --compile eager \
+        --out "$WORK/step"
+    stage profile 90 "$PY" -m bench.profile_step --quick --out "$WORK/profile"
+    stage attention 60 "$PY" -m bench --suite attention --quick --out "$WORK/attention"
+    stage kernels 120 "$PY" -m bench --suite kernels --quick --out "$WORK/kernels"
+else
+    stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml="$WORK/tests.xml" tests
+    stage step 240 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --models vit_huge_14 \
+        --batch 128 --warmup 4 --steps 10 --out "$WORK/step"
+    stage profile 90 "$PY" -m bench.profile_step --model vit_huge_14 --batch 128 --out "$WORK/profile"
+    stage attention 60 "$PY" -m bench --suite attention --out "$WORK/attention"
+    stage kernels 90 "$PY" -m bench --suite kernels --out "$WORK/kernels"
+fi
+# the compiled providers' recompiles and graph breaks, from the step stage's dynamo log and rows
+{
+    echo "compile: $(grep -c 'Recompiling function' "$WORK/step.log" 2>/dev/null || echo 0) recompiles and" \
+        "$(grep -c '__graph_breaks\]' "$WORK/step.log" 2>/dev/null || echo 0) graph breaks logged by dynamo in the step stage"
+    grep -o "compiled graphs [0-9]*, graph breaks [0-9]*" "$WORK/step.log" 2>/dev/null | sed 's/^/  /'
+} >"$WORK/step/compile.txt"
+stage cuda_ext 120 bash -c build_cuda_ext
+write_summary
+echo "summary: $SUMMARY; results: $OUT_DIR/results.tar.gz ($(($(date +%s) - START)) s)" | tee -a "$LOG"
+rm -rf "$WORK"
