@@ -1,8 +1,10 @@
 """fastjepa: fast I-JEPA pretraining for Vision Transformers.
 
-`kernels/` is installed as `fastjepa.kernels`. The CUDA extension `fastjepa._C` (csrc/) is built only when
-FASTJEPA_BUILD_CUDA=1 and both a CUDA toolkit and a CUDA build of torch are present; everything has a
-Triton/PyTorch twin, so `import fastjepa` never needs it.
+Three top-level folders of the repository are installed inside the package: ``kernels/`` as ``fastjepa.kernels``,
+``configs/`` as ``fastjepa.configs`` (the shipped recipes, found by name) and ``bench/`` as ``fastjepa.bench``
+(the microbenchmark suite, ``fastjepa bench``). The CUDA extension ``fastjepa._C`` (csrc/) is built only when
+FASTJEPA_BUILD_CUDA=1 and both a CUDA toolkit and a CUDA build of torch are present; everything has a Triton or
+PyTorch twin, so ``import fastjepa`` never needs it.
 """
 
 import os
@@ -34,6 +36,7 @@ def cuda_extensions():
 
 
 ext_modules, cmdclass = cuda_extensions()
+TRITON = "triton>=3.2; platform_system == 'Linux'"
 
 setup(
     name="fastjepa",
@@ -41,24 +44,55 @@ setup(
     description="Fast I-JEPA pretraining: fused Triton kernels, FlashAttention ViTs, FSDP2, WebDataset",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE", "NOTICE"],
     python_requires=">=3.10",
-    packages=find_packages(include=["fastjepa", "fastjepa.*"]) + ["fastjepa.kernels"],
-    package_dir={"fastjepa.kernels": "kernels"},
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+    keywords=["self-supervised learning", "I-JEPA", "JEPA", "vision transformer", "triton", "fsdp"],
+    project_urls={
+        "I-JEPA paper": "https://arxiv.org/abs/2301.08243",
+        "Official I-JEPA": "https://github.com/facebookresearch/ijepa",
+    },
+    packages=find_packages(include=["fastjepa", "fastjepa.*"]) + ["fastjepa.kernels", "fastjepa.configs",
+                                                                   "fastjepa.bench"],
+    package_dir={"fastjepa.kernels": "kernels", "fastjepa.configs": "configs", "fastjepa.bench": "bench"},
+    package_data={"fastjepa.configs": ["*.yaml"]},
     install_requires=[
-        "torch>=2.6",
-        "triton>=3.2; platform_system == 'Linux'",
+        # tested in CI with torch 2.13 (CPU) and run on the GPU image's 2.11 (FSDP2, DCP, compile, FlexAttention)
+        "torch>=2.11",
         "numpy",
         "pyyaml",
         "pillow",
-        "webdataset>=0.2.90",
+        "safetensors",
         "tqdm",
+        # fastjepa streams tars through webdataset's tariterators, gopen and shuffle stage (semi-internal API)
+        "webdataset>=0.2.90,<2",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "safetensors", "matplotlib"],
+        "gpu": [TRITON],
+        "test": ["pytest>=7", "pytest-benchmark", "matplotlib", TRITON],
         "bench": ["matplotlib", "pytest-benchmark"],
-        "full": ["safetensors", "tensorboard", "simplejpeg", "matplotlib"],
+        "demo": ["mlxtend", "matplotlib"],
+        # flash-attn builds from source against the installed torch: pip install flash-attn --no-build-isolation
+        "flash": ["flash-attn"],
+        "full": [TRITON, "matplotlib", "tensorboard", "simplejpeg", "mlxtend", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["fastjepa-train=fastjepa.train:main"]},
+    entry_points={"console_scripts": [
+        "fastjepa=fastjepa.cli:main",
+        "fastjepa-train=fastjepa.train:main",
+        "fastjepa-bench=fastjepa.bench.__main__:main",
+    ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

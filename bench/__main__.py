@@ -1,4 +1,5 @@
-"""Run a benchmark suite: ``python -m bench --suite kernels [--quick] [--ops ema,...] [--out DIR]``.
+"""Run a benchmark suite: ``fastjepa bench --suite kernels [--quick] [--ops ema,...] [--out DIR]`` (also
+``fastjepa-bench``, ``python -m fastjepa.bench``, and ``python -m bench`` in a source checkout).
 
 A suite is a list of modules, each with ``run(cfg: BenchConfig) -> list[dict]`` (rows, see bench/common.py).
 To add a suite, add an entry to ``SUITES``; ``all`` runs every suite.
@@ -13,23 +14,24 @@ import torch
 
 SUITES: dict[str, list[str]] = {
     "kernels": [
-        "bench.bench_masked_gather",
-        "bench.bench_target_norm_gather",
-        "bench.bench_predictor_tokens",
-        "bench.bench_ema",
+        "bench_masked_gather",
+        "bench_target_norm_gather",
+        "bench_predictor_tokens",
+        "bench_ema",
     ],
-    "step": ["bench.bench_step"],
-    "attention": ["bench.bench_attention"],
-    "data": ["bench.bench_data"],
+    "step": ["bench_step"],
+    "attention": ["bench_attention"],
+    "data": ["bench_data"],
 }
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastjepa bench", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="kernels", choices=sorted(SUITES) + ["all"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke test)")
     parser.add_argument("--ops", default="", help="comma-separated module names to keep, e.g. ema,masked_gather")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
+    parser.add_argument("--out", default=None, help="results folder (default: bench/results/<device>/ in a source "
+                                                    "checkout, ./bench_results/<device>/ elsewhere)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of the compile provider (default: inductor; aot_eager for "
                              "CPU --quick, where inductor's compile time would dominate a smoke run)")
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
         # Without a GPU, the Triton provider runs through the interpreter (tiny shapes only); it must be on
         # before any kernel is defined.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from bench.common import BenchConfig, write_results
+    from .common import BenchConfig, write_results
 
     cfg = BenchConfig(quick=args.quick, out_dir=args.out,
                       compile_backend=args.compile_backend or ("inductor" if on_gpu or not args.quick else "aot_eager"))
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
             return 2
         rows = []
         for name in modules:
-            rows += importlib.import_module(name).run(cfg)
+            rows += importlib.import_module(f".{name}", __package__).run(cfg)
         out = write_results(rows, suite, cfg)
         print(f"{suite}: {len(rows)} rows -> {out}/{suite}.csv, {suite}.md, {suite}_<op>.png")
     return 0

@@ -17,9 +17,10 @@ GB/s counts the ideal traffic (q, k, v read, out written; backward adds dout, ou
 
 import torch
 
-from bench.common import BenchConfig, Case, fused_available, grad_fn, run_cases
 from fastjepa.kernels.block_attention import block_attention
 from fastjepa.modules import attention_backends as ab
+
+from .common import BenchConfig, Case, fused_available, grad_fn, run_cases
 
 # name: (sequences, heads, tokens, head dim)
 SHAPES = {

@@ -1,8 +1,8 @@
 """Input-pipeline throughput: images/s of ONE worker process for decode + random-resized-crop + collate (+ masks).
 
-    python bench/bench_data.py                      # 500x375 JPEGs at quality 90, 224 crops, batch 128
-    python bench/bench_data.py --images 1024 --workers 2   # also the full DataLoader with 2 worker processes
-    run(cfg) is the `python -m bench` suite entry (add "data": ["bench.bench_data"] to bench/__main__.py SUITES)
+    python -m bench.bench_data                      # 500x375 JPEGs at quality 90, 224 crops, batch 128
+    python -m bench.bench_data --images 1024 --workers 2   # also the full DataLoader with 2 worker processes
+    run(cfg) is the `python -m bench` suite entry (add "data": ["bench_data"] to bench/__main__.py SUITES)
 
 Providers, run interleaved in the same process on the same generated ImageNet-sized JPEGs:
 - `plain_pil`: the plain loop: Image.open -> convert RGB -> crop -> resize (bilinear) -> uint8 array, then
@@ -25,7 +25,6 @@ import io
 import os
 import resource
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,14 +33,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastjepa.data import transforms
+from fastjepa.data.loader import PretrainLoader
+from fastjepa.data.sources import RandomAccessSource, RawSample, synthetic_jpeg
+from fastjepa.data.transforms import DEFAULT_RATIO, PretrainTransform, random_resized_crop_params
+from fastjepa.masks import MultiBlockMaskCollator
 
-from bench.common import RESULTS, device_dir, git_commit  # noqa: E402
-from fastjepa.data import transforms  # noqa: E402
-from fastjepa.data.loader import PretrainLoader  # noqa: E402
-from fastjepa.data.sources import RandomAccessSource, RawSample, synthetic_jpeg  # noqa: E402
-from fastjepa.data.transforms import DEFAULT_RATIO, PretrainTransform, random_resized_crop_params  # noqa: E402
-from fastjepa.masks import MultiBlockMaskCollator  # noqa: E402
+from .common import RESULTS, device_dir, git_commit
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -172,7 +170,7 @@ def measure(pool, n, batch, crop, scale, repeats=3, workers=0):
 
 def run(cfg):
     """`python -m bench` suite entry: rows in bench.common's CSV columns (median = ms of CPU per image)."""
-    from bench.common import device_name, triton_version
+    from .common import device_name, triton_version
 
     n, batch = (128, 64) if cfg.quick else (512, 128)
     pool = [synthetic_jpeg(np.random.default_rng(i), (500, 375), 90) for i in range(8 if cfg.quick else 32)]

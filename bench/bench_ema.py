@@ -4,10 +4,11 @@ copy of the target for its forward (baselines then cast with torch._foreach_copy
 
 import torch
 
-from bench.common import BenchConfig, Case, fused_available, run_cases
 from fastjepa.kernels import ema_update_ref
 from fastjepa.kernels.cuda_ext import available as cuda_ext_available
 from fastjepa.kernels.ema import ema_update_fused
+
+from .common import BenchConfig, Case, fused_available, run_cases
 
 MOMENTUM = 0.996
 

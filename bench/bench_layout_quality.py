@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 import fastjepa.train as train
-from bench.common import RESULTS, device_dir, git_commit
 from fastjepa import config as fj_config
 from fastjepa.demo import probe_all
+
+from .common import RESULTS, device_dir, git_commit
 
 LAYOUTS = ("repeat", "shared")
 

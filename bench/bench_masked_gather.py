@@ -2,8 +2,9 @@
 
 import torch
 
-from bench.common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 from fastjepa.kernels import masked_gather, masked_gather_ref
+
+from .common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 
 # name, B, N, D, K, M (masks)
 SHAPES = [("vit_h14 ctx", 128, 256, 1280, 70, 1), ("vit_b16 ctx", 128, 196, 768, 60, 1)]

@@ -1,7 +1,7 @@
 """Multi-block mask collator throughput on ONE CPU core: fastjepa (parity and fixed) vs the official collator.
 
-    python bench/bench_masks.py                                  # fastjepa only, ViT-H/14 recipe, batch 128
-    python bench/bench_masks.py --official /tmp/ijepa_official   # + the official collator, and the ratio
+    python -m bench.bench_masks                                  # fastjepa only, ViT-H/14 recipe, batch 128
+    python -m bench.bench_masks --official /tmp/ijepa_official   # + the official collator, and the ratio
 
 `--official PATH` is a checkout of facebookresearch/ijepa: `src.masks.multiblock.MaskCollator` is imported from
 it. Each provider is called on a list of `batch` samples and returns (collated, masks_enc, masks_pred), as in a
@@ -19,24 +19,23 @@ if __name__ == "__main__":  # one core, numpy's BLAS included; set before numpy 
     for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = "1"
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import datetime  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import csv
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastjepa.config import load as load_config
+from fastjepa.masks import MultiBlockMaskCollator, official_kwargs
 
-from bench.common import RESULTS, device_dir, device_name, git_commit  # noqa: E402
-from fastjepa.config import load as load_config  # noqa: E402
-from fastjepa.masks import MultiBlockMaskCollator, official_kwargs  # noqa: E402
+from .common import RESULTS, device_dir, device_name, git_commit
 
 # the official ViT-H/14 recipe
-H14 = official_kwargs(load_config(Path(__file__).resolve().parents[1] / "configs" / "in1k_vith14_ep300.yaml"))
+H14 = official_kwargs(load_config("in1k_vith14_ep300"))
 CSV_COLUMNS = [
     "op",
     "provider",

@@ -2,8 +2,9 @@
 
 import torch
 
-from bench.common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 from fastjepa.kernels import predictor_tokens, predictor_tokens_ref
+
+from .common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 
 # name, B, N, Dp, Kc, Kt, nenc, M
 SHAPES = [("vit_h14 pred", 128, 256, 384, 70, 44, 1, 4), ("vit_b16 pred", 128, 196, 384, 60, 36, 1, 4)]

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from bench.common import RESULTS, BenchConfig, device_dir, git_commit, triton_version
-from bench.plots import phase_chart
-from bench.step_providers import PHASES, STEPS, PhaseTimer, Setup
 from fastjepa.kernels import set_backend
 from fastjepa.masks import Masks, MultiBlockMaskCollator
 from fastjepa.metrics import FlopModel, peak_flops
+
+from .common import RESULTS, BenchConfig, device_dir, git_commit, triton_version
+from .plots import phase_chart
+from .step_providers import PHASES, STEPS, PhaseTimer, Setup
 
 IMAGENET_1K_IMAGES = 1_281_167
 EPOCHS = 300

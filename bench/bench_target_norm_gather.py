@@ -3,9 +3,10 @@ target_norm_smooth_l1 (targets never materialised) against the official full-seq
 
 import torch
 
-from bench.common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 from fastjepa.kernels import target_norm_gather, target_norm_gather_ref
 from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1, target_norm_smooth_l1_ref
+
+from .common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 
 # name, B, N, D, K, M (target blocks), nenc
 SHAPES = [("vit_h14 tgt", 128, 256, 1280, 44, 4, 1), ("vit_b16 tgt", 128, 196, 768, 36, 4, 1)]

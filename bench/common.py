@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Results live next to the suite in a source checkout (bench/results/<device>/, committed for GPU runs); an
+# installed suite writes to ./bench_results/<device>/ instead of its site-packages folder.
+_HERE = Path(__file__).resolve().parent
+RESULTS = _HERE / "results" if (_HERE.parent / "setup.py").is_file() else Path.cwd() / "bench_results"
 CSV_COLUMNS = [
     "op", "provider", "mode", "shape", "dtype", "median", "p20", "p80", "unit", "gbps", "frac_of_copy",
     "speedup_vs_reference", "device", "torch", "triton", "commit", "date",
@@ -176,7 +179,7 @@ def write_results(rows: list[dict], suite: str, cfg: BenchConfig) -> Path:
             writer.writeheader()
         writer.writerows(rows)
     (out / f"{suite}.md").write_text(markdown_table(rows, cfg))
-    from bench.plots import bar_chart
+    from .plots import bar_chart
 
     for op in dict.fromkeys(r["op"] for r in rows):
         bar_chart([r for r in rows if r["op"] == op], out / f"{suite}_{op}.png")

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_step import QUICK, SETUPS, make_inputs
-from bench.step_providers import FastJepaStep, PhaseTimer
 from fastjepa.masks import Masks
+
+from .bench_step import QUICK, SETUPS, make_inputs
+from .step_providers import FastJepaStep, PhaseTimer
 
 # First match wins: fastjepa's own kernels and the EMA before the generic patterns they would also match.
 CATEGORIES = (

@@ -21,7 +21,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench import plain_ijepa as plain
 from fastjepa import schedules
 from fastjepa.choices import VIT_SIZES
 from fastjepa.compat import official_style as off
@@ -31,6 +30,8 @@ from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.parallel import DistEnv
 from fastjepa.step import Stepper
+
+from . import plain_ijepa as plain
 
 PHASES = ("target_fwd", "context_fwd", "predictor_fwd", "backward", "fwd_bwd", "optimizer", "ema", "logging")
 

@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
     # The Triton provider runs through the interpreter without a GPU; it must be on before kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.__main__ import SUITES  # noqa: E402
-from bench.common import BenchConfig, copy_bandwidth, time_fn  # noqa: E402
+from .__main__ import SUITES  # noqa: E402
+from .common import BenchConfig, copy_bandwidth, time_fn  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 

@@ -11,6 +11,7 @@ be resumed by mistake. Works with and without an initialised process group, and 
 FSDP2-wrapped models (DCP reshards on load).
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -20,6 +21,7 @@ import re
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,16 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns at every save and load that torch.distributed is not initialised: in a single process that is
+    the expected case, not news."""
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class ModelAndOptimizer(Stateful):
@@ -251,7 +263,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        dcp.save({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(tmp))
+        with _quiet_single_process():
+            dcp.save({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(tmp))
         torch.save(rank_state, tmp / f"rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
@@ -286,7 +299,8 @@ class CheckpointManager:
         problem = verify(path)
         if problem is not None:
             raise CheckpointError(f"{path} cannot be loaded: {problem}")
-        dcp.load({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(path))
+        with _quiet_single_process():
+            dcp.load({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(path))
         own = path / f"rank{_rank()}.pt"
         state = torch.load(own if own.is_file() else path / "rank0.pt", map_location="cpu", weights_only=False)
         state["exact"] = own.is_file() and read_meta(path).get("world_size", 1) == (
@@ -362,8 +376,9 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module, prefix: str = 
     if problem is not None:
         raise CheckpointError(f"{path} cannot be loaded: {problem}")
     state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
-    dcp.load({"train": {"model": state}}, checkpoint_id=str(path),
-             planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    with _quiet_single_process():
+        dcp.load({"train": {"model": state}}, checkpoint_id=str(path),
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     model.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
 
 

@@ -20,6 +20,7 @@ dotted key, the value, the nearest valid key or the valid choices, and the fix. 
 
 import argparse
 import difflib
+import importlib.resources
 import os
 import sys
 import types
@@ -51,7 +52,8 @@ from fastjepa.config_sections import (
 RENAMED_KEYS = {"fastjepa.fused": "fastjepa.kernel_backend (auto: fused Triton ops where they run; reference: the "
                                   "PyTorch references everywhere)"}
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: package data of fastjepa.configs (the top-level configs/ folder of a source checkout).
+CONFIG_DIR = Path(str(importlib.resources.files("fastjepa.configs")))
 
 # --------------------------------------------------------------------------------------------------------------
 # The whole config.

@@ -220,15 +220,20 @@ class MetricsSink:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(f"train/{key}", value, step)
+        if "loss" not in record:
+            return
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix({k: _short(record[k]) for k in ("loss", "lr", "img_per_s", "mfu") if k in record},
-                                 refresh=False)
+            self.bar.set_postfix_str(console_line(record, short=True), refresh=False)
             self.bar.refresh()
-        elif "loss" in record:
-            fields = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k not in ("step", "epoch"))
-            eta = record.get("eta_s")
-            logger.info(f"step {step}/{self.total_steps} {fields}" + (f" eta={_hms(eta)}" if eta else ""))
+        else:
+            logger.info(f"step {step}/{self.total_steps} {console_line(record)}")
+
+    def finish_progress(self) -> None:
+        """End the progress bar once training steps are over (a later message then starts its own line)."""
+        if self.enabled and self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -248,10 +253,25 @@ class MetricsSink:
         self.jsonl.close()
 
 
-def _short(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def console_line(record: dict, short: bool = False) -> str:
+    """The console's view of a training record, about 90 characters (the full record is in metrics.jsonl):
+    loss, lr, gradient norm, throughput, MFU and memory, RankMe when computed, skipped steps, ETA."""
+    def num(value) -> str:
+        return "nan" if value is None else f"{value:.4g}"
+
+    parts = [f"loss {num(record['loss'])}", f"lr {record['lr']:.2e}", f"grad {num(record.get('grad_norm'))}",
+             f"{record['img_per_s']:.0f} img/s"]
+    if "mfu" in record:
+        parts.append(f"mfu {record['mfu']:.1%}")
+    if not short:
+        parts.append(f"mem {record['peak_mem_mb'] / 1024:.1f}G")
+    if "rankme" in record:
+        parts.append(f"rankme {record['rankme']:.1f}")
+    if record.get("skipped_steps"):
+        parts.append(f"skipped {record['skipped_steps']}")
+    if not short and record.get("eta_s") is not None:
+        parts.append(f"eta {_hms(record['eta_s'])}")
+    return " ".join(parts)
 
 
 def _hms(seconds: float) -> str:

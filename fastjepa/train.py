@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fastjepa import __version__
 from fastjepa import config as fj_config
 from fastjepa.checkpoint import CheckpointError, full_model_state
 from fastjepa.data.loader import BadDataError
@@ -63,6 +64,7 @@ def run(cfg, *, resume: str | None = None, official_checkpoint: str | None = Non
                 if tr.state.step < tr.total_steps:
                     tr.save(permanent=(tr.state.epoch + 1) % cfg.train.checkpoint_every == 0)
                 tr.state.epoch, tr.state.batch_in_epoch = tr.state.epoch + 1, 0
+        tr.sink.finish_progress()
         tr.save()
         if cfg.train.export:
             export_encoder(cfg, tr.model, tr.folder, tr.env)
@@ -80,14 +82,13 @@ def _train_one(tr: Trainer, result: TrainResult, images, masks, flops: float, wa
     out = train_step(tr, *tr.to_device(images, masks))
     s.step += 1
     s.batch_in_epoch += 1
-    record = tr.record(out, images.shape[0], flops, waited, lr, wd, momentum)
+    rankme = tr.rankme() if tr.rankme_images is not None and s.step % t.rankme_every == 0 else None
+    record = tr.record(out, images.shape[0], flops, waited, lr, wd, momentum, rankme)
     log_step = record is not None
     if log_step:
         result.losses.update(record["losses"])
     if log_step or not tr.stepper.fused:
         tr.check_divergence()
-    if tr.rankme_images is not None and s.step % t.rankme_every == 0:
-        tr.sink.log({"step": s.step, "kind": "rankme", "rankme": tr.rankme()})
     if tr.stop_requested(log_step):
         tr.sink.message(f"signal {signal.Signals(tr.stop.received).name}: checkpointing at step {s.step}")
         tr.save()
@@ -121,7 +122,9 @@ def configure_logging() -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastjepa-train", description="I-JEPA pretraining (single process, DDP, FSDP2).")
-    p.add_argument("--config", required=True, help="YAML config (official I-JEPA keys + fastjepa/train sections)")
+    p.add_argument("--version", action="version", version=f"fastjepa {__version__}")
+    p.add_argument("--config", required=True, help="YAML config (official I-JEPA keys + fastjepa/train sections), or "
+                                                   "the name of a shipped one (e.g. in1k_vith14_ep300)")
     p.add_argument("--resume", default=None,
                    help="'auto' (latest checkpoint in logging.folder, the default via train.resume), 'none', a "
                         "checkpoint directory or a run folder")

@@ -270,11 +270,12 @@ class Trainer:
         return self.normalize(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True)
 
     def record(self, out: StepOutput, images: int, flops: float, waited: float, lr: float, wd: float,
-               momentum: float) -> dict | None:
-        """Add a step to the logging window; on a log step, read the window (one host sync) and write a record."""
+               momentum: float, rankme: float | None = None) -> dict | None:
+        """Add a step to the logging window; on a log step (or one with a RankMe value), read the window (one host
+        sync) and write a record."""
         self.window.add(out.loss, out.grad_norm, out.bad, images, flops, waited)
         s, t = self.state, self.cfg.train
-        if s.step % t.log_every and s.step != self.total_steps:
+        if s.step % t.log_every and s.step != self.total_steps and rankme is None:
             return None
         losses = mean_over_ranks(torch.stack(self.window.losses).float(), self.env).tolist()
         norms = torch.stack(self.window.grad_norms).float().tolist()
@@ -292,6 +293,8 @@ class Trainer:
         peak = self.cfg.train.peak_tflops * 1e12 or peak_flops(self.env.device)
         if peak:
             record["mfu"] = self.window.flops / elapsed / peak
+        if rankme is not None:
+            record["rankme"] = rankme
         record["losses"] = dict(zip(range(s.step - len(losses) + 1, s.step + 1), losses, strict=True))
         self.sink.log({k: v for k, v in record.items() if k != "losses"})
         self.window.reset()

@@ -13,9 +13,41 @@ import functools
 import os
 
 import torch
-import triton
 
 from fastjepa.choices import KERNEL_BACKENDS
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install (macOS, Windows, ...): every op runs its PyTorch reference
+    triton = tl = None
+
+TRITON_HINT = "install triton (pip install 'fastjepa[gpu]' or pip install triton; Linux with an NVIDIA GPU)"
+
+
+class _Absent:
+    """Stands in for ``triton`` and ``triton.language`` when triton is not installed, so that the kernel files
+    still define their kernels (their annotations and decorators run at import); ``use_triton`` is then False and
+    no kernel is ever launched."""
+
+    def jit(self, fn=None, **_):
+        return fn if fn is not None else (lambda f: f)
+
+    def __getattr__(self, name):
+        return self
+
+
+if triton is None:
+    triton = tl = _Absent()
+    HAVE_TRITON = False
+else:
+    HAVE_TRITON = True
+
+
+def require_triton(what: str) -> None:
+    """For a Triton path asked for by name: say how to get triton instead of failing inside a stub."""
+    if not HAVE_TRITON:
+        raise RuntimeError(f"{what} needs triton, which is not installed: {TRITON_HINT}")
 
 _BACKEND = os.environ.get("FASTJEPA_KERNEL_BACKEND", "auto")
 if _BACKEND not in KERNEL_BACKENDS:
@@ -39,9 +71,9 @@ def interpreting() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the Triton path should run for these tensors: backend ``auto`` and they live on a GPU (or the
-    Triton interpreter is on)."""
-    if _BACKEND == "reference":
+    """True when the Triton path should run for these tensors: backend ``auto``, triton installed, and they live on
+    a GPU (or the Triton interpreter is on)."""
+    if _BACKEND == "reference" or not HAVE_TRITON:
         return False
     return interpreting() or all(t.is_cuda for t in tensors)
 
@@ -101,12 +133,20 @@ def mask_index(masks, batch: int, num_tokens: int, op: str, name: str = "masks")
     return idx.contiguous()
 
 
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def row_blocks(rows: int, dim: int) -> tuple[int, int]:
     """(rows per program, BLOCK_D): one program covers whole rows of the feature dimension. The interpreter runs
     programs one after another, so it gets as many rows per program as possible."""
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_power_of_2(dim)
     budget = 1 << 16 if interpreting() else 8192
-    return max(1, min(triton.next_power_of_2(rows), budget // block_d)), block_d
+    return max(1, min(next_power_of_2(rows), budget // block_d)), block_d
 
 
 def repeat_interleave_batch(x: torch.Tensor, batch_size: int, repeat: int) -> torch.Tensor:

@@ -15,11 +15,19 @@ one target block, so the block structure becomes loop bounds instead of a mask o
 import functools
 
 import torch
-import triton
-import triton.language as tl
 
 from fastjepa.choices import BLOCK_ATTENTION_BACKENDS
-from fastjepa.kernels._utils import compiled_flex_attention, interpreting, op_or_launcher, use_triton
+from fastjepa.kernels._utils import (
+    cdiv,
+    compiled_flex_attention,
+    interpreting,
+    next_power_of_2,
+    op_or_launcher,
+    require_triton,
+    tl,
+    triton,
+    use_triton,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -245,7 +253,7 @@ def _config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(
         BLOCK_M=block,
         BLOCK_N=block,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
         PREC="ieee" if dtype == torch.float32 else None,  # fp32 exact (no TF32); fp16/bf16 tensor cores
     )
 
@@ -266,7 +274,7 @@ def block_attention_fwd(q, k, v, context_len: int, num_target_blocks: int,
     cfg = _config(head_dim, q.dtype)
     out = torch.empty(batch, seq_len, heads, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, seq_len, device=q.device, dtype=torch.float32)
-    nt_c, nt_t = triton.cdiv(context_len, cfg["BLOCK_M"]), triton.cdiv(target_len, cfg["BLOCK_M"])
+    nt_c, nt_t = cdiv(context_len, cfg["BLOCK_M"]), cdiv(target_len, cfg["BLOCK_M"])
     grid = (nt_c + num_target_blocks * nt_t, batch * heads)
     _block_attn_fwd_kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -284,12 +292,12 @@ def block_attention_bwd(do, q, k, v, out, lse, context_len: int, num_target_bloc
     dq, dk, dv = (torch.empty(batch, seq_len, heads, head_dim, device=q.device, dtype=q.dtype) for _ in range(3))
     delta = torch.empty_like(lse)
     args = (heads, seq_len, context_len, target_len)
-    nt_c, nt_t = triton.cdiv(context_len, cfg["BLOCK_M"]), triton.cdiv(target_len, cfg["BLOCK_M"])
+    nt_c, nt_t = cdiv(context_len, cfg["BLOCK_M"]), cdiv(target_len, cfg["BLOCK_M"])
     _block_attn_bwd_dq_kernel[(nt_c + num_target_blocks * nt_t, batch * heads)](
         q, k, v, out, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
         *args, nt_c, nt_t, scale * _LOG2E, scale, head_dim, **cfg,
     )
-    nt_c, nt_t = triton.cdiv(context_len, cfg["BLOCK_N"]), triton.cdiv(target_len, cfg["BLOCK_N"])
+    nt_c, nt_t = cdiv(context_len, cfg["BLOCK_N"]), cdiv(target_len, cfg["BLOCK_N"])
     _block_attn_bwd_dkdv_kernel[(nt_c + num_target_blocks * nt_t, batch * heads)](
         q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dk),
         *args, nt_c, nt_t, scale * _LOG2E, scale, head_dim, **cfg,
@@ -393,6 +401,7 @@ def block_attention(
     if backend == "flex":
         return block_attention_flex(q, k, v, context_len, num_target_blocks, scale)
     _check(q, k, v, context_len, num_target_blocks)
+    require_triton("block_attention(backend='triton')")
     if not (q.is_cuda or interpreting()):
         raise ValueError(f"block_attention: backend 'triton' needs CUDA tensors (got {q.device.type}) or "
                          "TRITON_INTERPRET=1 set before import; use backend='auto' or 'reference' on CPU")

@@ -8,11 +8,9 @@ extra read. FSDP2 parameters (DTensor) are updated through their local shards.
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from fastjepa.choices import EMA_BACKENDS
-from fastjepa.kernels._utils import interpreting, use_triton
+from fastjepa.kernels._utils import interpreting, require_triton, tl, triton, use_triton
 
 try:
     from torch.distributed.tensor import DTensor
@@ -160,6 +158,8 @@ def ema_update_fused(target, online, momentum: float, copy=None, backend: str = 
     """Fused multi-tensor EMA (see ``ema_update``); ``backend`` "triton" or "cuda" (the ``fastjepa._C`` twin)."""
     if backend not in EMA_BACKENDS:
         raise ValueError(f"ema_update: unknown backend {backend!r}; choose one of {EMA_BACKENDS}")
+    if backend == "triton":
+        require_triton("ema_update_fused(backend='triton')")
     _check_lists(target, online, copy)
     _ema_fused(target, online, momentum, copy, backend)
 

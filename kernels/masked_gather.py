@@ -8,10 +8,17 @@ finds, for its tile of tokens, the slots of each mask that gathered them by comp
 """
 
 import torch
-import triton
-import triton.language as tl
 
-from fastjepa.kernels._utils import mask_index, op_or_launcher, row_blocks, use_triton
+from fastjepa.kernels._utils import (
+    cdiv,
+    mask_index,
+    next_power_of_2,
+    op_or_launcher,
+    row_blocks,
+    tl,
+    triton,
+    use_triton,
+)
 
 OP = "masked_gather"
 
@@ -116,7 +123,7 @@ def masked_gather_fwd(tokens: torch.Tensor, idx: torch.Tensor, pos_embed: torch.
     if out.numel() == 0:
         return out
     block_k, block_d = row_blocks(k, dim)
-    _masked_gather_fwd_kernel[(triton.cdiv(k, block_k), num_masks * batch)](
+    _masked_gather_fwd_kernel[(cdiv(k, block_k), num_masks * batch)](
         tokens, idx, pos_embed if pos_embed is not None else tokens, out, batch, num_tokens, k, dim,
         HAS_POS=pos_embed is not None, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
     )
@@ -132,9 +139,9 @@ def masked_gather_bwd(grad_out: torch.Tensor, idx: torch.Tensor, num_tokens: int
     dim = grad_out.shape[-1]
     dx = torch.empty(batch, num_tokens, dim, dtype=dtype, device=grad_out.device) if out is None else out
     block_n, block_d = row_blocks(num_tokens, dim)
-    _masked_gather_bwd_kernel[(triton.cdiv(num_tokens, block_n), batch)](
+    _masked_gather_bwd_kernel[(cdiv(num_tokens, block_n), batch)](
         grad_out, idx, dx, num_masks, batch, num_tokens, k, dim, BLOCK_N=block_n,
-        BLOCK_K=triton.next_power_of_2(k), BLOCK_D=block_d, num_warps=4,
+        BLOCK_K=next_power_of_2(k), BLOCK_D=block_d, num_warps=4,
     )
     return dx
 

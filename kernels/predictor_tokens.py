@@ -8,15 +8,16 @@ reduces the mask token's gradient in fp32 partial sums.
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from fastjepa.kernels._utils import (
+    cdiv,
     mask_index,
     op_or_launcher,
     repeat_interleave_batch,
     row_blocks,
     stack_masks,
+    tl,
+    triton,
     use_triton,
 )
 from fastjepa.kernels.masked_gather import _gather_ref
@@ -139,7 +140,7 @@ def predictor_tokens_fwd(x, idx_enc, idx_pred, mask_token, pos_embed, out=None) 
     if out is None:
         out = torch.empty(num_pred * rows_enc, kc + kt, dim, dtype=x.dtype, device=x.device)
     block_k, block_d = row_blocks(max(kc, kt), dim)
-    _predictor_tokens_fwd_kernel[(triton.cdiv(max(kc, kt), block_k), rows_enc + rows_pred)](
+    _predictor_tokens_fwd_kernel[(cdiv(max(kc, kt), block_k), rows_enc + rows_pred)](
         x, idx_enc, idx_pred, mask_token, pos_embed, out, batch, nenc, num_pred, kc, kt, dim,
         BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
     )
@@ -156,7 +157,7 @@ def predictor_tokens_bwd(grad_out, batch: int, nenc: int, kc: int, x_dtype, dx=N
     if dx is None:
         dx = torch.empty(rows_enc, kc, dim, dtype=x_dtype, device=grad_out.device)
     block_k, block_d = row_blocks(max(kc, kt), dim)
-    num_kc, num_kt = triton.cdiv(kc, block_k), triton.cdiv(kt, block_k)
+    num_kc, num_kt = cdiv(kc, block_k), cdiv(kt, block_k)
     partial = torch.empty(rows_enc, num_kt, dim, dtype=torch.float32, device=grad_out.device)
     _predictor_tokens_bwd_kernel[(num_kc + num_kt, rows_enc)](
         grad_out, dx, partial, batch, nenc, rows // rows_enc, kc, kt, dim, num_kc,

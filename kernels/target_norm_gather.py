@@ -9,10 +9,17 @@ program and the backward recomputes them to write the predictions' gradient.
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from fastjepa.kernels._utils import mask_index, op_or_launcher, repeat_interleave_batch, row_blocks, use_triton
+from fastjepa.kernels._utils import (
+    cdiv,
+    mask_index,
+    op_or_launcher,
+    repeat_interleave_batch,
+    row_blocks,
+    tl,
+    triton,
+    use_triton,
+)
 from fastjepa.kernels.masked_gather import _gather_ref
 
 
@@ -132,7 +139,7 @@ def target_norm_gather_fwd(h, idx, num_context_blocks: int = 1, eps: float = 1e-
     if out.numel() == 0:
         return out
     block_k, block_d = row_blocks(k, dim)
-    _target_norm_gather_fwd_kernel[(triton.cdiv(k, block_k), num_masks * batch)](
+    _target_norm_gather_fwd_kernel[(cdiv(k, block_k), num_masks * batch)](
         h, idx, out, batch, num_tokens, k, dim, num_context_blocks, eps, BLOCK_K=block_k, BLOCK_D=block_d,
         num_warps=4,
     )
@@ -143,7 +150,7 @@ def _smooth_l1_launch(pred, h, idx, num_context_blocks, eps, dloss=None, dpred=N
     batch, num_tokens, dim = h.shape
     num_masks, _, k = idx.shape
     block_k, block_d = row_blocks(k, dim)
-    grid = (triton.cdiv(k, block_k), num_masks * batch)
+    grid = (cdiv(k, block_k), num_masks * batch)
     partial = torch.empty(grid[1], grid[0], dtype=torch.float32, device=h.device)
     _target_norm_smooth_l1_kernel[grid](
         pred, h, idx, partial, pred if dpred is None else dpred, partial if dloss is None else dloss,
@@ -185,7 +192,7 @@ def _partial_op(pred: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, num_cont
 @_partial_op.register_fake
 def _(pred, h, idx, num_context_blocks, eps):
     block_k, _ = row_blocks(idx.shape[2], h.shape[2])
-    return h.new_empty((idx.shape[0] * idx.shape[1], triton.cdiv(idx.shape[2], block_k)), dtype=torch.float32)
+    return h.new_empty((idx.shape[0] * idx.shape[1], cdiv(idx.shape[2], block_k)), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastjepa::target_norm_smooth_l1_grad", mutates_args=())

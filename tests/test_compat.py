@@ -103,3 +103,22 @@ def test_export_timm_names_and_reload(tmp_path):
     fresh.load_state_dict(state, strict=True)
     for a, b in zip(fresh.parameters(), model.target_encoder.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_export_metadata_says_how_to_rebuild_the_encoder(tmp_path):
+    from safetensors import safe_open
+
+    from fastjepa.models import VisionTransformer
+
+    cfg = fj_config.load(CONFIG, ["fastjepa.in_chans=1"])
+    encoder = build_ijepa(cfg).target_encoder
+    with safe_open(str(export_timm(encoder, tmp_path / "encoder")), "pt") as f:
+        meta = f.metadata()
+    assert {k: meta[k] for k in ("patch_size", "img_size", "in_chans", "mlp_ratio", "embed_dim", "depth",
+                                 "num_heads")} == {"patch_size": "4", "img_size": "32x32", "in_chans": "1",
+                                                   "mlp_ratio": "4", "embed_dim": "192", "depth": "12",
+                                                   "num_heads": "3"}
+    rebuilt = VisionTransformer(int(meta["img_size"].split("x")[0]), int(meta["patch_size"]), int(meta["in_chans"]),
+                                int(meta["embed_dim"]), int(meta["depth"]), int(meta["num_heads"]),
+                                float(meta["mlp_ratio"]))
+    rebuilt.load_state_dict(encoder.state_dict(), strict=True)

@@ -105,23 +105,25 @@ def save_official(path: str | os.PathLike, model: IJEPA, optimizer: torch.optim.
 
 
 def export_timm(encoder: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Save an encoder's weights under timm's ViT names, as safetensors when installed (else a torch file).
+    """Save an encoder's weights under timm's ViT names as ``<path>.safetensors``, with what it takes to rebuild it
+    in the metadata (format, patch and image size, channels, width, depth, heads, MLP ratio, grid).
 
     fastjepa's encoder names are timm's already; the file loads with ``strict=True`` into
     ``timm.create_model("vit_huge_patch14_224", class_token=False, global_pool="avg", fc_norm=False,
     num_classes=0)`` (or the size/patch/resolution of the encoder).
     """
+    from safetensors.torch import save_file
+
     state = {k: v.detach().contiguous().cpu() for k, v in strip_prefixes(encoder.state_dict()).items()}
     meta = {"format": "timm-vit", "class_token": "false", **(metadata or {})}
     if hasattr(encoder, "patch_size"):
-        meta.update(patch_size=str(encoder.patch_size), grid=f"{encoder.grid[0]}x{encoder.grid[1]}",
-                    embed_dim=str(encoder.embed_dim), depth=str(len(encoder.blocks)), num_heads=str(encoder.num_heads))
-    path = Path(path)
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        path = path.with_suffix(".pth")
-        torch.save({"state_dict": state, "metadata": meta}, path)
-        return path
-    save_file(state, str(path.with_suffix(".safetensors")), metadata=meta)
-    return path.with_suffix(".safetensors")
+        grid_h, grid_w = encoder.grid
+        conv = encoder.patch_embed.proj
+        mlp_ratio = encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim
+        meta.update(patch_size=str(encoder.patch_size), img_size=f"{grid_h * encoder.patch_size}x"
+                    f"{grid_w * encoder.patch_size}", in_chans=str(conv.in_channels), grid=f"{grid_h}x{grid_w}",
+                    embed_dim=str(encoder.embed_dim), depth=str(len(encoder.blocks)),
+                    num_heads=str(encoder.num_heads), mlp_ratio=f"{mlp_ratio:g}")
+    path = Path(path).with_suffix(".safetensors")
+    save_file(state, str(path), metadata=meta)
+    return path

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from multiprocessing import Pool
 
 import numpy as np
@@ -194,14 +195,35 @@ def index_existing(pattern, dst, workers=1, progress=True):
     return index
 
 
+class _LineProgress:
+    """Progress for a log file or a pipe: a plain line at every tenth of the work (no carriage returns)."""
+
+    def __init__(self, total, initial=0):
+        self.total, self.n, self.next = total, initial, 0
+        self.t0 = time.perf_counter()
+
+    def update(self, n=1):
+        self.n += n
+        if self.n >= self.next or self.n >= self.total:
+            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"make_shards: {self.n}/{self.total} shards ({rate:.2f}/s)", file=sys.stderr, flush=True)
+            self.next = self.n + max(1, self.total // 10)
+
+    def close(self):
+        pass
+
+
 def _progress(total, initial=0, disable=False):
+    """A progress bar on a terminal, plain lines elsewhere, nothing when disabled."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="shard", disable=disable, file=sys.stderr)
+    if disable or sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, unit="shard", disable=disable, file=sys.stderr)
+    return _LineProgress(total, initial)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fastjepa.data.make_shards", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fastjepa make-shards", description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="ImageFolder directory (SRC/<class>/<image>) or `path label` file list; with "
                                "--index-only: a brace pattern of existing shards")
     p.add_argument("dst", help="output directory (shards, sidecars, index.json)")

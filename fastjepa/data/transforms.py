@@ -131,21 +131,43 @@ class PretrainTransform:
 
     def _fast_crop(self, image, rng):
         source = _Decodable(image, self.mode)
+        box = random_resized_crop_params(*source.size, self.crop_scale, self.ratio, rng)
+        return crop_resize(source, box, self.crop_size)
+
+
+class EvalTransform:
+    """Image -> uint8 array [H, W, C] for evaluation: the centre square of ``resize_ratio`` of the shorter side
+    (ImageNet's "resize to 256, centre-crop 224" for 0.875), resized to ``crop_size``, decoded the way training
+    decodes (DCT-reduced JPEG decode, uint8 antialiased bilinear resize)."""
+
+    def __init__(self, crop_size: int = 224, mode: str = "RGB", resize_ratio: float = 0.875):
+        if mode not in ("RGB", "L"):
+            raise ValueError(f"EvalTransform mode must be 'RGB' (in_chans 3) or 'L' (in_chans 1), got {mode!r}")
+        self.crop_size, self.mode, self.resize_ratio = int(crop_size), mode, float(resize_ratio)
+
+    def __call__(self, image, rng=None):
+        source = _Decodable(image, self.mode)
         width, height = source.size
-        left, top, w, h = random_resized_crop_params(width, height, self.crop_scale, self.ratio, rng)
-        # the largest DCT reduction (1/2, 1/4, 1/8: libjpeg's SIMD ones) that keeps the crop >= crop_size
-        scale = next((s for s in (8, 4, 2) if source.is_jpeg and min(w, h) >= s * self.crop_size), 1)
-        pixels = source.decode(scale)
-        sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
-        crop = _as_tensor(pixels).permute(2, 0, 1)[
-            None, :, round(top * sy):max(round((top + h) * sy), round(top * sy) + 1),
-            round(left * sx):max(round((left + w) * sx), round(left * sx) + 1)]
-        # uint8 antialiased bilinear, channels-last: within 1 grey level of PIL's crop + resize. The crop view's
-        # row stride is the whole image's; a dense channels-last copy first makes the resize ~1.7x faster.
-        crop = crop.contiguous(memory_format=torch.channels_last)
-        out = F.interpolate(crop, size=(self.crop_size, self.crop_size), mode="bilinear", antialias=True,
-                            align_corners=False)
-        return out[0].permute(1, 2, 0).numpy()
+        side = max(1, round(min(width, height) * self.resize_ratio))
+        return crop_resize(source, ((width - side) // 2, (height - side) // 2, side, side), self.crop_size)
+
+
+def crop_resize(source: "_Decodable", box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The (left, top, width, height) box of an image, resized to ``size`` x ``size``: uint8 [H, W, C]."""
+    left, top, w, h = box
+    width, height = source.size
+    # the largest DCT reduction (1/2, 1/4, 1/8: libjpeg's SIMD ones) that keeps the crop >= size
+    scale = next((s for s in (8, 4, 2) if source.is_jpeg and min(w, h) >= s * size), 1)
+    pixels = source.decode(scale)
+    sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
+    crop = _as_tensor(pixels).permute(2, 0, 1)[
+        None, :, round(top * sy):max(round((top + h) * sy), round(top * sy) + 1),
+        round(left * sx):max(round((left + w) * sx), round(left * sx) + 1)]
+    # uint8 antialiased bilinear, channels-last: within 1 grey level of PIL's crop + resize. The crop view's
+    # row stride is the whole image's; a dense channels-last copy first makes the resize ~1.7x faster.
+    crop = crop.contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
 
 
 class _Decodable:

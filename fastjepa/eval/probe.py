@@ -1,24 +1,31 @@
-"""Linear-probe a pretrained encoder from the command line.
+"""Evaluate a pretrained encoder from the command line: linear-probe top-1 and k-NN top-1 of its frozen features.
 
-    python -m fastjepa.eval.probe --checkpoint runs/demo_mnist/<run> --data mnist
-    python -m fastjepa.eval.probe --checkpoint runs/x/step_00001000 --data features.pt --config runs/x/config.yaml
+    fastjepa probe --checkpoint runs/h14 --data imagefolder --train /data/in1k/train --val /data/in1k/val
+    fastjepa probe --checkpoint runs/h14 --data webdataset --train '/shards/train-{000000..001281}.tar' \\
+        --val '/shards/val-{000000..000049}.tar'
+    fastjepa probe --checkpoint runs/demo_mnist/<run> --data mnist          # the demo's held-out split
+    fastjepa probe --checkpoint runs/x/target_encoder.pt --data split.pt --config runs/x/config.yaml
 
 ``--checkpoint``: a run folder (its latest checkpoint), a ``step_XXXXXXXX`` checkpoint directory, or an exported
 ``target_encoder.pt`` state dict; the probed encoder is the target encoder (the I-JEPA evaluation protocol).
-``--data``: ``mnist`` (the bundled 5,000 digits, the demo's held-out split) or a ``.pt`` file holding
-``{"train": (images, labels), "test": (images, labels)}`` with uint8 ``[N, C, H, W]`` images (resized to the
-encoder's resolution, ``data.crop_size``, bilinearly). Prints ``probe: top1=<acc>`` (and ``pixels=<acc>`` for
-raw pixels with ``--pixels``).
+``--data``: ``imagefolder`` or ``webdataset`` (``--train``/``--val`` sources, read and decoded as in training, each
+image's centre crop at the training resolution), ``mnist`` (the bundled digits), or a ``.pt`` file holding
+``{"train": (images, labels), "test": (images, labels)}`` with uint8 ``[N, C, H, W]`` images. Features are the
+average-pooled tokens, extracted in batches on ``--device``; the linear probe is a logistic regression (L2 picked
+on a slice of the training features), the k-NN DINO's (k=20, cosine, temperature 0.07). Prints one JSON object.
 """
 
 import argparse
+import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from fastjepa import config as fj_config
-from fastjepa.checkpoint import CheckpointManager, load_model_weights
+from fastjepa.checkpoint import CheckpointError, CheckpointManager, load_model_weights
+from fastjepa.eval.knn import knn_top1
 from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
 
 
@@ -37,20 +44,6 @@ def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
     return encoder
 
 
-def load_data(data: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    if data == "mnist":
-        from fastjepa.data.mnist import mnist_split
-
-        return mnist_split()
-    path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {data}: not 'mnist' and not a file")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or {"train", "test"} - payload.keys():
-        raise ValueError(f"--data {data}: expected a dict with 'train' and 'test' (images, labels) pairs")
-    return {k: payload[k] for k in ("train", "test")}
-
-
 def find_config(checkpoint: Path, config: str | None):
     if config is not None:
         return fj_config.load(config)
@@ -60,33 +53,104 @@ def find_config(checkpoint: Path, config: str | None):
     raise FileNotFoundError(f"no config.yaml next to {checkpoint}; pass --config (the run's YAML)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastjepa.eval.probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--data", required=True, help="'mnist' or a .pt file with train/test (images, labels)")
-    p.add_argument("--config", default=None, help="the run's YAML (default: config.yaml of the run folder)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--pixels", action="store_true", help="also probe raw pixels as a baseline")
-    args = p.parse_args(argv)
-    try:
-        cfg = find_config(args.checkpoint, args.config)
-        encoder = load_encoder(args.checkpoint, cfg).to(args.device)
-        data = load_data(args.data)
-    except (fj_config.ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"probe: {e}", file=sys.stderr)
-        return 2
+def tensor_data(data: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """In-memory splits: ``mnist`` or a ``.pt`` file."""
+    if data == "mnist":
+        from fastjepa.data.mnist import mnist_split
+
+        return mnist_split()
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {data}: not imagefolder, webdataset, mnist, or a .pt file")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or {"train", "test"} - payload.keys():
+        raise ValueError(f"--data {data}: expected a dict with 'train' and 'test' (images, labels) pairs")
+    return {k: payload[k] for k in ("train", "test")}
+
+
+def split_batches(args, cfg, skipped: dict[str, Counter]):
+    """``{split: (batches of uint8 images and labels, whether they need resizing)}`` for the chosen data."""
+    if args.data in ("imagefolder", "webdataset"):
+        from fastjepa.data.transforms import EvalTransform
+        from fastjepa.eval.data import eval_batches, eval_source
+
+        if not (args.train and args.val):
+            raise ValueError(f"--data {args.data} needs --train and --val (a folder or a shard pattern each)")
+        transform = EvalTransform(cfg.data.crop_size, "L" if cfg.fastjepa.in_chans == 1 else "RGB")
+        sources = {"train": eval_source(args.data, args.train, args.train_index),
+                   "test": eval_source(args.data, args.val, args.val_index)}
+        return {split: (eval_batches(source, transform, args.batch_size, args.workers, skipped[split]), False)
+                for split, source in sources.items()}
+    data = tensor_data(args.data)
+    return {split: (tensor_batches(*data[split], args.batch_size), True) for split in ("train", "test")}
+
+
+def probe(args) -> dict:
+    cfg = find_config(args.checkpoint, args.config)
+    encoder = load_encoder(args.checkpoint, cfg).to(args.device)
+    skipped = {"train": Counter(), "test": Counter()}
     from fastjepa.data import mean_std
 
     mean, std = mean_std(cfg)
-    results = {}
-    for name, model in (("top1", encoder), ("pixels", None)) if args.pixels else (("top1", encoder),):
-        # the encoder sees the images at its training resolution; raw pixels stay as stored
-        size = cfg.data.crop_size if model is not None else None
-        feats = [extract_features(model, tensor_batches(*data[split], 256), device=args.device,
-                                  preprocess=lambda x, s=size: resized(to_float_images(x, mean, std), s) if s
-                                  else to_float_images(x, mean, std)) for split in ("train", "test")]
-        results[name] = linear_probe(*feats[0], *feats[1])["top1"]
-    print("probe: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    device = torch.device(args.device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    results = {"checkpoint": str(args.checkpoint), "data": args.data}
+    for name, model in (("encoder", encoder), ("pixels", None)) if args.pixels else (("encoder", encoder),):
+        feats = {}
+        for split, (batches, resize) in split_batches(args, cfg, skipped).items():
+            size = cfg.data.crop_size if resize and model is not None else None
+
+            def preprocess(x, size=size):
+                x = to_float_images(x, mean, std)
+                return resized(x, size) if size else x
+
+            feats[split] = extract_features(model, progress(batches, f"{name} {split}"), device=device,
+                                            preprocess=preprocess, autocast_dtype=amp)
+        linear = linear_probe(*feats["train"], *feats["test"])
+        results[name] = {"linear_top1": linear["top1"], "linear_l2": linear["l2"],
+                         "knn_top1": knn_top1(*feats["train"], *feats["test"], k=args.knn_k,
+                                              temperature=args.knn_temperature, device=device)}
+        results.update(train_samples=len(feats["train"][0]), val_samples=len(feats["test"][0]))
+    results["skipped"] = {split: dict(counts) for split, counts in skipped.items()}
+    return results
+
+
+def progress(batches, what: str):
+    """Batches with a progress bar on a terminal (the count of images), silent elsewhere."""
+    from tqdm import tqdm
+
+    with tqdm(desc=what, unit="img", disable=not sys.stderr.isatty(), leave=False) as bar:
+        for images, labels in batches:
+            yield images, labels
+            bar.update(len(images))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastjepa probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True, help="imagefolder, webdataset, mnist, or a .pt file")
+    p.add_argument("--train", help="imagefolder: the training split's folder; webdataset: its shard pattern")
+    p.add_argument("--val", help="the evaluation split, like --train")
+    p.add_argument("--train-index", help="webdataset: the index.json of the train shards (default: next to them)")
+    p.add_argument("--val-index", help="webdataset: the index.json of the val shards (default: next to them)")
+    p.add_argument("--config", default=None, help="the run's YAML (default: config.yaml of the run folder)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4, help="data workers decoding images")
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--knn-temperature", type=float, default=0.07)
+    p.add_argument("--pixels", action="store_true", help="also probe raw pixels as a baseline")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
+    args = p.parse_args(argv)
+    try:
+        results = probe(args)
+    except (fj_config.ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"fastjepa probe: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(results)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    print(text)
     return 0
 
 
