@@ -117,6 +117,7 @@ def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_bac
         enc, pred = inputs[1][i % len(masks)]
         flops.append(sum(step_flops(s, batch, enc[0].shape[1], pred[0].shape[1], runner.layout).values()))
     loss = float(loss)
+    target_ms = runner.target_forward_ms(images[0]) if hasattr(runner, "target_forward_ms") else float("nan")
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     set_backend("auto")
     del runner
@@ -131,6 +132,7 @@ def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_bac
         "achieved_flops": sum(flops) / total_s,
         "peak_mem_gib": peak_mem,
         "loss": loss,
+        "target_fwd_only_ms": target_ms,
         "graph_breaks": sum(counters["graph_break"].values()),
         "compiled_graphs": counters["stats"]["unique_graphs"],
         **{f"{p}_ms": quantile(v, 0.5) for p, v in phase_ms.items()},
@@ -200,6 +202,15 @@ def headline(rows: list[dict]) -> list[str]:
             lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {ratio(rows, r, 'official')} | "
                          f"{ratio(rows, r, 'pytorch')} | {r['mfu_peak']:.1%} | {r['peak_mem_gib']:.1f} | "
                          f"{r['gpu_hours_300ep']:.0f} |")
+    fp8 = [r for r in rows if r["provider"] == "fastjepa_fp8"]
+    if fp8:
+        lines += ["", "| model | FP8 targets img/s | / bf16 targets | target forward ms, FP8 | same, bf16 |",
+                  "|---|---|---|---|---|"]
+        for r in fp8:
+            bf16 = next((b for b in rows if b["model"] == r["model"] and b["provider"] == "fastjepa"), None)
+            bf16_ms = bf16["target_fwd_only_ms"] if bf16 else float("nan")
+            lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {ratio(rows, r, 'fastjepa')} | "
+                         f"{r['target_fwd_only_ms']:.1f} | {bf16_ms:.1f} |")
     return lines if len(lines) > 2 else []
 
 

@@ -13,6 +13,8 @@ weights, marking its phases on a ``PhaseTimer``.
   attention, the fused gathers and loss, the target-only last predictor block, fused AdamW. Its forward and
   backward are one phase (``fwd_bwd``): the step is not split by marks inside the model.
 - ``fastjepa_shared`` (opt-in, changes the method): as fastjepa with the shared-context predictor layout.
+- ``fastjepa_fp8``: as fastjepa with FP8 (e4m3) matmuls in the target forward; the fastjepa providers also report
+  the target forward's own time.
 """
 
 import dataclasses
@@ -102,7 +104,8 @@ def initial_model(s: Setup, device, layout: str, backend: str = "sdpa", seed: in
     return IJEPA(enc, pred).to(device)
 
 
-def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: bool, act_ckpt: bool) -> Config:
+def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: bool, act_ckpt: bool,
+                 target_precision: str = "bf16") -> Config:
     """The trainer's config for a setup, with a constant lr and momentum like the other providers' steps."""
     return Config.from_dict({
         "data": {"batch_size": batch, "crop_size": s.img},
@@ -113,7 +116,8 @@ def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: 
                  "use_bfloat16": bf16},
         "optimization": {"lr": 1e-3, "start_lr": 1e-3, "final_lr": 1e-3, "warmup": 0, "weight_decay": 0.01,
                          "final_weight_decay": 0.01, "ema": [0.996, 0.996]},
-        "fastjepa": {"predictor_layout": layout, "attn_backend": "auto", "in_chans": s.in_chans},
+        "fastjepa": {"predictor_layout": layout, "attn_backend": "auto", "in_chans": s.in_chans,
+                     "target_precision": target_precision},
         "train": {"compile": compile_blocks, "activation_checkpointing": act_ckpt},
     })
 
@@ -220,10 +224,12 @@ class FastJepaStep:
     """The trainer's default step (``Stepper.build``), on masks handed off as one ``Masks`` value."""
 
     layout = "repeat"
+    target_precision = "bf16"
     takes_masks_value = True
 
     def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
-        cfg = setup_config(s, batch, self.layout, amp_dtype is not None, compile_backend is not None, act_ckpt)
+        cfg = setup_config(s, batch, self.layout, amp_dtype is not None, compile_backend is not None, act_ckpt,
+                           self.target_precision)
         model = initial_model(s, device, self.layout, "auto")
         env = DistEnv(0, 1, 0, torch.device(device))
         self.stepper = Stepper.build(cfg, env, "none", model, schedules.build(cfg.optimization, 1000),
@@ -232,10 +238,28 @@ class FastJepaStep:
     def step(self, images, masks: Masks, _, timer: PhaseTimer, momentum: float, index: int):
         return self.stepper(images, masks, index, mark=timer.mark).loss
 
+    @torch.no_grad()
+    def target_forward_ms(self, images: torch.Tensor, repeats: int = 3) -> float:
+        """Median ms of the target forward alone (after the warm-up steps compiled it)."""
+        timer, times = PhaseTimer(images.device), []
+        for _ in range(repeats):
+            timer.start()
+            with torch.autocast(**self.stepper.autocast):
+                self.stepper.model.target_forward_encoder(images)
+            timer.mark("target")
+            times.append(timer.phases_ms()["target"])
+        return sorted(times)[len(times) // 2]
+
 
 class FastJepaSharedStep(FastJepaStep):
     layout = "shared"
 
 
+class FastJepaFp8Step(FastJepaStep):
+    """The default step with FP8 targets (``fastjepa.target_precision: fp8``)."""
+
+    target_precision = "fp8"
+
+
 STEPS = {"official": OfficialStep, "pytorch": PyTorchStep, "fastjepa": FastJepaStep,
-         "fastjepa_shared": FastJepaSharedStep}
+         "fastjepa_shared": FastJepaSharedStep, "fastjepa_fp8": FastJepaFp8Step}

@@ -166,6 +166,8 @@ class CheckpointManager:
             raise ValueError(f"train.keep_last must be >= 0 (0 keeps all), got {keep_last}")
         self.folder = Path(folder)
         self.keep_last = keep_last
+        self._pending = None  # (future, commit arguments) of the asynchronous save in flight
+        self._group = None
 
     def remove_partial_saves(self) -> None:
         """Delete ``.tmp-*`` directories left by a save that crashed (rank 0; call before training)."""
@@ -229,10 +231,15 @@ class CheckpointManager:
         return moved
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, rank_state: dict,
-             meta: dict | None = None, permanent: bool = False) -> Path:
+             meta: dict | None = None, permanent: bool = False, asynchronous: bool = False) -> Path:
         """Write checkpoint ``step``; returns its directory. ``rank_state`` is this rank's picklable extra state;
         a ``permanent`` checkpoint is never pruned (the others: the newest ``keep_last`` are kept). A full disk or
-        an unwritable folder raises ``CheckpointError`` naming the folder; the previous checkpoint stays."""
+        an unwritable folder raises ``CheckpointError`` naming the folder; the previous checkpoint stays.
+
+        ``asynchronous``: the state is staged to CPU memory and written by DCP's background thread while training
+        goes on; the save becomes ``latest`` only once fully written, when ``poll`` (or ``wait``) sees it finished.
+        At most one save is in flight: a new one waits for the previous one first."""
+        self.wait()
         final = self.folder / step_dir_name(step)
         if verify(final) is None:
             # this step is already saved in this timeline (e.g. a preemption signal right after a periodic save)
@@ -241,9 +248,49 @@ class CheckpointManager:
             _barrier()
             return final
         tmp = self.folder / f"{_TMP_PREFIX}{final.name}"
-        t0 = time.perf_counter()
+        state = {"train": ModelAndOptimizer(model, optimizer)}
+        commit = (tmp, final, step, meta, permanent)
+        with self._writing(final, tmp):
+            if _rank() == 0:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            _barrier()
+            torch.save(rank_state, tmp / f"rank{_rank()}.pt")
+            with _quiet_single_process():
+                if asynchronous:
+                    future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group())
+                    self._pending = (future, commit)
+                    return final
+                dcp.save(state, checkpoint_id=str(tmp))
+            _barrier()
+            self._commit(*commit)
+            _barrier()
+        return final
+
+    def poll(self) -> Path | None:
+        """Commit the in-flight asynchronous save if its writing has finished; returns it then."""
+        if self._pending is None or not self._pending[0].done():
+            return None
+        return self.wait()
+
+    def wait(self) -> Path | None:
+        """Wait for the in-flight asynchronous save (if any) and commit it; returns its directory."""
+        if self._pending is None:
+            return None
+        future, commit = self._pending
+        self._pending = None
+        with self._writing(commit[1], commit[0]):
+            future.result()
+            if _rank() == 0:  # every rank's shards are written once rank 0's save (which gathers them) returns
+                self._commit(*commit)
+        return commit[1]
+
+    @contextlib.contextmanager
+    def _writing(self, final: Path, tmp: Path):
+        """A full disk or an unwritable folder as a ``CheckpointError`` naming them; the partial save removed."""
         try:
-            self._write(tmp, final, step, model, optimizer, rank_state, meta, permanent)
+            yield
         except Exception as e:
             disk = _is_disk_error(e)
             if disk is None:
@@ -254,30 +301,28 @@ class CheckpointManager:
                 f"could not write checkpoint {final} ({disk.strerror or disk}): free space on {self.folder} or set "
                 f"logging.folder to a writable disk with room, then restart; the previous checkpoint "
                 f"{self.latest() or '(none)'} is kept") from e
-        self.last_save_seconds = time.perf_counter() - t0
-        return final
 
-    def _write(self, tmp: Path, final: Path, step: int, model, optimizer, rank_state, meta, permanent) -> None:
-        if _rank() == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        with _quiet_single_process():
-            dcp.save({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=str(tmp))
-        torch.save(rank_state, tmp / f"rank{_rank()}.pt")
-        _barrier()
-        if _rank() == 0:
-            world = dist.get_world_size() if _distributed() else 1
-            meta = {"step": step, "world_size": world, "time": time.time(), "permanent": permanent, **(meta or {}),
-                    "files": _manifest(tmp)}
-            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-            if final.exists():  # a damaged directory of this step (it failed verify): out of the way
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _write_atomic(self.folder / LATEST, final.name)
-            self._prune(keep=final)
-        _barrier()
+    def _async_group(self):
+        """Background saves talk over a gloo group of their own, never the training's communicator."""
+        if not _distributed():
+            return None
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _commit(self, tmp: Path, final: Path, step: int, meta: dict | None, permanent: bool) -> None:
+        """Rank 0: the manifest, then the rename into place, then ``latest``, then pruning."""
+        if _rank() != 0:
+            return
+        world = dist.get_world_size() if _distributed() else 1
+        meta = {"step": step, "world_size": world, "time": time.time(), "permanent": permanent, **(meta or {}),
+                "files": _manifest(tmp)}
+        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        if final.exists():  # a damaged directory of this step (it failed verify): out of the way
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(self.folder / LATEST, final.name)
+        self._prune(keep=final)
 
     def _prune(self, keep: Path) -> None:
         """Delete the oldest rolling checkpoints beyond ``keep_last``; never ``keep`` (the newest save), never a

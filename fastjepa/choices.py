@@ -29,11 +29,15 @@ KERNEL_BACKENDS = ("auto", "reference")
 # The EMA's fused kernel: Triton, or the CUDA C++ twin from csrc/ (built with FASTJEPA_BUILD_CUDA=1).
 EMA_BACKENDS = ("triton", "cuda")
 
+# Precision of the target encoder's matmuls (fastjepa.modules.fp8): bf16, or fp8 (e4m3, row-wise dynamic scales).
+TARGET_PRECISIONS = ("bf16", "fp8")
+
 # How the predictor lays out its mask-token attention (fastjepa.models.predictor): "repeat" computes the official
 # result with a cheaper last block, "official" runs every block on every token, "shared" (opt-in) computes the
 # context once.
 PREDICTOR_LAYOUTS = ("repeat", "official", "shared")
 
 DATA_SOURCES = ("imagefolder", "webdataset", "synthetic", "mnist")
-PARALLEL_STRATEGIES = ("auto", "none", "ddp", "fsdp")
+PARALLEL_STRATEGIES = ("auto", "none", "ddp", "fsdp", "hsdp")
+SHARDED_STRATEGIES = ("fsdp", "hsdp")
 PROGRESS_STYLES = ("auto", "bar", "lines")

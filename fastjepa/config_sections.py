@@ -21,6 +21,7 @@ from fastjepa.choices import (
     PARALLEL_STRATEGIES,
     PREDICTOR_LAYOUTS,
     PROGRESS_STYLES,
+    TARGET_PRECISIONS,
     VIT_SIZES,
 )
 from fastjepa.mask_geometry import block_sizes, smallest_blocks
@@ -285,6 +286,9 @@ class FastJepa(_Section):
     # fixed mode, opt-in: keep every image's whole context (no cut to the batch minimum), packed sequences with
     # cumulative lengths through varlen attention (fastjepa.masks.PackedContext); the loss weighting is unchanged
     varlen_context: bool = False
+    # the target encoder's Linear layers: "bf16" (under meta.use_bfloat16), or "fp8" (e4m3 matmuls with row-wise
+    # dynamic scales: twice the bf16 rate on Hopper; the rest of the step keeps its precision)
+    target_precision: str = "bf16"
 
     def check(self) -> None:
         _choice("fastjepa.mode", self.mode, MASK_MODES)
@@ -293,6 +297,7 @@ class FastJepa(_Section):
         _choice("fastjepa.attn_backend", self.attn_backend, ATTENTION_BACKENDS)
         _choice("fastjepa.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("fastjepa.predictor_layout", self.predictor_layout, PREDICTOR_LAYOUTS)
+        _choice("fastjepa.target_precision", self.target_precision, TARGET_PRECISIONS)
         if self.varlen_context and self.mode != "fixed":
             _fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
                   "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")
@@ -310,8 +315,11 @@ class Train(_Section):
     checkpoint_every: int = 50  # epochs between permanent checkpoints (official checkpoint_freq); latest every epoch
     keep_last: int = 3  # rolling checkpoints (every epoch / checkpoint_steps / preemption) kept; 0 keeps all
     checkpoint_steps: int = 0  # also checkpoint every N steps (0: only at epoch ends, preemption and the end)
+    # periodic and epoch-end saves staged to CPU and written in the background while training goes on
+    async_checkpoint: bool = False
     resume: str = "auto"  # "auto": latest checkpoint in logging.folder if any; "none"; or a checkpoint path
-    parallel: str = "auto"  # "auto" (fsdp under torchrun, else none), "none", "ddp", "fsdp" (FSDP2)
+    parallel: str = "auto"  # "auto" (fsdp under torchrun, else none), "none", "ddp", "fsdp" (FSDP2), "hsdp"
+    shard_size: int = 0  # hsdp: processes per shard group (0: one node's, torchrun's LOCAL_WORLD_SIZE)
     compile: bool | None = None  # torch.compile every transformer block; null (default): on with CUDA
     activation_checkpointing: bool = False  # recompute encoder/predictor block activations in the backward
     max_steps: int = 0  # stop after this many steps (0: optimization.epochs); schedules keep the full horizon
@@ -336,6 +344,7 @@ class Train(_Section):
         _at_least("train.max_bad_steps", self.max_bad_steps, 1)
         _at_least("train.rankme_samples", self.rankme_samples, 2)
         _at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
+        _at_least("train.shard_size", self.shard_size, 0)
         _choice("train.parallel", self.parallel, PARALLEL_STRATEGIES)
         _choice("train.progress", self.progress, PROGRESS_STYLES)
 

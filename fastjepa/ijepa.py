@@ -12,6 +12,7 @@ from torch import nn
 from fastjepa.kernels import ema_update, target_norm_gather, target_norm_smooth_l1
 from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
+from fastjepa.modules.fp8 import to_float8
 
 
 class IJEPA(nn.Module):
@@ -28,13 +29,14 @@ class IJEPA(nn.Module):
         # target, written by the EMA pass, never checkpointed, so it is kept out of the module tree.
         self.__dict__["target_replica"] = None
 
-    def enable_target_replica(self, dtype: torch.dtype = torch.bfloat16) -> None:
+    def enable_target_replica(self, dtype: torch.dtype = torch.bfloat16, fp8: bool = False) -> None:
         """Run the target forward on a ``dtype`` copy of the target encoder that the EMA pass writes (the fused
         kernel's ``copy=`` output), so autocast never re-casts the frozen weights: the forward reads 2 bytes per
-        weight. The fp32 target stays the EMA's master and what checkpoints hold. Call after ``.to(device)``."""
+        weight. With ``fp8``, its Linear layers multiply in e4m3 (``fastjepa.modules.fp8``). The fp32 target stays
+        the EMA's master and what checkpoints hold. Call after ``.to(device)``."""
         replica = copy.deepcopy(self.target_encoder).to(dtype)
         replica.requires_grad_(False)
-        self.__dict__["target_replica"] = replica
+        self.__dict__["target_replica"] = to_float8(replica) if fp8 else replica
 
     @property
     def target_forward_encoder(self) -> VisionTransformer:

@@ -112,11 +112,12 @@ def expected_tokens(cfg) -> tuple[int, int]:
     return max(int(context), cfg.mask.min_keep + 1), max(int(target), 1)
 
 
-def estimate_training_memory(cfg, world_size: int = 1, bf16: bool = False) -> dict[str, float]:
-    """Bytes one rank needs to train ``cfg``: weights, gradients and AdamW moments (sharded over the ranks under
-    FSDP2) plus the activations the backward keeps (Korthikanti et al.'s per-layer count, 34*s*h + 5*a*s^2 bytes
-    in 16-bit, doubled in fp32; the scores term only with the ``math`` attention backend; one block's worth with
-    activation checkpointing). An estimate to refuse hopeless runs early, not a measurement."""
+def estimate_training_memory(cfg, shards: int = 1, bf16: bool = False) -> dict[str, float]:
+    """Bytes one rank needs to train ``cfg``: weights, gradients and AdamW moments (sharded over ``shards`` ranks
+    under FSDP2/HSDP) plus the activations the backward keeps (Korthikanti et al.'s per-layer count,
+    34*s*h + 5*a*s^2 bytes in 16-bit, doubled in fp32; the scores term only with the ``math`` attention backend;
+    one block's worth with activation checkpointing). An estimate to refuse hopeless runs early, not a
+    measurement."""
     from fastjepa.choices import VIT_SIZES
 
     dim, depth, heads, _ = VIT_SIZES[cfg.meta.model_name]
@@ -127,7 +128,6 @@ def estimate_training_memory(cfg, world_size: int = 1, bf16: bool = False) -> di
         model = build_ijepa(cfg)
     trained = sum(p.numel() for p in [*model.encoder.parameters(), *model.predictor.parameters()] if p.requires_grad)
     target = sum(p.numel() for p in model.target_encoder.parameters())
-    shards = world_size if cfg.train.parallel in ("auto", "fsdp") and world_size > 1 else 1
     states = (trained * (4 + 4 + 8) + target * (4 + 2 * bf16)) / shards
     unit = 1 if bf16 else 2  # the count is in 16-bit bytes
     ctx, tgt = expected_tokens(cfg)

@@ -29,6 +29,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -63,7 +64,7 @@ def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> DistEnv:
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
         )
-    return DistEnv(rank, world_size, local_rank, dev)
+    return DistEnv(rank, world_size, local_rank, dev, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def destroy_distributed() -> None:
@@ -77,7 +78,7 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
         raise ValueError(f"train.parallel={strategy!r} is not one of {STRATEGIES}")
     if strategy == "auto":
         return "fsdp" if world_size > 1 else "none"
-    if strategy in ("ddp", "fsdp") and world_size == 1:
+    if strategy in ("ddp", "fsdp", "hsdp") and world_size == 1:
         raise ValueError(f"train.parallel={strategy} needs several processes: launch with torchrun "
                          "--nproc_per_node=N, or use train.parallel=none (or auto)")
     return strategy
@@ -125,13 +126,31 @@ def apply_compile(model: IJEPA, backend: str = "inductor") -> None:
             block.compile(backend=backend)
 
 
-def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_forward: bool = True) -> IJEPA:
-    """One FSDP2 unit per block (encoder, target encoder, predictor) plus one per model. The models' explicit
-    forward methods (``forward_packed``) are registered so that they gather and free parameters as ``forward``."""
+def shard_group_size(requested: int, env: DistEnv) -> int:
+    """HSDP's shard group: ``train.shard_size``, or by default the processes of one node; it must divide the
+    world size."""
+    size = requested or env.local_world_size
+    if size < 1 or env.world_size % size:
+        raise ValueError(f"train.shard_size={size} must divide the {env.world_size} processes into equal shard "
+                         "groups; set it to the GPUs of one node (the default, from torchrun's LOCAL_WORLD_SIZE)")
+    return size
+
+
+def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_forward: bool = True,
+               shard_size: int | None = None) -> IJEPA:
+    """One FSDP2 unit per block (encoder, target encoder, predictor) plus one per model. With ``shard_size``
+    smaller than the world, HSDP: a 2-D mesh that shards within groups of ``shard_size`` processes (a node) and
+    replicates across the groups, so all-gathers and reduce-scatters stay on the node's links and only the
+    gradient all-reduce crosses nodes. The models' explicit forward methods (``forward_packed``) are registered
+    so that they gather and free parameters as ``forward``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    if shard_size is None or shard_size >= world:
+        mesh = init_device_mesh(device.type, (world,))
+    else:
+        mesh = init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     mp = mp or MixedPrecisionPolicy()
     shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -148,7 +167,8 @@ def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_for
 
 
 def parallelize(model: IJEPA, env: DistEnv, strategy: str = "auto", *, bf16: bool = False,
-                activation_checkpointing: bool = False, compile: str | None = None) -> nn.Module:
+                activation_checkpointing: bool = False, compile: str | None = None,
+                shard_size: int = 0) -> nn.Module:
     """Wrap ``model`` (already on ``env.device``) for training; returns the module whose ``forward`` gives the
     loss. ``compile``: the ``torch.compile`` backend for every block, or None. ``model`` itself stays the handle
     for ``update_target`` and checkpoints (its parameters are the ones the optimizer must be built over, after
@@ -158,8 +178,9 @@ def parallelize(model: IJEPA, env: DistEnv, strategy: str = "auto", *, bf16: boo
         apply_activation_checkpointing(model)
     if compile is not None:
         apply_compile(model, compile)
-    if strategy == "fsdp":
-        return apply_fsdp(model, env.device, bf16)
+    if strategy in ("fsdp", "hsdp"):
+        return apply_fsdp(model, env.device, bf16,
+                          shard_size=shard_group_size(shard_size, env) if strategy == "hsdp" else None)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -2,8 +2,9 @@
 trainer and for the step benchmark (``bench/bench_step.py``), so the benchmark times exactly the trainer's step.
 
 ``prepare_model`` applies, in order: the bf16 target replica (the EMA pass writes it; the target forward reads 2
-bytes per weight and nothing re-casts), ``auto`` attention resolved to concrete backends at the step's shapes,
-then activation checkpointing, ``torch.compile`` of every block (by default on CUDA) and DDP/FSDP2.
+bytes per weight and nothing re-casts; its matmuls in FP8 with ``fastjepa.target_precision: fp8``), ``auto``
+attention resolved to concrete backends at the step's shapes, then activation checkpointing, ``torch.compile`` of
+every block (by default on CUDA) and DDP/FSDP2.
 ``Stepper`` runs forward, backward, clipping, fused AdamW and the EMA without a host synchronisation: the loss,
 the gradient norm and the non-finite flag stay on the device.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastjepa.choices import SHARDED_STRATEGIES
 from fastjepa.ijepa import IJEPA
 from fastjepa.masks import Masks
 from fastjepa.optim import build_optimizer
@@ -35,13 +37,14 @@ def prepare_model(cfg, env: DistEnv, strategy: str, model: IJEPA,
     the loss, whether the step runs in bf16). ``model`` stays the handle for the EMA and checkpoints."""
     model.to(env.device)
     bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
-    if bf16:
-        model.enable_target_replica(torch.bfloat16)
+    fp8 = cfg.fastjepa.target_precision == "fp8"
+    if bf16 or fp8:
+        model.enable_target_replica(torch.bfloat16, fp8=fp8)
     resolve_attention(model, cfg, torch.bfloat16 if bf16 else torch.float32)
     compile_blocks = cfg.train.compile if cfg.train.compile is not None else env.device.type == "cuda"
     train_module = parallelize(model, env, strategy, bf16=bf16,
                                activation_checkpointing=cfg.train.activation_checkpointing,
-                               compile=compile_backend if compile_blocks else None)
+                               compile=compile_backend if compile_blocks else None, shard_size=cfg.train.shard_size)
     return train_module, bf16
 
 
@@ -66,7 +69,8 @@ class Stepper:
               compile_backend: str = "inductor") -> "Stepper":
         train_module, bf16 = prepare_model(cfg, env, strategy, model, compile_backend)
         # FSDP2's mixed-precision policy casts the parameters itself; autocast would cast them again.
-        autocast = {"device_type": env.device.type, "dtype": torch.bfloat16, "enabled": bf16 and strategy != "fsdp"}
+        sharded = strategy in SHARDED_STRATEGIES
+        autocast = {"device_type": env.device.type, "dtype": torch.bfloat16, "enabled": bf16 and not sharded}
         stepper = cls(model, train_module, build_optimizer(model.encoder, model.predictor), sched, bf16, autocast,
                       cfg.train.clip_grad)
         stepper.consecutive_bad = torch.zeros((), dtype=torch.int64, device=env.device)

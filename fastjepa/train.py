@@ -62,7 +62,7 @@ def run(cfg, *, resume: str | None = None, official_checkpoint: str | None = Non
             if tr.state.batch_in_epoch >= tr.ipe:
                 tr.end_epoch()
                 if tr.state.step < tr.total_steps:
-                    tr.save(permanent=(tr.state.epoch + 1) % cfg.train.checkpoint_every == 0)
+                    tr.save(permanent=(tr.state.epoch + 1) % cfg.train.checkpoint_every == 0, background=True)
                 tr.state.epoch, tr.state.batch_in_epoch = tr.state.epoch + 1, 0
         tr.sink.finish_progress()
         tr.save()
@@ -95,7 +95,9 @@ def _train_one(tr: Trainer, result: TrainResult, images, masks, flops: float, wa
         result.stopped_by_signal = True
         return True
     if t.checkpoint_steps > 0 and s.step % t.checkpoint_steps == 0:
-        tr.save()
+        tr.save(background=True)
+    elif log_step:
+        tr.manager.poll()  # an asynchronous save that has finished becomes latest
     return False
 
 

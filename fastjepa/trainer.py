@@ -29,6 +29,7 @@ from fastjepa.checkpoint import (
     step_of,
     verify,
 )
+from fastjepa.choices import SHARDED_STRATEGIES
 from fastjepa.data import Normalize, mean_std
 from fastjepa.data.loader import BadDataError
 from fastjepa.ijepa import IJEPA, build_ijepa
@@ -42,6 +43,7 @@ from fastjepa.metrics import (
     estimate_training_memory,
     peak_flops,
 )
+from fastjepa.modules.fp8 import fp8_unsupported
 from fastjepa.parallel import DistEnv, init_distributed, resolve_strategy
 from fastjepa.step import StepOutput, Stepper
 
@@ -140,7 +142,7 @@ class Trainer:
         flops = FlopModel.from_model(model)
         stepper = Stepper.build(cfg, env, strategy, model, plan.sched)
         if official_opt is not None:
-            if strategy == "fsdp":
+            if strategy in SHARDED_STRATEGIES:
                 logger.warning("official optimizer state is not loaded under FSDP2 (weights are); AdamW restarts")
             else:
                 stepper.optimizer.load_state_dict(official_opt)
@@ -169,6 +171,7 @@ class Trainer:
                           f"from step {self.state.step}")
 
     def close(self) -> None:
+        self.manager.wait()  # an asynchronous save still in flight is finished and committed
         self.stop.restore()
         if self.sink is not None:
             self.sink.close()
@@ -208,9 +211,10 @@ class Trainer:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return None if finite.item() == 1 else "some weights are not finite"
 
-    def save(self, permanent: bool = False) -> Path | None:
+    def save(self, permanent: bool = False, background: bool = False) -> Path | None:
         """Checkpoint the current step (every rank calls it), unless the state is not healthy: a state reached
-        through non-finite steps is never saved, so the newest checkpoint is always a healthy one."""
+        through non-finite steps is never saved, so the newest checkpoint is always a healthy one. ``background``
+        (with ``train.async_checkpoint``): written while training goes on, ``latest`` once complete."""
         problem = self.healthy()
         if problem is not None:
             logger.warning(f"not checkpointing step {self.state.step}: {problem}; the newest healthy checkpoint "
@@ -226,7 +230,7 @@ class Trainer:
             "step": s.step, "epoch": next_epoch, "batch_in_epoch": next_batch,
             "loader": self.loader.state_dict() if next_batch > 0 else None, "rng": rng_state(),
             "skipped_steps": s.skipped_steps,
-        }, meta=meta, permanent=permanent)
+        }, meta=meta, permanent=permanent, asynchronous=background and self.cfg.train.async_checkpoint)
         if self.lock is not None:
             self.lock.refresh()
         return path
@@ -367,6 +371,7 @@ def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_chec
         resume_from = resolve_resume(cfg, manager, resume)
         official = official_checkpoint_path(cfg, official_checkpoint) if resume_from is None else None
         check_resume_compatible(cfg, resume_from)
+        check_precision(cfg, env)
         check_memory(cfg, env, strategy)
     except (ValueError, OSError, CheckpointError) as e:
         if lock is not None:
@@ -420,12 +425,20 @@ def check_resume_compatible(cfg, path: Path | None) -> None:
             "train.resume=none in an empty one)")
 
 
+def check_precision(cfg, env: DistEnv) -> None:
+    """FP8 targets need a GPU with FP8 tensor cores."""
+    problem = fp8_unsupported(env.device) if cfg.fastjepa.target_precision == "fp8" else None
+    if problem:
+        raise SetupError(f"fastjepa.target_precision=fp8: {problem}; set fastjepa.target_precision=bf16 here")
+
+
 def check_memory(cfg, env: DistEnv, strategy: str) -> None:
     """Refuse a run whose estimated memory is above what the device has; warn above 80% of it."""
     if not cfg.train.memory_check:
         return
     bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
-    need = estimate_training_memory(cfg, env.world_size if strategy == "fsdp" else 1, bf16)
+    shards = {"fsdp": env.world_size, "hsdp": cfg.train.shard_size or env.local_world_size}.get(strategy, 1)
+    need = estimate_training_memory(cfg, shards, bf16)
     have = device_memory_bytes(env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     detail = (f"about {need['total'] / 2**30:.1f} GiB per rank (weights, gradients and AdamW "
               f"{need['weights_and_optimizer'] / 2**30:.1f} GiB, activations {need['activations'] / 2**30:.1f} GiB) "

@@ -47,7 +47,7 @@ write_summary() {
     {
         echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
         echo
-        echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ $DRY == 1 ]] && echo ', dry run on the CPU: no claims')"
+        echo "commit $(git describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)$([[ $DRY == 1 ]] && echo ', dry run on the CPU: no claims')"
         echo
         [[ -f "$WORK/env.txt" ]] && { echo '```'; cat "$WORK/env.txt"; echo '```'; echo; }
         echo "| stage | status | seconds |"
@@ -114,14 +114,14 @@ stage env 30 bash -c 'env_info | tee "$WORK/env.txt"'
 if [[ $DRY == 1 ]]; then
     stage tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_gather.py -k vit_like
     stage step 120 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --quick --compile eager \
-        --out "$WORK/step"
+        --providers official pytorch fastjepa fastjepa_fp8 --out "$WORK/step"
     stage profile 90 "$PY" -m bench.profile_step --quick --out "$WORK/profile"
     stage attention 60 "$PY" -m bench --suite attention --quick --out "$WORK/attention"
     stage kernels 120 "$PY" -m bench --suite kernels --quick --out "$WORK/kernels"
 else
     stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml="$WORK/tests.xml" tests
-    stage step 240 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --models vit_huge_14 \
-        --batch 128 --warmup 4 --steps 10 --out "$WORK/step"
+    stage step 270 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --models vit_huge_14 \
+        --providers official pytorch fastjepa fastjepa_fp8 --batch 128 --warmup 4 --steps 10 --out "$WORK/step"
     stage profile 90 "$PY" -m bench.profile_step --model vit_huge_14 --batch 128 --out "$WORK/profile"
     stage attention 60 "$PY" -m bench --suite attention --out "$WORK/attention"
     stage kernels 90 "$PY" -m bench --suite kernels --out "$WORK/kernels"

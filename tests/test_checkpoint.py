@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from fastjepa.checkpoint import LATEST, CheckpointManager, load_model_weights, read_meta, rng_state, set_rng_state
+from fastjepa.checkpoint import (
+    LATEST,
+    CheckpointManager,
+    load_model_weights,
+    read_meta,
+    rng_state,
+    set_rng_state,
+    verify,
+)
 from fastjepa.ijepa import IJEPA
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.optim import build_optimizer
@@ -117,3 +125,34 @@ def test_load_model_weights_reads_one_submodule_for_evaluation(tmp_path):
     load_model_weights(path, encoder, prefix="target_encoder.")
     for k, v in model.target_encoder.state_dict().items():
         torch.testing.assert_close(encoder.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_an_asynchronous_save_becomes_latest_only_once_written_and_holds_the_state_it_was_given(tmp_path,
+                                                                                               monkeypatch):
+    import threading
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    model, opt = trained(seed=0, steps=1)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    first = manager.save(1, model, opt, {"step": 1})
+    model2, opt2 = trained(seed=0, steps=2)
+    expected = {k: v.clone() for k, v in model2.state_dict().items()}
+    release, real_write = threading.Event(), FileSystemWriter.write_data
+
+    def held_write(self, plan, planner):
+        release.wait(timeout=60)  # the background writer waits here while the test looks
+        return real_write(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", held_write)
+    second = manager.save(2, model2, opt2, {"step": 2}, asynchronous=True)
+    assert manager.poll() is None and manager.latest() == first  # in flight: not a checkpoint yet
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.add_(1.0)  # training goes on; the save holds the state it was given
+    release.set()
+    assert manager.wait() == second and manager.latest() == second and verify(second) is None
+    fresh, fresh_opt = trained(seed=5)
+    manager.load(second, fresh, fresh_opt)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0)

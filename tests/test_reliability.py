@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -265,3 +266,43 @@ def test_read_jsonl_skips_a_torn_last_line(tmp_path):
     path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 0.4}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:1: not a JSON record"):
         read_jsonl(path)
+
+
+# ---- asynchronous checkpoints ------------------------------------------------------------------------------------
+
+HANG_ASYNC_SAVE = textwrap.dedent("""
+    import sys, time
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from fastjepa.train import main
+    real = FileSystemWriter.write_data
+    def write_data(self, plan, planner):
+        if "step_00000004" in str(self.path):
+            time.sleep(600)  # the background writer of step 4 never finishes: the process is killed meanwhile
+        return real(self, plan, planner)
+    FileSystemWriter.write_data = write_data
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_kill_during_an_asynchronous_save_resumes_exactly_from_the_previous_checkpoint(tmp_path):
+    """Training goes on while step 4's save is written in the background; killed then, the run resumes from
+    step 2 (step 4 never became a checkpoint) and reproduces the uninterrupted losses."""
+    overrides = [*TINY, "train.max_steps=6", "train.checkpoint_steps=2", "train.async_checkpoint=true"]
+    reference = fj_train.run(tiny_cfg(tmp_path / "ref", *overrides[len(TINY):])).losses
+    folder = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HANG_ASYNC_SAVE, "--config", "configs/test_tiny.yaml", *overrides,
+                             f"logging.folder={folder}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not any(r["step"] == 5 for r in (read_jsonl(folder / "metrics.jsonl")
+                                           if (folder / "metrics.jsonl").exists() else [])):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.2)
+    assert (folder / ".tmp-step_00000004").is_dir()  # step 5 ran while step 4 was being written
+    proc.kill()
+    proc.wait()
+    assert CheckpointManager(folder).latest().name == "step_00000002"
+    resumed = fj_train.run(tiny_cfg(folder, *overrides[len(TINY):]))
+    assert sorted(resumed.losses) == [3, 4, 5, 6]
+    for step, loss in resumed.losses.items():
+        assert abs(loss - reference[step]) <= 1e-6, (step, loss, reference[step])
+    assert CheckpointManager(folder).latest().name == "step_00000006"

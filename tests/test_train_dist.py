@@ -42,11 +42,11 @@ def fsdp_run(tmp_path_factory):
     return folder, proc
 
 
-def reference_two_virtual_ranks(cfg):
-    """One process, one model: each step computes the loss on rank 0's and rank 1's batch (their own loaders and
-    mask collators, as the trainer builds them), averages the two (FSDP2 averages gradients over ranks)."""
-    loaders = [build_pretrain_loader(cfg, rank=r, world_size=2, collator=MultiBlockMaskCollator.from_config(cfg, r))
-               for r in (0, 1)]
+def reference_virtual_ranks(cfg, ranks: int = 2, steps: int = STEPS):
+    """One process, one model: each step computes the loss on every rank's batch (their own loaders and mask
+    collators, as the trainer builds them) and averages them (FSDP2 and HSDP average gradients over ranks)."""
+    loaders = [build_pretrain_loader(cfg, rank=r, world_size=ranks, collator=MultiBlockMaskCollator.from_config(cfg, r))
+               for r in range(ranks)]
     torch.manual_seed(cfg.fastjepa.seed)
     model = build_ijepa(cfg)
     optimizer = build_optimizer(model.encoder, model.predictor)
@@ -56,13 +56,13 @@ def reference_two_virtual_ranks(cfg):
         loader.set_epoch(0)
     batches = [iter(loader) for loader in loaders]
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         sched.apply(optimizer, step)
         per_rank = []
         for it in batches:
             (images, _), masks_enc, masks_pred = next(it)
             per_rank.append(model(normalize_on_device(images, mean, std), masks_enc, masks_pred))
-        loss = sum(per_rank) / 2
+        loss = sum(per_rank) / ranks
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -74,7 +74,7 @@ def reference_two_virtual_ranks(cfg):
 def test_fsdp2_two_processes_match_one_process(fsdp_run, tmp_path):
     folder, _ = fsdp_run
     cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"logging.folder={tmp_path}"])
-    ref_losses, ref_model = reference_two_virtual_ranks(cfg)
+    ref_losses, ref_model = reference_virtual_ranks(cfg)
 
     records = read_jsonl(folder / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # written once per step, by rank 0 only
@@ -149,3 +149,32 @@ def test_a_one_rank_checkpoint_continues_on_two_ranks(tmp_path):
     # the one-rank step 6 belongs to the old numbering: moved aside, so it is never resumed instead of step 5
     assert [p.name for p in CheckpointManager(tmp_path).complete_checkpoints()] == ["step_00000004", "step_00000005"]
     assert [p.name for p in tmp_path.glob("abandoned-*/*")] == ["step_00000006"]
+
+
+def test_fp8_targets_under_fsdp2_track_the_fp32_run(fsdp_run, tmp_path):
+    """The FP8 target replica sharded like the target: two ranks train, and the first loss (same weights, same
+    data) differs from the fp32 run's by what the targets' FP8 error allows."""
+    run = torchrun(tmp_path, "fastjepa.target_precision=fp8", "train.max_steps=2")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    fp8 = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    fp32 = [r["loss"] for r in read_jsonl(fsdp_run[0] / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    assert len(fp8) == 2 and all(torch.isfinite(torch.tensor(fp8)))
+    assert abs(fp8[0] - fp32[0]) <= 0.02 * fp32[0] and fp8[0] != fp32[0], (fp8, fp32)
+
+
+def test_hsdp_on_a_2x2_mesh_matches_one_process_and_resumes_as_fsdp(tmp_path):
+    """Four processes as 2 replicas x 2 shards train exactly as one process over the four ranks' batches; their
+    checkpoint continues under plain FSDP2 on the same four processes (DCP reshards) with the same losses."""
+    folder = tmp_path / "run"
+    hsdp = torchrun(folder, "train.parallel=hsdp", "train.shard_size=2", "train.max_steps=2", nproc=4)
+    assert hsdp.returncode == 0, hsdp.stdout[-2000:] + hsdp.stderr[-3000:]
+    assert "parallel=hsdp" in hsdp.stdout
+    fsdp = torchrun(folder, "train.parallel=fsdp", "train.max_steps=4", nproc=4)
+    assert fsdp.returncode == 0, fsdp.stdout[-2000:] + fsdp.stderr[-3000:]
+    assert "resumed from" in fsdp.stdout and "approximate" not in fsdp.stdout
+    cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"logging.folder={tmp_path / 'ref'}"])
+    reference, _ = reference_virtual_ranks(cfg, ranks=4, steps=4)
+    losses = [r["loss"] for r in read_jsonl(folder / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    assert len(losses) == 4
+    for step, (got, want) in enumerate(zip(losses, reference, strict=True), 1):
+        assert abs(got - want) <= 1e-5, (step, got, want)

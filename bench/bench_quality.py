@@ -1,0 +1,96 @@
+"""Learned representations at a fixed budget: pretrain the MNIST demo recipe once per variant and seed (same
+config, steps and data), then linear-probe each target encoder on the demo's held-out split, next to the
+random-init encoder's probe. The variants of a comparison are config overrides.
+
+    python -m bench.bench_quality --compare target_precision --seeds 0 1     # fp32/bf16 targets vs FP8 targets
+    python -m bench.bench_quality --compare layout --steps 234               # repeat vs shared predictor layout
+
+The probe is the demo's (``fastjepa.demo.probe_all``: frozen target encoder, average-pooled tokens). Writes
+``<compare>.csv`` (appended) and ``<compare>.md`` (this run, with the command) under ``bench/results/quality/``
+(``--out`` to change).
+"""
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastjepa import config as fj_config
+from fastjepa import train
+from fastjepa.demo import probe_all
+from fastjepa.metrics import read_jsonl
+
+from .common import RESULTS, device_dir, git_commit
+
+COMPARISONS = {
+    # the predictor's attention layout: the official method vs the context computed once
+    "layout": {"repeat": ["fastjepa.predictor_layout=repeat"], "shared": ["fastjepa.predictor_layout=shared"]},
+    # the target encoder's matmuls: the run's precision (fp32 on CPU, bf16 on a GPU) vs e4m3
+    "target_precision": {"default": [], "fp8": ["fastjepa.target_precision=fp8"]},
+}
+
+
+def run_one(config: str, overrides: list[str], steps: int, seed: int, folder: Path) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = fj_config.load(config, [*overrides, f"logging.folder={folder}", f"train.max_steps={steps}",
+                                  "train.export=false", "train.resume=none", "train.progress=lines",
+                                  "train.log_every=50", f"fastjepa.seed={seed}"])
+    tic = time.time()
+    result = train.run(cfg)
+    train_s = time.time() - tic
+    records = [r for r in read_jsonl(folder / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    rankme = [r["rankme"] for r in records if "rankme" in r]
+    probes = probe_all(cfg, result.model.target_encoder, device)
+    return {"seed": seed, "steps": result.step, "final_loss": records[-1]["loss"] if records else float("nan"),
+            "rankme": rankme[-1] if rankme else float("nan"), "top1": probes["ijepa"]["top1"],
+            "random_top1": probes["random"]["top1"], "train_s": round(train_s, 1), "config": config,
+            "overrides": " ".join(overrides), "device": device_dir(str(device)), "commit": git_commit()}
+
+
+def write(rows: list[dict], out: Path, compare: str, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    new = not (out / f"{compare}.csv").exists()
+    with open(out / f"{compare}.csv", "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# {compare} at the same budget ({rows[0]['device']}, commit {rows[0]['commit']})", "",
+             "| variant | seed | steps | final loss | RankMe | probe top-1 | random-init top-1 | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['seed']} | {r['steps']} | {r['final_loss']:.4f} | {r['rankme']:.2f} | "
+              f"{r['top1']:.1%} | {r['random_top1']:.1%} | {r['train_s']:.0f} |" for r in rows]
+    lines += ["", f"Command: `{command}`", ""]
+    (out / f"{compare}.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare", required=True, choices=list(COMPARISONS))
+    ap.add_argument("--config", default="demo_mnist", help="a shipped config's name or a YAML file")
+    ap.add_argument("--steps", type=int, default=234, help="training steps of every run (the demo's: 234)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--work", type=Path, default=Path("runs/quality"), help="trainer folders")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/quality/)")
+    args = ap.parse_args(argv)
+    train.configure_logging()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(2)  # the demo's setting: the same numbers on every run of a machine
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows = []
+    for seed in args.seeds:
+        for name, overrides in COMPARISONS[args.compare].items():
+            row = run_one(args.config, overrides, args.steps, seed, args.work / stamp / f"{name}_s{seed}")
+            rows.append({"variant": name, **row})
+            print(json.dumps(rows[-1]), flush=True)
+    command = "python -m bench.bench_quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    write(rows, args.out or RESULTS / "quality", args.compare, command)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""FP8 (e4m3) matmuls for the target encoder's forward (``fastjepa.target_precision: fp8``).
+
+Half of an I-JEPA step's FLOPs is the target forward, which needs no gradient; on Hopper GPUs FP8 matmuls run at
+twice the bf16 rate. ``Float8Linear`` is an ``nn.Linear`` (same parameters, same state dict) whose forward
+quantises its input and its weight to e4m3 and multiplies them with ``torch._scaled_mm``, output in bf16.
+
+Scaling is dynamic and row-wise: one scale per token of the input and one per output channel of the weight, each
+its row's absolute maximum over e4m3's largest value (448). A row's extreme value then sets only its own scale:
+the high-norm tokens ViTs are known to grow do not coarsen every other token's quantisation, as one tensor-wise
+scale would; cuBLASLt runs row-wise scaled matmuls with bf16 outputs on Hopper at the tensor-wise speed.
+
+The weights are quantised in the target forward, which runs once per step, from the bf16 replica the EMA pass
+writes (``IJEPA.enable_target_replica``): under FSDP2 that is the gathered bf16 weight, so FP8 needs no
+full-size buffers outside FSDP2's sharding; the pass moves about 1.9 GB for ViT-H/14 (bf16 in, e4m3 out), under
+a millisecond at HBM speed. Quantising inside the EMA kernel would need each row's maximum before its first
+write. torch.compile fuses the quantisation into the ops around it. torchao's float8 is not used: it is not on
+the GPU image, and this no-grad path needs nothing of its training machinery.
+
+Error: e4m3 keeps 3 mantissa bits, so rounding to nearest has a relative error of at most 2^-4, and its RMS is at
+most 2^-4/sqrt(3) = 0.036 per operand (uniform rounding error at the top of a binade; smaller values of the
+mantissa have less); a product of two rounded operands has at most sqrt(2) of that, 0.051, which a long dot
+product of independent terms keeps as its relative RMS error. Through a network, the matmuls' errors add in
+quadrature: n of them bound the output's relative RMS error by 0.051 sqrt(n) (tests/test_fp8.py).
+"""
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+# Relative RMS error of one FP8 matmul output against its exact value (derivation in the module docstring).
+MATMUL_REL_RMS = 2**0.5 * 2**-4 / 3**0.5
+
+
+def fp8_unsupported(device: torch.device) -> str | None:
+    """Why FP8 matmuls cannot run on ``device``, or None when they can (the CPU runs them in software)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no FP8 tensor cores "
+                "(they start at 8.9: L4, L40, H100, H200, B200)")
+    return None
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R, C]`` -> (e4m3 ``[R, C]``, fp32 scales ``[R, 1]``) with ``x ~= x_fp8 * scale`` row by row."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()
+    scale = amax.clamp_min(1e-12) / E4M3_MAX
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with both operands in e4m3 (row-wise dynamic scales), bf16 out."""
+    rows = x.reshape(-1, x.shape[-1])
+    x8, x_scale = quantize_rowwise(rows)
+    w8, w_scale = quantize_rowwise(weight)
+    out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Float8Linear(nn.Linear):
+    """An ``nn.Linear`` whose forward runs in FP8 (no gradient flows through it: the target forward's layers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias)
+
+
+def to_float8(module: nn.Module) -> nn.Module:
+    """Every ``nn.Linear`` inside ``module`` becomes a ``Float8Linear`` over the same parameters (names and
+    state dict unchanged). Returns ``module``."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                fp8 = Float8Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device="meta")
+                fp8.weight, fp8.bias = child.weight, child.bias
+                setattr(parent, name, fp8)
+    return module

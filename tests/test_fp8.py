@@ -1,0 +1,78 @@
+"""FP8 (e4m3) target forward: one FP8 matmul within e4m3's error and no better than bf16's, the targets of a model
+within the error the matmuls add up to, and the option wired through the config and the trainer."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastjepa.ijepa import IJEPA
+from fastjepa.models import VisionTransformer, VisionTransformerPredictor
+from fastjepa.modules.fp8 import MATMUL_REL_RMS, Float8Linear, fp8_linear, fp8_unsupported, quantize_rowwise
+
+BF16_REL_RMS = 2**0.5 * 2**-8 / 3**0.5  # the same bound for bf16 (8 mantissa bits)
+
+
+def rel_rms(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_rowwise_quantisation_scales_each_row_to_the_e4m3_range():
+    x = torch.randn(6, 32) * torch.tensor([1e-3, 1, 10, 1e3, 1e5, 1]).view(-1, 1)
+    x8, scale = quantize_rowwise(x)
+    assert x8.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
+    assert torch.allclose(x8.float().abs().amax(1), torch.full((6,), 448.0))  # each row uses the whole range
+    assert rel_rms(x8.float() * scale, x) <= 2**-4 / 3**0.5  # every row, whatever its magnitude
+
+
+@pytest.mark.parametrize("k", [64, 1024])
+def test_one_fp8_matmul_is_within_e4m3s_error_and_coarser_than_bf16(k):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(128, k, generator=g), torch.randn(96, k, generator=g), torch.randn(96, generator=g)
+    exact = x.double() @ w.double().T + b.double()
+    err = rel_rms(fp8_linear(x, w, b), exact)
+    bf16 = rel_rms(F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()), exact)
+    assert bf16 < BF16_REL_RMS < err <= MATMUL_REL_RMS, (bf16, err)
+
+
+def test_fp8_targets_are_within_the_error_their_matmuls_add_up_to(reference_ops):
+    torch.manual_seed(0)
+    depth = 2
+    enc = VisionTransformer(32, 4, 3, 64, depth, 4)
+    model = IJEPA(enc, VisionTransformerPredictor(enc.grid, 64, 32, 1, 4))
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    masks_pred = [torch.arange(10).repeat(4, 1) * 3 + i for i in range(2)]
+    masks_enc = [torch.arange(30).repeat(4, 1) * 2 + 1]
+    exact = model.double().targets(images.double(), masks_enc, masks_pred)
+    model.float()
+    model.enable_target_replica(torch.bfloat16)
+    bf16 = rel_rms(model.targets(images, masks_enc, masks_pred), exact)
+    model.enable_target_replica(torch.bfloat16, fp8=True)
+    linears = [m for m in model.target_replica.modules() if isinstance(m, Float8Linear)]
+    assert len(linears) == 4 * depth  # qkv, proj, fc1, fc2 of every block; the norms and patch embedding stay
+    fp8 = rel_rms(model.targets(images, masks_enc, masks_pred), exact)
+    assert bf16 < fp8 <= MATMUL_REL_RMS * math.sqrt(len(linears)), (bf16, fp8)
+    assert list(model.state_dict()) == list(IJEPA(VisionTransformer(32, 4, 3, 64, depth, 4),
+                                                  VisionTransformerPredictor(enc.grid, 64, 32, 1, 4)).state_dict())
+
+
+def test_the_trainer_runs_fp8_targets_from_the_config(tmp_path):
+    from test_train import tiny_cfg
+
+    from fastjepa import train as fj_train
+
+    result = fj_train.run(tiny_cfg(tmp_path, "train.max_steps=2", "fastjepa.target_precision=fp8"))
+    assert any(isinstance(m, Float8Linear) for m in result.model.target_replica.modules())
+    assert all(math.isfinite(v) for v in result.losses.values())
+
+
+@pytest.mark.parametrize("capability,supported", [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])
+def test_fp8_targets_are_refused_before_setup_on_a_gpu_without_fp8(monkeypatch, capability, supported):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    problem = fp8_unsupported(torch.device("cuda"))
+    assert (problem is None) == supported
+    if not supported:
+        assert f"{capability[0]}.{capability[1]}" in problem and "8.9" in problem
+    assert fp8_unsupported(torch.device("cpu")) is None
