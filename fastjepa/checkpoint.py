@@ -214,6 +214,7 @@ class CheckpointManager:
         timeline then replace the abandoned ones, and an auto-resume can never pick those again. Returns the
         moved paths."""
         moved = []
+        _barrier()  # every rank has finished reading the checkpoint it resumed (which may be one moved here)
         if _rank() == 0 and self.folder.is_dir():
             keep = None if keep is None else Path(keep).resolve()
             stale = [p for p in self.checkpoints() if step_of(p) > step or (step_of(p) == step and p.resolve() != keep)]
