@@ -114,14 +114,14 @@ stage env 30 bash -c 'env_info | tee "$WORK/env.txt"'
 if [[ $DRY == 1 ]]; then
     stage tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_gather.py -k vit_like
     stage step 120 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --quick --compile eager \
-        --providers official pytorch fastjepa fastjepa_fp8 --out "$WORK/step"
+        --providers official fastjepa --out "$WORK/step"  # every provider: tests/test_bench_step.py
     stage profile 90 "$PY" -m bench.profile_step --quick --out "$WORK/profile"
     stage attention 60 "$PY" -m bench --suite attention --quick --out "$WORK/attention"
     stage kernels 120 "$PY" -m bench --suite kernels --quick --out "$WORK/kernels"
 else
     stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml="$WORK/tests.xml" tests
     stage step 270 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --models vit_huge_14 \
-        --providers official pytorch fastjepa fastjepa_fp8 --batch 128 --warmup 4 --steps 10 --out "$WORK/step"
+        --providers official pytorch fastjepa fastjepa_fp8 fastjepa_sigreg --batch 128 --warmup 4 --steps 10 --out "$WORK/step"
     stage profile 90 "$PY" -m bench.profile_step --model vit_huge_14 --batch 128 --out "$WORK/profile"
     stage attention 60 "$PY" -m bench --suite attention --out "$WORK/attention"
     stage kernels 90 "$PY" -m bench --suite kernels --out "$WORK/kernels"

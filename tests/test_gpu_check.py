@@ -1,6 +1,9 @@
 """scripts/gpu_check.sh --dry-run: every stage's command runs at tiny sizes on the CPU, and the summary, the log and
-the results archive come out as they would on a GPU (at most 8 files, as the device tool brings back)."""
+the results archive come out as they would on a GPU (at most 8 files, as the device tool brings back); the
+kernel suite's results in it are checked as its own smoke test."""
 
+import csv
+import io
 import os
 import subprocess
 import sys
@@ -25,5 +28,14 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     assert "| quick |" in summary and "| category | ms | share |" in summary and "dry run" in summary
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
         names = set(tar.getnames())
+        kernels = list(csv.DictReader(io.TextIOWrapper(tar.extractfile("./kernels/kernels.csv"))))
     assert {"./step/train_step.md", "./step/train_step.png", "./profile/profile.md", "./kernels/kernels.md",
             "./attention/attention.md", "./env.txt", "./tests.log"} <= names
+    # the kernel suite (run by the interpreter here): every fused op against its baselines, with plots
+    ops = {r["op"] for r in kernels}
+    assert ops == {"masked_gather", "target_norm_gather", "target_norm_smooth_l1", "predictor_tokens", "ema"}
+    providers = {(r["op"], r["provider"]) for r in kernels}
+    assert all((op, "reference") in providers and (op, "triton") in providers for op in ops)
+    assert ("masked_gather", "compile") in providers and ("ema", "foreach_lerp") in providers
+    assert all(float(r["median"]) > 0 and float(r["gbps"]) > 0 for r in kernels)
+    assert {f"./kernels/kernels_{op}.png" for op in ops} <= names
