@@ -211,6 +211,13 @@ def headline(rows: list[dict]) -> list[str]:
             bf16_ms = bf16["target_fwd_only_ms"] if bf16 else float("nan")
             lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {ratio(rows, r, 'fastjepa')} | "
                          f"{r['target_fwd_only_ms']:.1f} | {bf16_ms:.1f} |")
+    sigreg = [r for r in rows if r["provider"] == "fastjepa_sigreg"]
+    if sigreg:
+        lines += ["", "| model | with SIGReg img/s | / without | added step time |", "|---|---|---|---|"]
+        for r in sigreg:
+            base = next((b for b in rows if b["model"] == r["model"] and b["provider"] == "fastjepa"), None)
+            added = base["images_per_s"] / r["images_per_s"] - 1 if base else float("nan")
+            lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {ratio(rows, r, 'fastjepa')} | {added:.1%} |")
     return lines if len(lines) > 2 else []
 
 

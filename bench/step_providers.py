@@ -15,6 +15,8 @@ weights, marking its phases on a ``PhaseTimer``.
 - ``fastjepa_shared`` (opt-in, changes the method): as fastjepa with the shared-context predictor layout.
 - ``fastjepa_fp8``: as fastjepa with FP8 (e4m3) matmuls in the target forward; the fastjepa providers also report
   the target forward's own time.
+- ``fastjepa_sigreg``: as fastjepa with SIGReg (weight 0.05, 1024 slices, pooled per image): what the
+  regulariser costs (plain PyTorch; a fused kernel only if this costs over ~1% of the step).
 """
 
 import dataclasses
@@ -27,7 +29,7 @@ from fastjepa import schedules
 from fastjepa.choices import VIT_SIZES
 from fastjepa.compat import official_style as off
 from fastjepa.config import Config
-from fastjepa.ijepa import IJEPA
+from fastjepa.ijepa import IJEPA, objective_options
 from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.parallel import DistEnv
@@ -94,18 +96,19 @@ class PhaseTimer:
         return out
 
 
-def initial_model(s: Setup, device, layout: str, backend: str = "sdpa", seed: int = 0) -> IJEPA:
-    """fastjepa's model at the official initialisation from ``seed``: every provider starts from its weights."""
+def initial_model(s: Setup, device, layout: str, backend: str = "sdpa", seed: int = 0, **options) -> IJEPA:
+    """fastjepa's model at the official initialisation from ``seed``: every provider starts from its weights.
+    ``options``: IJEPA's keyword options (SIGReg)."""
     dim, depth, heads, mlp_ratio = s.dims
     torch.manual_seed(seed)
     enc = VisionTransformer(s.img, s.patch, s.in_chans, dim, depth, heads, mlp_ratio, attn_backend=backend)
     pred = VisionTransformerPredictor((s.grid, s.grid), dim, s.pred_dim, s.pred_depth, heads, mlp_ratio,
                                       attn_backend=backend, layout=layout)
-    return IJEPA(enc, pred).to(device)
+    return IJEPA(enc, pred, **options).to(device)
 
 
 def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: bool, act_ckpt: bool,
-                 target_precision: str = "bf16") -> Config:
+                 target_precision: str = "bf16", sigreg_weight: float = 0.0) -> Config:
     """The trainer's config for a setup, with a constant lr and momentum like the other providers' steps."""
     return Config.from_dict({
         "data": {"batch_size": batch, "crop_size": s.img},
@@ -117,7 +120,7 @@ def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: 
         "optimization": {"lr": 1e-3, "start_lr": 1e-3, "final_lr": 1e-3, "warmup": 0, "weight_decay": 0.01,
                          "final_weight_decay": 0.01, "ema": [0.996, 0.996]},
         "fastjepa": {"predictor_layout": layout, "attn_backend": "auto", "in_chans": s.in_chans,
-                     "target_precision": target_precision},
+                     "target_precision": target_precision, "sigreg": {"weight": sigreg_weight}},
         "train": {"compile": compile_blocks, "activation_checkpointing": act_ckpt},
     })
 
@@ -225,12 +228,13 @@ class FastJepaStep:
 
     layout = "repeat"
     target_precision = "bf16"
+    sigreg_weight = 0.0
     takes_masks_value = True
 
     def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
         cfg = setup_config(s, batch, self.layout, amp_dtype is not None, compile_backend is not None, act_ckpt,
-                           self.target_precision)
-        model = initial_model(s, device, self.layout, "auto")
+                           self.target_precision, self.sigreg_weight)
+        model = initial_model(s, device, self.layout, "auto", **objective_options(cfg))
         env = DistEnv(0, 1, 0, torch.device(device))
         self.stepper = Stepper.build(cfg, env, "none", model, schedules.build(cfg.optimization, 1000),
                                      compile_backend or "inductor")
@@ -261,5 +265,11 @@ class FastJepaFp8Step(FastJepaStep):
     target_precision = "fp8"
 
 
+class FastJepaSigRegStep(FastJepaStep):
+    """The default step with SIGReg mixed into the loss (``fastjepa.sigreg.weight: 0.05``)."""
+
+    sigreg_weight = 0.05
+
+
 STEPS = {"official": OfficialStep, "pytorch": PyTorchStep, "fastjepa": FastJepaStep,
-         "fastjepa_shared": FastJepaSharedStep, "fastjepa_fp8": FastJepaFp8Step}
+         "fastjepa_shared": FastJepaSharedStep, "fastjepa_fp8": FastJepaFp8Step, "fastjepa_sigreg": FastJepaSigRegStep}

@@ -32,6 +32,12 @@ EMA_BACKENDS = ("triton", "cuda")
 # Precision of the target encoder's matmuls (fastjepa.modules.fp8): bf16, or fp8 (e4m3, row-wise dynamic scales).
 TARGET_PRECISIONS = ("bf16", "fp8")
 
+# Where the targets come from: "ema" (the official momentum target encoder) or "online" (the context encoder itself
+# under no_grad: no target copy, no EMA).
+TARGET_ENCODERS = ("ema", "online")
+# What SIGReg (fastjepa.sigreg) regularises: the context encoder's output averaged per image, or every token.
+SIGREG_SAMPLES = ("pooled", "tokens")
+
 # How the predictor lays out its mask-token attention (fastjepa.models.predictor): "repeat" computes the official
 # result with a cheaper last block, "official" runs every block on every token, "shared" (opt-in) computes the
 # context once.

@@ -43,9 +43,11 @@ from fastjepa.config_sections import (
     Train,
     _check_mask_geometry,
     _fail,
-    _hints,
     _Section,
     _show,
+    is_section,
+    key_type,
+    section_keys,
 )
 
 # Keys fastjepa renamed: loading the old name says what to write instead.
@@ -113,18 +115,15 @@ class Config:
             if not isinstance(values, dict):
                 _fail(name, values, "a section must be a mapping of keys", f"write '{name}:' then indented "
                       f"'key: value' lines; {name} accepts: {', '.join(_keys(section_cls))}")
-            for key, value in values.items():
-                if key not in _keys(section_cls):
+            for key, value in _flat(values, section_cls):
+                if key not in _keys(section_cls) and key not in _field_names(section_cls):
                     _unknown(f"{name}.{key}", value)
             sections[name] = section_cls(**values)
         return cls(**sections)
 
     def to_dict(self) -> dict:
         """Plain nested dict (tuples as lists) in the official key order; YAML-able, and loads back equal."""
-        return {
-            s.name: {f.name: list(v) if isinstance(v := getattr(s, f.name), tuple) else v for f in fields(s)}
-            for s in self.sections()
-        }
+        return {s.name: s.to_dict() for s in self.sections()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -136,9 +135,11 @@ class Config:
         return path
 
     def get(self, key: str):
-        """Value of a dotted key, e.g. ``cfg.get("data.root_path")``."""
-        section, name = key.split(".", 1)
-        return getattr(getattr(self, section), name)
+        """Value of a dotted key, e.g. ``cfg.get("data.root_path")`` or ``cfg.get("fastjepa.sigreg.weight")``."""
+        value = self
+        for name in key.split("."):
+            value = getattr(value, name)
+        return value
 
     def placeholder_paths(self, keys: Iterable[str] = PATH_KEYS) -> dict[str, str]:
         """The path keys among ``keys`` that are still unset: empty, or holding an unexpanded ``$name``."""
@@ -161,7 +162,22 @@ _SECTIONS = {f.name: f.type for f in fields(Config)}
 
 
 def _keys(section_cls) -> list[str]:
+    return section_keys(section_cls)
+
+
+def _field_names(section_cls) -> list[str]:
+    """A section's own fields (a sub-section by its name, e.g. ``sigreg``)."""
     return [f.name for f in fields(section_cls)]
+
+
+def _flat(values: dict, section_cls) -> Iterator[tuple[str, object]]:
+    """A section's YAML mapping as (key, value) pairs, a sub-section's mapping flattened as ``sub.key``."""
+    for key, value in values.items():
+        tp = key_type(section_cls, key) if key in _field_names(section_cls) else None
+        if is_section(tp) and isinstance(value, dict):
+            yield from ((f"{key}.{k}", v) for k, v in _flat(value, tp))
+        else:
+            yield str(key), value
 
 
 def _all_keys() -> list[str]:
@@ -200,9 +216,9 @@ def _parse_override(text: str) -> tuple[str, str, object]:
     if not eq or "." not in key:
         raise ConfigError("expected section.key=value. Fix: write it like optimization.lr=5e-4", key=key)
     section, name = key.split(".", 1)
-    if section not in _SECTIONS or name not in _keys(_SECTIONS[section]):
+    if section not in _SECTIONS or name not in [*_keys(_SECTIONS[section]), *_field_names(_SECTIONS[section])]:
         _unknown(key, raw)
-    tp = _hints(_SECTIONS[section])[name]
+    tp = key_type(_SECTIONS[section], name)
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
     if tp is str or (optional and str in typing.get_args(tp) and raw.strip() not in ("", "null", "~")):
         return section, name, raw
@@ -248,7 +264,12 @@ def load(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
         if not isinstance(raw, dict) or not isinstance(raw.get(section) or {}, dict):
             break  # from_dict reports the malformed file
         raw[section] = raw.get(section) or {}
-        raw[section][name] = value
+        *parents, leaf = name.split(".")
+        target = raw[section]
+        for parent in parents:  # a sub-section's key, e.g. fastjepa.sigreg.weight
+            target[parent] = target.get(parent) if isinstance(target.get(parent), dict) else {}
+            target = target[parent]
+        target[leaf] = value
         sources[f"{section}.{name}"] = f"override {text!r}"
     try:
         return Config.from_dict(raw)

@@ -10,7 +10,7 @@ import re
 import types
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from fastjepa.choices import (
@@ -21,6 +21,8 @@ from fastjepa.choices import (
     PARALLEL_STRATEGIES,
     PREDICTOR_LAYOUTS,
     PROGRESS_STYLES,
+    SIGREG_SAMPLES,
+    TARGET_ENCODERS,
     TARGET_PRECISIONS,
     VIT_SIZES,
 )
@@ -133,13 +135,57 @@ class _Section:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            value = _coerce(f"{self.name}.{f.name}", getattr(self, f.name), _hints(type(self))[f.name], default)
+            key, value, tp = f"{self.name}.{f.name}", getattr(self, f.name), _hints(type(self))[f.name]
+            if is_section(tp):
+                value = _subsection(key, value, tp)
+            else:
+                value = _coerce(key, value, tp, f.default if f.default is not dataclasses.MISSING else None)
             setattr(self, f.name, value)
         self.check()
 
     def check(self) -> None:
         """Ranges and choices of this section's own values."""
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (tuples as lists, sub-sections as mappings), YAML-able."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, _Section) else list(value) if isinstance(
+                value, tuple) else value
+        return out
+
+
+def is_section(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, _Section)
+
+
+def section_keys(cls) -> list[str]:
+    """Every key of a section, a sub-section's as ``sub.key`` (e.g. ``sigreg.weight`` in ``fastjepa``)."""
+    keys = []
+    for f in fields(cls):
+        tp = _hints(cls)[f.name]
+        keys += [f"{f.name}.{k}" for k in section_keys(tp)] if is_section(tp) else [f.name]
+    return keys
+
+
+def key_type(cls, key: str):
+    """The type of a (possibly ``sub.key``) key of section ``cls``."""
+    head, _, rest = key.partition(".")
+    tp = _hints(cls)[head]
+    return key_type(tp, rest) if rest else tp
+
+
+def _subsection(key: str, value, cls):
+    """A nested section (e.g. ``fastjepa.sigreg``) from its YAML mapping; missing keys take their defaults."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        _fail(key, value, "must be a mapping of keys", f"write '{key.rsplit('.', 1)[-1]}:' then indented "
+              f"'key: value' lines; it accepts: {', '.join(section_keys(cls))}")
+    return cls(**value)
 
 
 # Field order within a section is the official files' (alphabetical), so dumps read like the recipes.
@@ -273,6 +319,30 @@ class Optimization(_Section):
 
 
 @dataclass
+class SIGRegSettings(_Section):
+    """``fastjepa.sigreg``: LeJEPA's regulariser towards an isotropic Gaussian embedding (fastjepa.sigreg)."""
+
+    name: ClassVar[str] = "fastjepa.sigreg"
+    # lambda: loss = (1 - lambda) * I-JEPA + lambda * SIGReg; 0 = off (the official method). The statistic grows
+    # with the global batch and its gradient dwarfs smooth-L1's, so useful values are ~1e-6..1e-4, not LeJEPA's 0.05
+    weight: float = 0.0
+    slices: int = 1024  # random unit directions per step
+    points: int = 17  # quadrature points of t on [0, t_max]
+    t_max: float = 3.0
+    samples: str = "pooled"  # "pooled": context-encoder output averaged per image; "tokens": every context token
+
+    def check(self) -> None:
+        if not 0 <= self.weight < 1:
+            _fail("fastjepa.sigreg.weight", self.weight, "must be in [0, 1) (0 turns SIGReg off; 1 would drop the "
+                  "I-JEPA loss)", "set it to e.g. 1e-5 (README: SIGReg)")
+        _at_least("fastjepa.sigreg.slices", self.slices, 1)
+        _at_least("fastjepa.sigreg.points", self.points, 2)
+        if not self.t_max > 0:
+            _fail("fastjepa.sigreg.t_max", self.t_max, "must be > 0", "set it to e.g. 3.0 (LeJEPA's)")
+        _choice("fastjepa.sigreg.samples", self.samples, SIGREG_SAMPLES)
+
+
+@dataclass
 class FastJepa(_Section):
     name: ClassVar[str] = "fastjepa"
     mode: str = "parity"  # "parity": reproduce the official training, quirks included; "fixed": quirks corrected
@@ -289,6 +359,10 @@ class FastJepa(_Section):
     # the target encoder's Linear layers: "bf16" (under meta.use_bfloat16), or "fp8" (e4m3 matmuls with row-wise
     # dynamic scales: twice the bf16 rate on Hopper; the rest of the step keeps its precision)
     target_precision: str = "bf16"
+    # "ema": the official momentum target encoder; "online": targets from the context encoder itself under no_grad
+    # (teacher-free, as LeJEPA: no target copy in memory, no EMA step; pair it with SIGReg against collapse)
+    target_encoder: str = "ema"
+    sigreg: SIGRegSettings = field(default_factory=SIGRegSettings)
 
     def check(self) -> None:
         _choice("fastjepa.mode", self.mode, MASK_MODES)
@@ -298,6 +372,10 @@ class FastJepa(_Section):
         _choice("fastjepa.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("fastjepa.predictor_layout", self.predictor_layout, PREDICTOR_LAYOUTS)
         _choice("fastjepa.target_precision", self.target_precision, TARGET_PRECISIONS)
+        _choice("fastjepa.target_encoder", self.target_encoder, TARGET_ENCODERS)
+        if self.target_encoder == "online" and self.target_precision == "fp8":
+            _fail("fastjepa.target_precision", "fp8", "FP8 targets read the EMA target's low-precision replica, "
+                  "which fastjepa.target_encoder=online does not keep", "set fastjepa.target_precision=bf16")
         if self.varlen_context and self.mode != "fixed":
             _fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
                   "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")

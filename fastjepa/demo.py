@@ -23,6 +23,14 @@ from fastjepa.train import configure_logging
 DEMO_THREADS = 2  # CPU threads of the demo (the machine the README's numbers come from has 2 cores)
 
 
+def reproducible_cpu() -> None:
+    """On a CPU, the same result on every run of the same machine kind: a fixed thread count (reductions split
+    the same way) and deterministic kernels."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(DEMO_THREADS)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def probe_all(cfg, trained_encoder: torch.nn.Module, device: torch.device) -> dict[str, dict]:
     """Linear-probe accuracies of the trained encoder, a random-init twin and raw pixels on MNIST-5k."""
     from fastjepa.data import mean_std
@@ -92,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: config error: {e}", file=sys.stderr)
         return 2
     configure_logging()
-    if not torch.cuda.is_available():
-        # The same result on every run of the same machine kind: a fixed thread count (reductions split the same
-        # way) and deterministic kernels.
-        torch.set_num_threads(DEMO_THREADS)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    reproducible_cpu()
     # A fresh run folder per invocation, so a previous demo's checkpoints are never resumed or overwritten.
     cfg.logging.folder = str(Path(cfg.logging.folder) / time.strftime("%Y%m%d-%H%M%S"))
     cfg.train.resume = "none"

@@ -1,6 +1,10 @@
 """The I-JEPA objective: target encoder on the full image, context encoder on the context block, predictor on
 the context + mask tokens, smooth-L1 against the normalised target features at every target block.
 
+Two options beyond the official method: SIGReg (LeJEPA's regulariser, ``fastjepa.modules.sigreg``) on the context
+encoder's output, mixed in as ``(1 - weight) * I-JEPA + weight * SIGReg``; and an online target (no momentum copy:
+the targets come from the context encoder itself under ``no_grad``, teacher-free as in LeJEPA).
+
 It knows nothing of processes, devices or files: the trainer wraps it (FSDP2/DDP, autocast, compile).
 """
 
@@ -13,18 +17,35 @@ from fastjepa.kernels import ema_update, target_norm_gather, target_norm_smooth_
 from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
 from fastjepa.modules.fp8 import to_float8
+from fastjepa.modules.sigreg import SIGReg
 
 
 class IJEPA(nn.Module):
+    """``online_target``: no target encoder of its own (``target_encoder`` is the context encoder, outside the
+    module tree, so state dicts hold no ``target_encoder.*``). ``sigreg`` with ``sigreg_weight``: the regulariser
+    on the context encoder's output, averaged per context block (``sigreg_tokens=False``) or on every token;
+    ``sigreg_seed`` plus the step picks its directions."""
+
     def __init__(self, encoder: VisionTransformer, predictor: VisionTransformerPredictor,
-                 target_encoder: VisionTransformer | None = None, varlen_context: bool = False):
+                 target_encoder: VisionTransformer | None = None, varlen_context: bool = False, *,
+                 online_target: bool = False, sigreg: SIGReg | None = None, sigreg_weight: float = 0.0,
+                 sigreg_tokens: bool = False, sigreg_seed: int = 0):
         super().__init__()
         # True: the collator's context lists are untruncated (-1 padded) and run as packed sequences
         self.varlen_context = varlen_context
         self.encoder = encoder
         self.predictor = predictor
-        self.target_encoder = copy.deepcopy(encoder) if target_encoder is None else target_encoder
-        self.target_encoder.requires_grad_(False)
+        if online_target:
+            if target_encoder is not None:
+                raise ValueError("online_target: the targets come from the encoder; pass no target_encoder")
+            self.__dict__["target_encoder"] = encoder
+        else:
+            self.target_encoder = copy.deepcopy(encoder) if target_encoder is None else target_encoder
+            self.target_encoder.requires_grad_(False)
+        self.sigreg = sigreg if sigreg_weight > 0 else None
+        self.sigreg_weight, self.sigreg_tokens, self.sigreg_seed = sigreg_weight, sigreg_tokens, sigreg_seed
+        # (I-JEPA loss, SIGReg) of the last forward, detached, on the device: logged without a host sync
+        self.loss_terms: tuple[torch.Tensor, torch.Tensor] | None = None
         # The low-precision replica the target forward reads (enable_target_replica): derived from the fp32
         # target, written by the EMA pass, never checkpointed, so it is kept out of the module tree.
         self.__dict__["target_replica"] = None
@@ -34,9 +55,15 @@ class IJEPA(nn.Module):
         kernel's ``copy=`` output), so autocast never re-casts the frozen weights: the forward reads 2 bytes per
         weight. With ``fp8``, its Linear layers multiply in e4m3 (``fastjepa.modules.fp8``). The fp32 target stays
         the EMA's master and what checkpoints hold. Call after ``.to(device)``."""
+        if self.online_target:
+            raise ValueError("an online target has no EMA pass to write a replica; run it without one")
         replica = copy.deepcopy(self.target_encoder).to(dtype)
         replica.requires_grad_(False)
         self.__dict__["target_replica"] = to_float8(replica) if fp8 else replica
+
+    @property
+    def online_target(self) -> bool:
+        return "target_encoder" not in self._modules
 
     @property
     def target_forward_encoder(self) -> VisionTransformer:
@@ -61,29 +88,58 @@ class IJEPA(nn.Module):
         masks = self.to_masks(masks_enc, masks_pred)
         return target_norm_gather(self.target_forward_encoder(images), masks.pred, masks.num_context_blocks)
 
-    def predict(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
-        """``[M*nenc*B, Kt, D]``: the predictor's outputs from the context encoder's view of the context blocks."""
-        masks = self.to_masks(masks_enc, masks_pred)
+    def encode_context(self, images: torch.Tensor, masks: Masks) -> torch.Tensor:
+        """The context encoder's output: ``[nenc*B, Kc, D]``, or packed ``[T, D]`` with variable-length context."""
         if masks.packed is not None:
-            return self.predictor.forward_packed(self.encoder.forward_packed(images, masks.packed), masks.packed,
-                                                 masks.pred)
-        return self.predictor(self.encoder(images, masks.enc), masks.enc, masks.pred)
+            return self.encoder.forward_packed(images, masks.packed)
+        return self.encoder(images, masks.enc)
 
-    def forward(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, masks_enc, masks_pred=None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """``[M*nenc*B, Kt, D]``: the predictor's outputs from the context encoder's view of the context blocks
+        (``context``: that view, when already computed)."""
+        masks = self.to_masks(masks_enc, masks_pred)
+        context = self.encode_context(images, masks) if context is None else context
+        if masks.packed is not None:
+            return self.predictor.forward_packed(context, masks.packed, masks.pred)
+        return self.predictor(context, masks.enc, masks.pred)
+
+    def forward(self, images: torch.Tensor, masks_enc, masks_pred=None, step: int = 0) -> torch.Tensor:
         """Loss for a batch: images ``[B, C, H, W]`` and either a ``Masks`` value or the collator's lists of
         ``[B, K]`` tensors (converted once here). The loss is the smooth-L1 mean over every predicted element,
-        with or without variable-length context."""
+        with or without variable-length context; with SIGReg, mixed with it (``step`` picks its directions)."""
         masks = self.to_masks(masks_enc, masks_pred)
         with torch.no_grad():
             h = self.target_forward_encoder(images)
-        z = self.predict(images, masks)
+        context = self.encode_context(images, masks)
+        z = self.predict(images, masks, context=context)
         # = smooth_l1_loss(z, self.targets(...)), without materialising the normalised targets when fused
-        return target_norm_smooth_l1(z, h, masks.pred, masks.num_context_blocks)
+        loss = target_norm_smooth_l1(z, h, masks.pred, masks.num_context_blocks)
+        if self.sigreg is None:
+            return loss
+        reg = self.sigreg(self.sigreg_samples(context, masks), seed=self.sigreg_step_seed(step))
+        self.loss_terms = (loss.detach(), reg.detach())
+        return (1 - self.sigreg_weight) * loss + self.sigreg_weight * reg
+
+    def sigreg_step_seed(self, step: int) -> int:
+        """SIGReg's directions at ``step``: a function of the run's seed and the step, so every rank (and a
+        resumed run) draws the same ones without communicating."""
+        return self.sigreg_seed * 1_000_003 + step
+
+    def sigreg_samples(self, context: torch.Tensor, masks: Masks) -> torch.Tensor:
+        """``[N, D]``: every context token, or each context block's tokens averaged (one sample per block)."""
+        if masks.packed is None:
+            return context.flatten(0, 1) if self.sigreg_tokens else context.mean(1)
+        if self.sigreg_tokens:
+            return context
+        return masks.packed.segment_mean(context)
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """``target <- momentum * target + (1 - momentum) * encoder``, over every parameter (as the official loop),
-        writing the replica's low-precision copy in the same pass."""
+        writing the replica's low-precision copy in the same pass. Nothing to do for an online target."""
+        if self.online_target:
+            return
         replica = None if self.target_replica is None else list(self.target_replica.parameters())
         ema_update(list(self.target_encoder.parameters()), list(self.encoder.parameters()), momentum, copy=replica)
 
@@ -93,6 +149,14 @@ def _locals(params) -> list[torch.Tensor]:
     return [p.to_local() if hasattr(p, "to_local") else p for p in params]
 
 
+def objective_options(cfg) -> dict:
+    """IJEPA's keyword options from a config's ``fastjepa`` section: the target kind and SIGReg."""
+    reg = cfg.fastjepa.sigreg
+    return {"online_target": cfg.fastjepa.target_encoder == "online",
+            "sigreg": SIGReg(reg.slices, reg.points, reg.t_max) if reg.weight > 0 else None,
+            "sigreg_weight": reg.weight, "sigreg_tokens": reg.samples == "tokens", "sigreg_seed": cfg.fastjepa.seed}
+
+
 def build_ijepa(cfg) -> IJEPA:
     encoder, predictor = build_models(cfg)
-    return IJEPA(encoder, predictor, varlen_context=cfg.fastjepa.varlen_context)
+    return IJEPA(encoder, predictor, varlen_context=cfg.fastjepa.varlen_context, **objective_options(cfg))

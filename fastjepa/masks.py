@@ -123,6 +123,13 @@ class PackedContext:
     def num_context_blocks(self) -> int:
         return (len(self.cu_seqlens) - 1) // self.batch
 
+    def segment_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed ``[T, D]`` -> ``[nenc*B, D]``: each context sequence's mean (no host synchronisation)."""
+        lengths = self.cu_seqlens.diff()
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths, output_size=x.shape[0])
+        sums = torch.zeros(len(lengths), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seq, x)
+        return sums / lengths.unsqueeze(1).to(x.dtype)
+
 
 @dataclass(frozen=True)
 class Masks:

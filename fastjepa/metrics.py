@@ -127,7 +127,7 @@ def estimate_training_memory(cfg, shards: int = 1, bf16: bool = False) -> dict[s
 
         model = build_ijepa(cfg)
     trained = sum(p.numel() for p in [*model.encoder.parameters(), *model.predictor.parameters()] if p.requires_grad)
-    target = sum(p.numel() for p in model.target_encoder.parameters())
+    target = 0 if model.online_target else sum(p.numel() for p in model.target_encoder.parameters())
     states = (trained * (4 + 4 + 8) + target * (4 + 2 * bf16)) / shards
     unit = 1 if bf16 else 2  # the count is in 16-bit bytes
     ctx, tgt = expected_tokens(cfg)
@@ -165,6 +165,7 @@ class StepAccumulator:
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
         self.bad: list[torch.Tensor] = []
+        self.terms: tuple[torch.Tensor, torch.Tensor] | None = None  # the last step's loss terms (SIGReg runs)
         self.steps = 0
         self.images = 0
         self.flops = 0.0
@@ -172,7 +173,8 @@ class StepAccumulator:
         self.t0 = time.perf_counter()
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor, images: int, flops: float,
-            data_seconds: float):
+            data_seconds: float, terms: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.terms = terms
         self.losses.append(loss.detach())
         self.grad_norms.append(grad_norm.detach())
         self.bad.append(bad)
@@ -265,6 +267,8 @@ def console_line(record: dict, short: bool = False) -> str:
         parts.append(f"mfu {record['mfu']:.1%}")
     if not short:
         parts.append(f"mem {record['peak_mem_mb'] / 1024:.1f}G")
+    if "sigreg" in record and not short:
+        parts.append(f"sigreg {num(record['sigreg'])}")
     if "rankme" in record:
         parts.append(f"rankme {record['rankme']:.1f}")
     if record.get("skipped_steps"):

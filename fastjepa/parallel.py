@@ -154,7 +154,7 @@ def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_for
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     mp = mp or MixedPrecisionPolicy()
     shard = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    nets = [model.encoder, model.target_encoder, model.predictor]
+    nets = [model.encoder, model.predictor] + ([] if model.online_target else [model.target_encoder])
     if model.target_replica is not None:  # sharded as the target, so the EMA pairs up local shards
         nets.append(model.target_replica)
     for net in nets:

@@ -29,6 +29,7 @@ class StepOutput:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     bad: torch.Tensor  # non-finite loss or gradient: the update was skipped
+    terms: tuple[torch.Tensor, torch.Tensor] | None = None  # with SIGReg: (I-JEPA loss, SIGReg statistic)
 
 
 def prepare_model(cfg, env: DistEnv, strategy: str, model: IJEPA,
@@ -38,7 +39,7 @@ def prepare_model(cfg, env: DistEnv, strategy: str, model: IJEPA,
     model.to(env.device)
     bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
     fp8 = cfg.fastjepa.target_precision == "fp8"
-    if bf16 or fp8:
+    if (bf16 or fp8) and not model.online_target:  # an online target reads the encoder itself
         model.enable_target_replica(torch.bfloat16, fp8=fp8)
     resolve_attention(model, cfg, torch.bfloat16 if bf16 else torch.float32)
     compile_blocks = cfg.train.compile if cfg.train.compile is not None else env.device.type == "cuda"
@@ -86,7 +87,7 @@ class Stepper:
         is called at the phase boundaries when a benchmark times them."""
         self.sched.apply(self.optimizer, step)
         with torch.autocast(**self.autocast):
-            loss = self.train_module(images, masks)
+            loss = self.train_module(images, masks, step=step)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = grad_norm_of(params)
@@ -107,7 +108,7 @@ class Stepper:
             mark("ema")
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
         self.last_loss = loss.detach()
-        return StepOutput(loss.detach(), grad_norm.detach(), bad)
+        return StepOutput(loss.detach(), grad_norm.detach(), bad, self.model.loss_terms)
 
 
 def grad_norm_of(params: list[torch.Tensor]) -> torch.Tensor:

@@ -224,6 +224,7 @@ class Trainer:
         # Position of the next batch: an epoch just finished resumes at the start of the next one.
         next_epoch, next_batch = (s.epoch + 1, 0) if s.batch_in_epoch >= self.ipe else (s.epoch, s.batch_in_epoch)
         meta = {"epoch": next_epoch, "ipe": self.ipe, "batch_size": self.cfg.data.batch_size,
+                "target_encoder": self.cfg.fastjepa.target_encoder,
                 "num_workers": self.cfg.data.num_workers, "loss": None if self.stepper.last_loss is None
                 else float(self.stepper.last_loss)}
         path = self.manager.save(s.step, self.model, self.optimizer, {
@@ -277,7 +278,7 @@ class Trainer:
                momentum: float, rankme: float | None = None) -> dict | None:
         """Add a step to the logging window; on a log step (or one with a RankMe value), read the window (one host
         sync) and write a record."""
-        self.window.add(out.loss, out.grad_norm, out.bad, images, flops, waited)
+        self.window.add(out.loss, out.grad_norm, out.bad, images, flops, waited, out.terms)
         s, t = self.state, self.cfg.train
         if s.step % t.log_every and s.step != self.total_steps and rankme is None:
             return None
@@ -297,6 +298,9 @@ class Trainer:
         peak = self.cfg.train.peak_tflops * 1e12 or peak_flops(self.env.device)
         if peak:
             record["mfu"] = self.window.flops / elapsed / peak
+        if self.window.terms is not None:  # SIGReg: the loss's two terms (the I-JEPA one averaged over ranks)
+            record["loss_ijepa"], record["sigreg"] = mean_over_ranks(torch.stack(self.window.terms).float(),
+                                                                     self.env).tolist()
         if rankme is not None:
             record["rankme"] = rankme
         record["losses"] = dict(zip(range(s.step - len(losses) + 1, s.step + 1), losses, strict=True))
@@ -414,15 +418,17 @@ def lock_folder(cfg, env: DistEnv) -> RunLock | None:
 
 
 def check_resume_compatible(cfg, path: Path | None) -> None:
-    """A checkpoint continues only with the batch size it was written with (the schedules count its batches)."""
+    """A checkpoint continues only with the batch size it was written with (the schedules count its batches) and
+    the same kind of target (an EMA target's weights exist only in an EMA run's checkpoints)."""
     if path is None:
         return
-    saved = read_meta(path).get("batch_size")
-    if saved is not None and saved != cfg.data.batch_size:
-        raise SetupError(
-            f"{path} was written with data.batch_size={saved}, this run has data.batch_size={cfg.data.batch_size}: "
-            f"set data.batch_size={saved} to continue it, or start a new run (a new logging.folder, or "
-            "train.resume=none in an empty one)")
+    meta = read_meta(path)
+    for key, saved in (("data.batch_size", meta.get("batch_size")),
+                       ("fastjepa.target_encoder", meta.get("target_encoder", "ema"))):
+        if saved is not None and saved != cfg.get(key):
+            raise SetupError(
+                f"{path} was written with {key}={saved}, this run has {key}={cfg.get(key)}: set {key}={saved} to "
+                "continue it, or start a new run (a new logging.folder, or train.resume=none in an empty one)")
 
 
 def check_precision(cfg, env: DistEnv) -> None:

@@ -55,3 +55,14 @@ def test_quick_run_writes_results_and_providers_agree(tmp_path, one_thread):
     ratios = [fast["images_per_s"] / r["images_per_s"] for r in rows[:2]]
     assert "| / official | / pytorch |" in md and f"| {ratios[0]:.2f}x | {ratios[1]:.2f}x |" in md
     assert (tmp_path / "train_step.png").stat().st_size > 0
+
+
+def test_the_fp8_and_sigreg_providers_report_against_the_default_step(tmp_path, one_thread):
+    rows = bench_step.main(["--quick", "--compile", "eager", "--providers", "fastjepa", "fastjepa_fp8",
+                            "fastjepa_sigreg", "--out", str(tmp_path)])
+    loss = {r["provider"]: r["loss"] for r in rows}
+    assert loss["fastjepa_fp8"] == pytest.approx(loss["fastjepa"], rel=0.05)
+    assert loss["fastjepa_fp8"] != loss["fastjepa"]
+    assert loss["fastjepa_sigreg"] != pytest.approx(loss["fastjepa"], rel=0.01)  # the regulariser is in the loss
+    md = (tmp_path / "train_step.md").read_text()
+    assert "| FP8 targets img/s | / bf16 targets |" in md and "| with SIGReg img/s | / without |" in md

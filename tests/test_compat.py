@@ -63,6 +63,24 @@ def test_official_checkpoint_round_trip_resumes_identically(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
+def test_a_teacher_free_model_loads_the_official_online_encoder_and_writes_it_as_the_target(tmp_path):
+    cfg = fj_config.load(CONFIG)
+    torch.manual_seed(0)
+    model = build_ijepa(cfg)
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(1.0)  # the official file's target differs from its encoder
+    save_official(tmp_path / "official.pth.tar", model, None, epoch=2)
+    online = load_official(tmp_path / "official.pth.tar", fj_config.load(CONFIG, ["fastjepa.target_encoder=online"]))
+    for (name, a), b in zip(model.encoder.state_dict().items(), online.model.encoder.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    save_official(tmp_path / "again.pth.tar", online.model, None, epoch=3)
+    raw = torch.load(tmp_path / "again.pth.tar", weights_only=True)
+    assert raw["target_encoder"].keys() == raw["encoder"].keys()  # the official format: both, the same weights
+    assert all(torch.equal(raw["target_encoder"][k], v) for k, v in raw["encoder"].items())
+
+
 def test_checkpoint_that_does_not_fit_the_config_names_the_fix(tmp_path):
     cfg = fj_config.load(CONFIG)
     model = build_ijepa(cfg)

@@ -143,6 +143,18 @@ def test_override_creates_a_missing_section(tmp_path):
     assert (cfg.optimization.epochs, cfg.train.log_every) == (3, 5)
 
 
+def test_a_sub_section_loads_from_yaml_and_overrides_and_dumps_back(tmp_path):
+    """fastjepa.sigreg is a mapping inside fastjepa: nested in YAML, dotted in overrides, and in cfg.get."""
+    path = write(tmp_path, "fastjepa:\n  sigreg:\n    weight: 0.05\n    samples: tokens\n")
+    cfg = load(path, ["fastjepa.sigreg.slices=256"])
+    assert (cfg.fastjepa.sigreg.weight, cfg.fastjepa.sigreg.samples, cfg.get("fastjepa.sigreg.slices")) == (
+        0.05, "tokens", 256)
+    assert cfg.fastjepa.sigreg.points == 17 and load(path).fastjepa.sigreg.slices == 1024  # defaults
+    assert cfg.to_dict()["fastjepa"]["sigreg"] == {"weight": 0.05, "slices": 256, "points": 17, "t_max": 3.0,
+                                                   "samples": "tokens"}
+    assert load(cfg.dump(tmp_path / "again.yaml")) == cfg
+
+
 # ---- errors --------------------------------------------------------------------------------------------------------
 
 
@@ -164,6 +176,9 @@ def test_unknown_key_in_file_names_file_key_value_and_suggestion(tmp_path):
     ("mask.xyz=4", ["mask.xyz", "mask accepts: allow_overlap, aspect_ratio", "Fix: remove it"]),
     ("lr=5e-4", ["override 'lr=5e-4'", "expected section.key=value"]),
     ("mask.aspect_ratio=[1,", ["override 'mask.aspect_ratio=[1,'", "not valid YAML"]),
+    ("fastjepa.sigreg.wieght=0.1", ["fastjepa.sigreg.wieght", "did you mean fastjepa.sigreg.weight?",
+                                    "sigreg.weight, sigreg.slices"]),
+    ("fastjepa.sigreg=0.1", ["fastjepa.sigreg=0.1: must be a mapping of keys", "accepts: weight, slices"]),
 ])
 def test_unknown_or_malformed_override(override, fragments):
     message = error_of(override)
@@ -213,6 +228,13 @@ def test_wrong_type_in_file_says_to_quote_strings(tmp_path):
     (["fastjepa.attn_backend=flash"], ["fastjepa.attn_backend='flash'", "sdpa", "math"]),
     (["fastjepa.in_chans=0"], ["fastjepa.in_chans=0: must be >= 1"]),
     (["train.device=gpu"], ["train.device='gpu'", "auto, cpu, cuda or cuda:N"]),
+    (["fastjepa.sigreg.weight=1"], ["fastjepa.sigreg.weight=1.0: must be in [0, 1)"]),
+    (["fastjepa.sigreg.slices=0"], ["fastjepa.sigreg.slices=0: must be >= 1"]),
+    (["fastjepa.sigreg.t_max=0"], ["fastjepa.sigreg.t_max=0.0: must be > 0"]),
+    (["fastjepa.sigreg.samples=patches"], ["fastjepa.sigreg.samples='patches'", "valid: pooled, tokens"]),
+    (["fastjepa.target_encoder=teacher"], ["fastjepa.target_encoder='teacher'", "valid: ema, online"]),
+    (["fastjepa.target_encoder=online", "fastjepa.target_precision=fp8"],
+     ["fastjepa.target_precision='fp8'", "fastjepa.target_encoder=online does not keep"]),
 ])
 def test_impossible_setting(overrides, fragments):
     message = error_of(*overrides)

@@ -166,9 +166,13 @@ class NoHostSync:
         return guarded
 
 
-@pytest.mark.parametrize("varlen", [False, True], ids=["default", "varlen"])
-def test_no_host_synchronisation_outside_logging_steps(tmp_path, monkeypatch, varlen):
-    extra = ["fastjepa.mode=fixed", "fastjepa.varlen_context=true"] if varlen else []
+SIGREG = ["fastjepa.sigreg.weight=0.1", "fastjepa.sigreg.slices=32", "fastjepa.target_encoder=online"]
+
+
+@pytest.mark.parametrize("varlen,options", [(False, []), (True, []), (True, SIGREG)],
+                         ids=["default", "varlen", "varlen_sigreg_online"])
+def test_no_host_synchronisation_outside_logging_steps(tmp_path, monkeypatch, varlen, options):
+    extra = ["fastjepa.mode=fixed", "fastjepa.varlen_context=true", *options] if varlen else []
     cfg = tiny_cfg(tmp_path, "train.max_steps=6", "train.log_every=3", *FAST, *extra)
     guard = NoHostSync(monkeypatch)
     guarded_steps = []

@@ -38,9 +38,9 @@ def poison_forward(monkeypatch, bad_calls):
     """Make IJEPA.forward return a NaN loss on the given (1-based) calls."""
     real, calls = IJEPA.forward, {"n": 0}
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         calls["n"] += 1
-        loss = real(self, *args)
+        loss = real(self, *args, **kwargs)
         return loss * float("nan") if bad_calls(calls["n"]) else loss
 
     monkeypatch.setattr(IJEPA, "forward", forward)
@@ -115,11 +115,11 @@ KILL_AT = textwrap.dedent("""
     from fastjepa.ijepa import IJEPA
     from fastjepa.train import main
     real, calls = IJEPA.forward, [0]
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == int(os.environ["KILL_AT_CALL"]):
             os.kill(os.getpid(), signal.{sig})
-        return real(self, *args)
+        return real(self, *args, **kwargs)
     IJEPA.forward = forward
     sys.exit(main(sys.argv[1:]))
 """)

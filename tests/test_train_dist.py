@@ -44,7 +44,8 @@ def fsdp_run(tmp_path_factory):
 
 def reference_virtual_ranks(cfg, ranks: int = 2, steps: int = STEPS):
     """One process, one model: each step computes the loss on every rank's batch (their own loaders and mask
-    collators, as the trainer builds them) and averages them (FSDP2 and HSDP average gradients over ranks)."""
+    collators, as the trainer builds them) and averages them (FSDP2 and HSDP average gradients over ranks); with
+    SIGReg, its statistic is computed once over all ranks' samples together."""
     loaders = [build_pretrain_loader(cfg, rank=r, world_size=ranks, collator=MultiBlockMaskCollator.from_config(cfg, r))
                for r in range(ranks)]
     torch.manual_seed(cfg.fastjepa.seed)
@@ -55,14 +56,21 @@ def reference_virtual_ranks(cfg, ranks: int = 2, steps: int = STEPS):
     for loader in loaders:
         loader.set_epoch(0)
     batches = [iter(loader) for loader in loaders]
-    losses = []
+    losses, sigreg = [], model.sigreg
+    model.sigreg = None  # the I-JEPA term alone from forward: SIGReg is a statistic of all ranks' samples at once
     for step in range(steps):
         sched.apply(optimizer, step)
-        per_rank = []
+        per_rank, samples = [], []
         for it in batches:
             (images, _), masks_enc, masks_pred = next(it)
-            per_rank.append(model(normalize_on_device(images, mean, std), masks_enc, masks_pred))
+            images, masks = normalize_on_device(images, mean, std), model.to_masks(masks_enc, masks_pred)
+            per_rank.append(model(images, masks))
+            if sigreg is not None:
+                samples.append(model.sigreg_samples(model.encode_context(images, masks), masks))
         loss = sum(per_rank) / ranks
+        if sigreg is not None:
+            reg = sigreg(torch.cat(samples), seed=model.sigreg_step_seed(step))
+            loss = (1 - model.sigreg_weight) * loss + model.sigreg_weight * reg
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -178,3 +186,17 @@ def test_hsdp_on_a_2x2_mesh_matches_one_process_and_resumes_as_fsdp(tmp_path):
     assert len(losses) == 4
     for step, (got, want) in enumerate(zip(losses, reference, strict=True), 1):
         assert abs(got - want) <= 1e-5, (step, got, want)
+
+
+def test_sigreg_with_an_online_target_on_two_ranks_equals_one_process_over_the_whole_batch(tmp_path):
+    """SIGReg's statistic over both ranks' samples (per-slice sums all-reduced, gradients too) and a teacher-free
+    target: the two-rank losses equal one process's that sees both halves."""
+    options = ["fastjepa.sigreg.weight=0.2", "fastjepa.sigreg.slices=64", "fastjepa.target_encoder=online"]
+    run = torchrun(tmp_path / "run", *options)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, *options, f"logging.folder={tmp_path}"])
+    reference, _ = reference_virtual_ranks(cfg)
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    assert len(records) == STEPS and all(r["sigreg"] > 0 for r in records)
+    for r, want in zip(records, reference, strict=True):
+        assert abs(r["loss"] - want) <= 1e-5, (r["step"], r["loss"], want)

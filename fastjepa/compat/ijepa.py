@@ -73,7 +73,8 @@ def load_official(checkpoint_path: str | os.PathLike, cfg: "fj_config.Config | s
         raise ValueError(f"{checkpoint_path} is not an official I-JEPA checkpoint: it lacks {missing} "
                          f"(has {sorted(ckpt)[:8]})")
     model = build_ijepa(cfg)
-    for what in ("encoder", "predictor", "target_encoder"):
+    # a teacher-free model (fastjepa.target_encoder: online) continues from the online encoder; no EMA target
+    for what in ("encoder", "predictor") + (() if model.online_target else ("target_encoder",)):
         _load_strict(getattr(model, what), ckpt[what], what, checkpoint_path)
     extra = {k: ckpt[k] for k in ("loss", "batch_size", "world_size", "lr", "scaler") if k in ckpt}
     return OfficialCheckpoint(model, ckpt.get("opt"), int(ckpt["epoch"]), cfg, extra)

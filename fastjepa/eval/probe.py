@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fastjepa import config as fj_config
-from fastjepa.checkpoint import CheckpointError, CheckpointManager, load_model_weights
+from fastjepa.checkpoint import CheckpointError, CheckpointManager, load_model_weights, read_meta
 from fastjepa.eval.knn import knn_top1
 from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
 
@@ -40,7 +40,9 @@ def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
     if step_dir is None:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint there (no meta.json, no "
                                 "step_XXXXXXXX directories)")
-    load_model_weights(step_dir, encoder, prefix="target_encoder.")
+    # the encoder the targets came from: the EMA target, or the encoder itself in a teacher-free run
+    online = read_meta(step_dir).get("target_encoder") == "online"
+    load_model_weights(step_dir, encoder, prefix="encoder." if online else "target_encoder.")
     return encoder
 
 
