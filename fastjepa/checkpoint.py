@@ -399,8 +399,8 @@ class RunLock:
                 os.kill(int(owner.get("pid", -1)), 0)
             except ProcessLookupError:
                 return who, "that process no longer exists"
-            except (PermissionError, ValueError, OverflowError):
-                pass
+            except (PermissionError, ValueError, OverflowError):  # another user's live process, or no usable pid
+                return who, None
             return who, None
         return who, (f"no heartbeat for {age:.0f} s" if age > self.stale_after_s else None)
 

@@ -210,7 +210,8 @@ class _LineProgress:
             self.next = self.n + max(1, self.total // 10)
 
     def close(self):
-        pass
+        elapsed = time.perf_counter() - self.t0
+        print(f"make_shards: done, {self.n}/{self.total} shards in {elapsed:.0f} s", file=sys.stderr, flush=True)
 
 
 def _progress(total, initial=0, disable=False):
