@@ -156,11 +156,13 @@ def test_a_damaged_newest_checkpoint_falls_back_and_never_breaks_saving(three_ch
     assert steps_in(folder) == [3, 4] and verify(folder / "step_00000003") is None
 
 
-def test_latest_can_only_name_a_checkpoint_of_its_own_folder(three_checkpoints, tmp_path_factory):
+def test_latest_can_only_name_a_checkpoint_of_its_own_folder(three_checkpoints, tmp_path_factory, caplog):
     other = tmp_path_factory.mktemp("other")
-    (other / "step_00000009").mkdir()
+    shutil.copytree(three_checkpoints / "step_00000003", other / "step_00000009")  # complete: only the rule refuses
     (three_checkpoints / "latest").write_text(str(other / "step_00000009"))
-    assert CheckpointManager(three_checkpoints).latest().name == "step_00000003"
+    with caplog.at_level("WARNING", logger="fastjepa"):
+        assert CheckpointManager(three_checkpoints).latest().name == "step_00000003"
+    assert "which is not a checkpoint of this folder; ignored" in caplog.text
 
 
 def test_resume_path_of_a_damaged_checkpoint_says_what_is_wrong(three_checkpoints):
@@ -203,7 +205,7 @@ def test_a_shard_missing_from_disk_is_named_before_training(tmp_path):
     assert "1 of the 4 shards in data.shards do not exist" in err and "s-0002.tar" in err
 
 
-def test_a_full_disk_at_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_at_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     real_save = torch.save
 
     def full(obj, f, *args, **kwargs):
@@ -215,6 +217,8 @@ def test_a_full_disk_at_a_save_is_a_clear_error_and_keeps_the_previous_checkpoin
     code = fj_train.main(["--config", "configs/test_tiny.yaml", *TINY, "train.max_steps=3",
                           "train.checkpoint_steps=1", f"logging.folder={tmp_path}"])
     assert code == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "step_00000002" in err and "No space left on device" in err, err
     assert CheckpointManager(tmp_path).latest().name == "step_00000001"
     assert not list(tmp_path.glob(".tmp-*"))
 

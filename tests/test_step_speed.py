@@ -121,8 +121,13 @@ def test_the_ema_pass_writes_the_low_precision_replica(case):
         with torch.no_grad():
             for p in model.encoder.parameters():
                 p.add_(torch.randn_like(p))
+            for r in model.target_replica.parameters():
+                r.fill_(float("nan"))  # only the EMA pass can make it right again
+        old = [t.detach().clone() for t in model.target_encoder.parameters()]
         model.update_target(0.9)
-        for t, r in zip(model.target_encoder.parameters(), model.target_replica.parameters(), strict=True):
+        for t, o, e, r in zip(model.target_encoder.parameters(), old, model.encoder.parameters(),
+                              model.target_replica.parameters(), strict=True):
+            torch.testing.assert_close(t, 0.9 * o + 0.1 * e)  # the EMA itself (fp32 rounding of the lerp)
             assert r.dtype == dtype
             torch.testing.assert_close(r, t.to(dtype), rtol=0, atol=0)
     finally:
@@ -196,16 +201,42 @@ def test_no_host_synchronisation_outside_logging_steps(tmp_path, monkeypatch, va
     assert [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)] == [3, 6]
 
 
-def test_auto_attention_is_resolved_before_anything_is_compiled(tmp_path):
-    tr = trainer.Trainer.setup(tiny_cfg(tmp_path, *FAST))
-    try:
-        backends = {blk.attn.backend for blk in tr.model.modules() if isinstance(blk, Block)}
-        assert backends == {"sdpa"}  # the deterministic CPU choice, fixed in the modules
-    finally:
-        tr.close()
+def record_parallelize(monkeypatch) -> list[dict]:
+    """Replace ``parallelize`` in the step's preparation by a recorder of what it is handed, then the real one."""
+    from fastjepa import step as fj_step
+
+    calls, real = [], fj_step.parallelize
+
+    def recording(model, *args, **kwargs):
+        backends = {blk.attn.backend for blk in model.modules() if isinstance(blk, Block)}
+        calls.append({"compile": kwargs["compile"], "backends": backends})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(fj_step, "parallelize", recording)
+    return calls
 
 
-def test_cli_compiles_by_default_only_with_cuda():
+def test_auto_attention_is_resolved_before_anything_is_compiled(tmp_path, monkeypatch):
+    calls = record_parallelize(monkeypatch)
+    tr = trainer.Trainer.setup(tiny_cfg(tmp_path, *FAST, "train.compile=true"))
+    tr.close()
+    # when blocks are handed to compile, every attention already names a concrete backend
+    assert calls == [{"compile": "inductor", "backends": {"sdpa"}}]  # sdpa: the deterministic CPU choice
+
+
+@pytest.mark.parametrize("setting,device,want", [(None, "cpu", None), (True, "cpu", "inductor"),
+                                                 (None, "cuda", "inductor"), (False, "cuda", None)])
+def test_blocks_are_compiled_by_default_only_with_cuda(tmp_path, monkeypatch, setting, device, want):
     from fastjepa import config
+    from fastjepa import step as fj_step
+    from fastjepa.parallel import DistEnv
 
-    assert config.load(ROOT / "configs/test_tiny.yaml").train.compile is None  # null: on with CUDA
+    assert config.load(ROOT / "configs/test_tiny.yaml").train.compile is None  # shipped: null, the device decides
+    calls = []
+    monkeypatch.setattr(fj_step, "parallelize", lambda model, *a, **kw: calls.append(kw["compile"]) or model)
+    monkeypatch.setattr(fj_step, "resolve_attention", lambda *a: None)
+    model = IJEPA(VisionTransformer(32, 8, 3, 32, 1, 2), VisionTransformerPredictor((4, 4), 32, 16, 1, 2))
+    model.to = lambda device: model  # no CUDA here: only the decision is under test
+    cfg = tiny_cfg(tmp_path, f"train.compile={'null' if setting is None else str(setting).lower()}")
+    fj_step.prepare_model(cfg, DistEnv(0, 1, 0, torch.device(device)), "none", model)
+    assert calls == [want]
