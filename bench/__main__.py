@@ -25,6 +25,11 @@ SUITES: dict[str, list[str]] = {
 }
 
 
+def suite_module(name: str):
+    """A suite's module by its name in ``SUITES`` (a module of this package)."""
+    return importlib.import_module(f".{name}", __package__)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="fastjepa bench", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="kernels", choices=sorted(SUITES) + ["all"])
@@ -52,13 +57,13 @@ def main(argv=None) -> int:
     suites = sorted(SUITES) if args.suite == "all" else [args.suite]
     keep = {s.strip() for s in args.ops.split(",") if s.strip()}
     for suite in suites:
-        modules = [m for m in SUITES[suite] if not keep or m.rsplit(".", 1)[-1].removeprefix("bench_") in keep]
+        modules = [m for m in SUITES[suite] if not keep or m.removeprefix("bench_") in keep]
         if not modules:
             print(f"--ops {args.ops!r} matches no module of suite {suite!r}: {SUITES[suite]}", file=sys.stderr)
             return 2
         rows = []
         for name in modules:
-            rows += importlib.import_module(f".{name}", __package__).run(cfg)
+            rows += suite_module(name).run(cfg)
         out = write_results(rows, suite, cfg)
         print(f"{suite}: {len(rows)} rows -> {out}/{suite}.csv, {suite}.md, {suite}_<op>.png")
     return 0

@@ -187,9 +187,14 @@ def write_results(rows: list[dict], out_dir: Path, quick: bool, command: str) ->
     return paths
 
 
+def same_model(rows: list[dict], row: dict, provider: str) -> dict | None:
+    """The row of ``provider`` for ``row``'s model in the same run, or None."""
+    return next((b for b in rows if b["model"] == row["model"] and b["provider"] == provider), None)
+
+
 def ratio(rows: list[dict], row: dict, baseline: str) -> str:
     """images/s of ``row`` over the ``baseline`` provider's in the same run, or '-'."""
-    base = next((b for b in rows if b["model"] == row["model"] and b["provider"] == baseline), None)
+    base = same_model(rows, row, baseline)
     return f"{row['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
 
 
@@ -207,7 +212,7 @@ def headline(rows: list[dict]) -> list[str]:
         lines += ["", "| model | FP8 targets img/s | / bf16 targets | target forward ms, FP8 | same, bf16 |",
                   "|---|---|---|---|---|"]
         for r in fp8:
-            bf16 = next((b for b in rows if b["model"] == r["model"] and b["provider"] == "fastjepa"), None)
+            bf16 = same_model(rows, r, "fastjepa")
             bf16_ms = bf16["target_fwd_only_ms"] if bf16 else float("nan")
             lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {ratio(rows, r, 'fastjepa')} | "
                          f"{r['target_fwd_only_ms']:.1f} | {bf16_ms:.1f} |")
@@ -215,7 +220,7 @@ def headline(rows: list[dict]) -> list[str]:
     if sigreg:
         lines += ["", "| model | with SIGReg img/s | / without | added step time |", "|---|---|---|---|"]
         for r in sigreg:
-            base = next((b for b in rows if b["model"] == r["model"] and b["provider"] == "fastjepa"), None)
+            base = same_model(rows, r, "fastjepa")
             added = base["images_per_s"] / r["images_per_s"] - 1 if base else float("nan")
             lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {ratio(rows, r, 'fastjepa')} | {added:.1%} |")
     return lines if len(lines) > 2 else []
@@ -265,7 +270,7 @@ def run(cfg: BenchConfig) -> list[dict]:
                      **sizes)
     out = []
     for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["provider"] == "official")
+        base = same_model(rows, r, "official")
         out.append({"op": "train_step", "provider": r["provider"], "mode": "fwd+bwd+opt+ema",
                     "shape": f"{r['model']} bs{r['batch']}", "dtype": r["dtype"], "median": r["step_ms"],
                     "p20": r["step_ms_p20"], "p80": r["step_ms_p80"], "unit": "ms", "gbps": 0.0,

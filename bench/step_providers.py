@@ -180,7 +180,7 @@ class PyTorchStep:
     def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-        model = initial_model(s, device, self.layout)
+        model = initial_model(s, "cpu", self.layout)  # only its weights: copied to the device below
         dim, depth, heads, mlp_ratio = s.dims
         self.encoder, self.target, self.predictor = (
             m.to(device) for m in plain.build(dim, depth, heads, mlp_ratio, s.patch, s.grid**2, s.pred_dim,

@@ -6,7 +6,6 @@ pytest-benchmark times with the host clock, so each GPU call is followed by a sy
 from ``triton.testing.do_bench`` and the GB/s against the copy roof go into ``extra_info`` of every result.
 """
 
-import importlib
 import os
 
 import pytest
@@ -16,14 +15,14 @@ if not torch.cuda.is_available():
     # The Triton provider runs through the interpreter without a GPU; it must be on before kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .__main__ import SUITES  # noqa: E402
+from .__main__ import SUITES, suite_module  # noqa: E402
 from .common import BenchConfig, copy_bandwidth, time_fn  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 
 CFG = BenchConfig(quick=os.environ.get("FASTJEPA_BENCH_FULL", "0") != "1",
                   compile_backend="inductor" if torch.cuda.is_available() else "aot_eager")
-CASES = [case for name in SUITES["kernels"] for case in importlib.import_module(name).cases(CFG)]
+CASES = [case for name in SUITES["kernels"] for case in suite_module(name).cases(CFG)]
 PARAMS = [
     pytest.param(case, provider, mode, id=f"{case.op}-{case.shape.split()[0]}-{provider}-{mode}")
     for case in CASES for provider, modes in case.providers.items() for mode in modes

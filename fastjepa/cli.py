@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    sys.argv[0] = f"fastjepa {args.command}"
     code = module.main(args.args)
     return code if isinstance(code, int) else 0
 

@@ -297,7 +297,7 @@ def load_or_exit(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Conf
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m fastjepa.config",
+        prog="fastjepa config",
         description="Load, validate and print a fastjepa / official I-JEPA config as resolved YAML.",
     )
     parser.add_argument("config", help="YAML file, or the name of a config shipped in configs/ (e.g. test_tiny)")

@@ -123,7 +123,7 @@ def configure_logging() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastjepa-train", description="I-JEPA pretraining (single process, DDP, FSDP2).")
+    p = argparse.ArgumentParser(prog="fastjepa train", description="I-JEPA pretraining (single process, DDP, FSDP2).")
     p.add_argument("--version", action="version", version=f"fastjepa {__version__}")
     p.add_argument("--config", required=True, help="YAML config (official I-JEPA keys + fastjepa/train sections), or "
                                                    "the name of a shipped one (e.g. in1k_vith14_ep300)")

@@ -152,11 +152,12 @@ def test_probe_cli_on_an_image_folder_and_on_shards(tmp_path, source):
     encoder = str(tmp_path / "target_encoder.pt")
     out = subprocess.run([sys.executable, "-m", "fastjepa", "probe", "--checkpoint", encoder, "--data", source,
                           "--train", locations["train"], "--val", locations["val"], "--device", "cpu",
-                          "--batch-size", "8", "--workers", "2", "--out", str(tmp_path / "r.json")],
+                          "--batch-size", "8", "--workers", "2", "--pixels", "--out", str(tmp_path / "r.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "r.json").read_text())
     assert (result["train_samples"], result["val_samples"]) == (36, 15)
     assert result["encoder"]["knn_top1"] >= 0.8 and result["encoder"]["linear_top1"] >= 0.8, result
+    assert 0 <= result["pixels"]["linear_top1"] <= 1
     if source == "imagefolder":
         assert result["skipped"] == {"train": {"not_image": 1}, "test": {"not_image": 1}}

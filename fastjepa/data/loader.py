@@ -48,10 +48,10 @@ MAX_LOGGED_PER_KIND = 20  # per worker and epoch; the counts keep going
 class BadDataError(RuntimeError):
     """More of an epoch's samples are unusable than data.max_bad_fraction allows."""
 
-    def __init__(self, rank, epoch, bad: Counter, seen: int, fraction: float, where: str = ""):
+    def __init__(self, rank, epoch, bad: Counter, seen: int, fraction: float):
         kinds = ", ".join(f"{k}={bad[k]}" for k in BAD_KINDS if bad[k])
         super().__init__(
-            f"rank {rank} epoch {epoch}{where}: {sum(bad.values())} of {seen} samples read are bad ({kinds}), more "
+            f"rank {rank} epoch {epoch}: {sum(bad.values())} of {seen} samples read are bad ({kinds}), more "
             f"than data.max_bad_fraction={fraction} of the epoch allows. The warnings above name the shards/files "
             "and keys; fix or drop them, or raise data.max_bad_fraction to train on")
 

@@ -199,19 +199,20 @@ class _LineProgress:
     """Progress for a log file or a pipe: a plain line at every tenth of the work (no carriage returns)."""
 
     def __init__(self, total, initial=0):
-        self.total, self.n, self.next = total, initial, 0
+        self.total, self.n, self.next, self.initial = total, initial, 0, initial
         self.t0 = time.perf_counter()
 
     def update(self, n=1):
         self.n += n
         if self.n >= self.next or self.n >= self.total:
-            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            rate = (self.n - self.initial) / max(time.perf_counter() - self.t0, 1e-9)  # this run's shards
             print(f"make_shards: {self.n}/{self.total} shards ({rate:.2f}/s)", file=sys.stderr, flush=True)
             self.next = self.n + max(1, self.total // 10)
 
     def close(self):
         elapsed = time.perf_counter() - self.t0
-        print(f"make_shards: done, {self.n}/{self.total} shards in {elapsed:.0f} s", file=sys.stderr, flush=True)
+        print(f"make_shards: done, {self.n}/{self.total} shards ({self.n - self.initial} in {elapsed:.0f} s)",
+              file=sys.stderr, flush=True)
 
 
 def _progress(total, initial=0, disable=False):

@@ -145,7 +145,7 @@ class EvalTransform:
             raise ValueError(f"EvalTransform mode must be 'RGB' (in_chans 3) or 'L' (in_chans 1), got {mode!r}")
         self.crop_size, self.mode, self.resize_ratio = int(crop_size), mode, float(resize_ratio)
 
-    def __call__(self, image, rng=None):
+    def __call__(self, image):
         source = _Decodable(image, self.mode)
         width, height = source.size
         side = max(1, round(min(width, height) * self.resize_ratio))

@@ -90,7 +90,6 @@ def split_batches(args, cfg, skipped: dict[str, Counter]):
 def probe(args) -> dict:
     cfg = find_config(args.checkpoint, args.config)
     encoder = load_encoder(args.checkpoint, cfg).to(args.device)
-    skipped = {"train": Counter(), "test": Counter()}
     from fastjepa.data import mean_std
 
     mean, std = mean_std(cfg)
@@ -98,7 +97,7 @@ def probe(args) -> dict:
     amp = torch.bfloat16 if device.type == "cuda" else None
     results = {"checkpoint": str(args.checkpoint), "data": args.data}
     for name, model in (("encoder", encoder), ("pixels", None)) if args.pixels else (("encoder", encoder),):
-        feats = {}
+        feats, skipped = {}, {"train": Counter(), "test": Counter()}
         for split, (batches, resize) in split_batches(args, cfg, skipped).items():
             size = cfg.data.crop_size if resize and model is not None else None
 
@@ -113,7 +112,8 @@ def probe(args) -> dict:
                          "knn_top1": knn_top1(*feats["train"], *feats["test"], k=args.knn_k,
                                               temperature=args.knn_temperature, device=device)}
         results.update(train_samples=len(feats["train"][0]), val_samples=len(feats["test"][0]))
-    results["skipped"] = {split: dict(counts) for split, counts in skipped.items()}
+        # every pass reads the same samples: the skips are the first pass's
+        results.setdefault("skipped", {split: dict(counts) for split, counts in skipped.items()})
     return results
 
 
