@@ -13,6 +13,7 @@
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -118,12 +119,67 @@ def apply_activation_checkpointing(model: IJEPA) -> None:
             blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_compile(model: IJEPA, backend: str = "inductor") -> None:
+# Inductor's memory-coalescing analysis for tilings asserts while generating code for the dynamic-shape graph of the
+# predictor's last block (torch 2.11 on an H200: ``get_pw_red_splits`` called from ``analyze_memory_coalescing``;
+# bench/results/nvidia-h200/inductor_crash.log). Token counts change with every mask draw, so after the first steps
+# every block graph has dynamic shapes, for which inductor's own config says the analysis "does not yet apply"; it
+# only chooses tilings of pointwise kernels. Turned off for these blocks alone (not process-wide), as in the H200
+# measurements of the default step, on every torch that has it (the assertion is unchanged up to 2.13).
+BLOCK_INDUCTOR_OPTIONS = {"triton.coalesce_tiling_analysis": False}
+
+
+def block_inductor_options() -> dict:
+    """The inductor options for the blocks that this torch knows (older ones lack the analysis)."""
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    return {k: v for k, v in BLOCK_INDUCTOR_OPTIONS.items() if k in known}
+
+
+class EagerOnCompileFailure:
+    """A ``torch.compile`` backend that compiles each graph with ``backend`` and, where that raises, runs the graph
+    eagerly (the same results, slower) after one warning naming what failed, the torch version and the error: a
+    compiler bug must cost speed, never a multi-day run. The backward is compiled with the forward, so its failures
+    surface here too, not inside ``loss.backward()``. One instance for all blocks: dynamo guards on the backend,
+    and a backend per block would recompile the shared block graph for every block."""
+
+    def __init__(self, backend="inductor", what: str = "a ViT block (fastjepa.modules.block.Block)"):
+        self.backend, self.what = backend, what  # backend: a name or a dynamo backend function
+        self.failures: list[str] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list):
+        from torch._functorch import config as functorch_config
+
+        try:
+            with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                return self._compile(gm, example_inputs)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure: the graph itself is still correct
+            tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+            shape = tuple(max(tensors, key=torch.Tensor.dim).shape) if tensors else ()  # the activations
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else '(no message)'}"
+            self.failures.append(error)
+            name = getattr(self.backend, "__name__", self.backend)
+            warnings.warn(f"torch.compile ({name}) of {self.what}, graph with input {list(shape)}, failed on "
+                          f"torch {torch.__version__}: {error}. That graph runs eager from now on (same results, "
+                          "slower); train.compile=false turns compilation off", RuntimeWarning, stacklevel=2)
+            return gm.forward
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list):
+        if self.backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches=block_inductor_options())
+        return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
+
+
+def apply_compile(model: IJEPA, backend: str = "inductor") -> EagerOnCompileFailure:
     """``torch.compile`` each block of the three models in place (names unchanged; one graph reused by every block
-    of a width)."""
+    of a width), a graph whose compilation fails running eager; returns the backend (its ``failures``)."""
+    compiler = EagerOnCompileFailure(backend)
     for blocks in _block_lists(model):
         for block in blocks:
-            block.compile(backend=backend)
+            block.compile(backend=compiler)
+    return compiler
 
 
 def shard_group_size(requested: int, env: DistEnv) -> int:
