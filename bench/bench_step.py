@@ -157,15 +157,16 @@ def finish_row(row: dict, s: Setup, batch: int, device_name: str, peak: float | 
     }
 
 
-def write_results(rows: list[dict], out_dir: Path, quick: bool, command: str) -> list[Path]:
+def write_results(rows: list[dict], out_dir: Path, quick: bool, command: str, append: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "train_step.csv", out_dir / "train_step.md", out_dir / "train_step.png"]
-    new = not paths[0].exists()
-    with open(paths[0], "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    if append:
+        new = not paths[0].exists()
+        with open(paths[0], "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
     lines = [f"# Training step on {rows[0]['device']}", "",
              f"torch {rows[0]['torch']}, triton {rows[0]['triton']}, commit {rows[0]['commit']}, {rows[0]['date']}; "
              f"measured matmul rate {rows[0]['matmul_rate_tflops']:.3g} TFLOP/s", ""]
@@ -185,6 +186,18 @@ def write_results(rows: list[dict], out_dir: Path, quick: bool, command: str) ->
     paths[1].write_text("\n".join(lines))
     phase_chart(rows, PHASES, paths[2])
     return paths
+
+
+TEXT_FIELDS = ("op", "model", "dtype", "compile", "act_ckpt", "provider", "device", "torch", "triton", "commit",
+               "date")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a ``train_step.csv`` with their numbers as numbers (``--report``)."""
+    if not path.is_file():
+        raise SystemExit(f"bench_step --report: no {path}; run the providers with --out {path.parent} first")
+    with path.open(newline="") as f:
+        return [{k: v if k in TEXT_FIELDS else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def same_model(rows: list[dict], row: dict, provider: str) -> dict | None:
@@ -293,10 +306,19 @@ def main(argv=None) -> list[dict]:
                     help="activation checkpointing of the encoder and predictor blocks (not the official provider)")
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke test: tiny model, batch 4, 1 warm-up + 2 timed steps, fp32")
+    ap.add_argument("--report", action="store_true",
+                    help="measure nothing: rewrite train_step.md/png from every row of --out's train_step.csv (the "
+                         "providers run one process each, so that a crash loses no other row)")
     args = ap.parse_args(argv)
+    command = "python -m bench.bench_step " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.report:
+        out_dir = args.out or RESULTS / device_dir("cuda" if torch.cuda.is_available() else "cpu")
+        rows = read_rows(out_dir / "train_step.csv")
+        for path in write_results(rows, out_dir, rows[0]["device"] == device_dir("cpu"), command, append=False):
+            print("wrote", path)
+        return rows
     sizes = QUICK if args.quick else dict(models=args.models, batch=args.batch, warmup=args.warmup, steps=args.steps)
     backend = args.compile or ("aot_eager" if args.quick else "inductor")
-    command = "python -m bench.bench_step " + " ".join(sys.argv[1:] if argv is None else argv)
     return benchmark(providers=args.providers, compile_backend=None if backend == "none" else backend, out=args.out,
                      quick=args.quick, act_ckpt=args.act_ckpt, command=command, **sizes)
 

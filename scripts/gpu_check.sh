@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The one command to run on a GPU machine: measures the step, the kernels and the attention backends and checks
-# every GPU test, inside an internal deadline (default 9 minutes), stages in order of importance.
+# The one command to run on a GPU machine: measures the step (one process per provider, so a crash loses no other
+# row), the real trainer end to end on WebDataset shards made on the spot (with a checkpoint saved and resumed),
+# the profile, the kernels and the attention backends, and checks every GPU test, inside an internal deadline
+# (default 9 minutes, GPU_CHECK_BUDGET_S), stages in order of importance: a stage's budget is its ceiling, and
+# a stage that would start with less than 20 s left is skipped and marked so in the summary.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]             # OUT_DIR defaults to $OUT, else ./gpu_check_out
 #   bash scripts/gpu_check.sh --dry-run [OUT_DIR]   # every stage's command at tiny sizes, on the CPU (CI runs it)
@@ -13,7 +16,8 @@
 #
 # What it writes to OUT_DIR (at most 8 files, as the device tool brings back): summary.md (the headline table and
 # each stage's status, rewritten after every stage), gpu_check.log (every stage's output) and results.tar.gz (the
-# stages' result files: train_step.{csv,md,png}, profile.md, kernels and attention tables and charts, test logs),
+# stages' result files: train_step.{csv,md,png}, train_check.{md,csv,log}, profile.md, kernels and attention tables
+# and charts, test logs),
 # refreshed after every stage, so whatever finished before a timeout comes back.
 set -uo pipefail
 
@@ -55,6 +59,7 @@ write_summary() {
         printf '%s\n' "${STATUS[@]}"
         echo
         [[ -f "$WORK/step/train_step.md" ]] && sed -n '/^| model | fastjepa img/,/^$/p' "$WORK/step/train_step.md"
+        [[ -f "$WORK/train/train_check.md" ]] && { echo; sed -n '/^| model/,/^$/p' "$WORK/train/train_check.md"; }
         [[ -f "$WORK/profile/profile.md" ]] && { echo; sed -n '1,/^| top kernels/p' "$WORK/profile/profile.md" | head -n -1; }
         [[ -f "$WORK/step/compile.txt" ]] && { echo; cat "$WORK/step/compile.txt"; }
     } >"$SUMMARY"
@@ -107,30 +112,52 @@ build_cuda_ext() {
         "$PY" -m bench --suite kernels --ops ema --out "$WORK/cuda_ext"
 }
 
+# step_provider NAME BUDGET ARGS...: one provider in its own process (a crash loses no other row); rows append
+# to $WORK/step/train_step.csv and the step_report stage writes the table with the ratios from all of them.
+step_provider() {
+    local name=$1 want=$2; shift 2
+    stage "step_$name" "$want" env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --providers "$name" \
+        --out "$WORK/step" "$@"
+}
+
 export PY DRY WORK
 export -f env_info build_cuda_ext
-mkdir -p "$WORK/step" "$WORK/profile" "$WORK/attention" "$WORK/kernels"
+mkdir -p "$WORK/step" "$WORK/profile" "$WORK/attention" "$WORK/kernels" "$WORK/train"
 stage env 30 bash -c 'env_info | tee "$WORK/env.txt"'
 if [[ $DRY == 1 ]]; then
-    stage tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_gather.py -k vit_like
-    stage step 120 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --quick --compile eager \
-        --providers official fastjepa --out "$WORK/step"  # every provider: tests/test_bench_step.py
-    stage profile 90 "$PY" -m bench.profile_step --quick --out "$WORK/profile"
-    stage attention 60 "$PY" -m bench --suite attention --quick --out "$WORK/attention"
+    for provider in fastjepa pytorch official; do step_provider "$provider" 60 --quick --compile eager; done
+    stage step_report 20 "$PY" -m bench.bench_step --report --out "$WORK/step"
+    stage train 90 "$PY" -m bench.train_check --quick --out "$WORK/train"
+    stage profile 60 "$PY" -m bench.profile_step --quick --out "$WORK/profile"
+    stage tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_gather.py -k vit_like
     stage kernels 120 "$PY" -m bench --suite kernels --quick --out "$WORK/kernels"
+    stage attention 60 "$PY" -m bench --suite attention --quick --out "$WORK/attention"
+    step_provider fastjepa_fp8 60 --quick --compile eager
 else
-    stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml="$WORK/tests.xml" tests
-    stage step 270 env TORCH_LOGS=recompiles,graph_breaks "$PY" -m bench.bench_step --models vit_huge_14 \
-        --providers official pytorch fastjepa fastjepa_fp8 fastjepa_sigreg --batch 128 --warmup 4 --steps 10 --out "$WORK/step"
-    stage profile 90 "$PY" -m bench.profile_step --model vit_huge_14 --batch 128 --out "$WORK/profile"
-    stage attention 60 "$PY" -m bench --suite attention --out "$WORK/attention"
-    stage kernels 90 "$PY" -m bench --suite kernels --out "$WORK/kernels"
+    # In order of importance; each budget is a ceiling, what a stage leaves goes to the next ones.
+    STEP=(--models vit_huge_14 --batch 128 --warmup 3 --steps 8)
+    step_provider fastjepa 110 "${STEP[@]}"
+    step_provider pytorch 80 "${STEP[@]}"
+    step_provider official 50 "${STEP[@]}"
+    stage step_report 10 "$PY" -m bench.bench_step --report --out "$WORK/step"
+    stage train 110 "$PY" -m bench.train_check --out "$WORK/train"
+    stage profile 60 "$PY" -m bench.profile_step --model vit_huge_14 --batch 128 --warmup 3 --out "$WORK/profile"
+    XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+    stage tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${XDIST[@]}" --junitxml="$WORK/tests.xml" tests
+    stage kernels 100 "$PY" -m bench --suite kernels --out "$WORK/kernels"
+    stage attention 45 "$PY" -m bench --suite attention --out "$WORK/attention"
+    step_provider fastjepa_fp8 70 "${STEP[@]}"
 fi
-# the compiled providers' recompiles and graph breaks, from the step stage's dynamo log and rows
+stage step_report 10 "$PY" -m bench.bench_step --report --out "$WORK/step"  # again, with the late providers
+# the compiled providers' recompiles and graph breaks, from the step stages' dynamo logs and rows
 {
-    echo "compile: $(grep -c 'Recompiling function' "$WORK/step.log" 2>/dev/null || echo 0) recompiles and" \
-        "$(grep -c '__graph_breaks\]' "$WORK/step.log" 2>/dev/null || echo 0) graph breaks logged by dynamo in the step stage"
-    grep -o "compiled graphs [0-9]*, graph breaks [0-9]*" "$WORK/step.log" 2>/dev/null | sed 's/^/  /'
+    for log in "$WORK"/step_*.log; do
+        [[ $log == */step_report.log ]] && continue
+        echo "$(basename "$log" .log): $(grep -c 'Recompiling function' "$log") recompiles," \
+            "$(grep -c '__graph_breaks\]' "$log") graph breaks logged by dynamo," \
+            "$(grep -c 'runs eager from now on' "$log") graphs left eager after a compile failure;" \
+            "$(grep -o 'compiled graphs [0-9]*, graph breaks [0-9]*' "$log" | head -1)"
+    done
 } >"$WORK/step/compile.txt"
 stage cuda_ext 120 bash -c build_cuda_ext
 write_summary

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "tests", "step", "profile", "attention", "kernels", "cuda_ext")
+STAGES = ("env", "step_fastjepa", "step_pytorch", "step_official", "step_report", "train", "profile", "tests",
+          "kernels", "attention", "step_fastjepa_fp8", "cuda_ext")
 
 
 @pytest.mark.slow
@@ -29,8 +30,17 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
         names = set(tar.getnames())
         kernels = list(csv.DictReader(io.TextIOWrapper(tar.extractfile("./kernels/kernels.csv"))))
+        steps = list(csv.DictReader(io.TextIOWrapper(tar.extractfile("./step/train_step.csv"))))
+        report = tar.extractfile("./step/train_step.md").read().decode()
+        train = tar.extractfile("./train/train_check.md").read().decode()
     assert {"./step/train_step.md", "./step/train_step.png", "./profile/profile.md", "./kernels/kernels.md",
-            "./attention/attention.md", "./env.txt", "./tests.log"} <= names
+            "./attention/attention.md", "./env.txt", "./tests.log", "./train/train_check.log"} <= names
+    # one process per step provider, one table with the ratios of all of them (the late fp8 provider included)
+    assert [r["provider"] for r in steps] == ["fastjepa", "pytorch", "official", "fastjepa_fp8"]
+    assert "| quick | fastjepa_fp8 |" in report and "| quick | official | " in report
+    # the real trainer on shards made on the spot, resumed from its checkpoint by a second run
+    assert "(resumed) |" in train and "resumed to step" in summary
+    assert "step_fastjepa: " in summary and "0 graphs left eager after a compile failure" in summary
     # the kernel suite (run by the interpreter here): every fused op against its baselines, with plots
     ops = {r["op"] for r in kernels}
     assert ops == {"masked_gather", "target_norm_gather", "target_norm_smooth_l1", "predictor_tokens", "ema"}
