@@ -3,6 +3,7 @@
 import torch
 
 from fastjepa.kernels import masked_gather, masked_gather_ref
+from fastjepa.kernels._utils import forced_triton
 
 from .common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 
@@ -28,7 +29,7 @@ def shape_cases(cfg: BenchConfig, name, batch, n, d, k, m) -> list[Case]:
     ref_compiled = compiled(masked_gather_ref, cfg)
     impls = {"reference": masked_gather_ref, "compile": ref_compiled}
     if fused_available(cfg):
-        impls["triton"] = masked_gather
+        impls["triton"] = forced_triton(masked_gather)
     providers = {}
     for provider, f in impls.items():
         def fwd(f=f):

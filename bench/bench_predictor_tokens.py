@@ -3,6 +3,7 @@
 import torch
 
 from fastjepa.kernels import predictor_tokens, predictor_tokens_ref
+from fastjepa.kernels._utils import forced_triton
 
 from .common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
 
@@ -29,7 +30,7 @@ def shape_cases(cfg: BenchConfig, name, batch, n, d, kc, kt, nenc, m) -> list[Ca
     masks_pred = random_masks(m, batch, n, kt, g, cfg.device)
     impls = {"reference": predictor_tokens_ref, "compile": compiled(predictor_tokens_ref, cfg)}
     if fused_available(cfg):
-        impls["triton"] = predictor_tokens
+        impls["triton"] = forced_triton(predictor_tokens)
     providers = {}
     for p, f in impls.items():
         def fwd(f=f):

@@ -4,6 +4,7 @@ target_norm_smooth_l1 (targets never materialised) against the official full-seq
 import torch
 
 from fastjepa.kernels import target_norm_gather, target_norm_gather_ref
+from fastjepa.kernels._utils import forced_triton
 from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1, target_norm_smooth_l1_ref
 
 from .common import BenchConfig, Case, compiled, fused_available, grad_fn, random_masks, run_cases
@@ -33,13 +34,13 @@ def shape_cases(cfg: BenchConfig, name, batch, n, d, k, m, nenc) -> list[Case]:
 
     targets = {"reference": target_norm_gather_ref, "compile": compiled(target_norm_gather_ref, cfg)}
     if fused_available(cfg):
-        targets["triton"] = target_norm_gather
+        targets["triton"] = forced_triton(target_norm_gather)
     providers = {p: {"fwd": lambda f=f: f(h, masks, nenc)} for p, f in targets.items()}
     out.append(Case("target_norm_gather", shape, dtype, {"fwd": gathered + written}, providers))
 
     losses = {"reference": target_norm_smooth_l1_ref, "compile": compiled(target_norm_smooth_l1_ref, cfg)}
     if fused_available(cfg):
-        losses["triton"] = target_norm_smooth_l1
+        losses["triton"] = forced_triton(target_norm_smooth_l1)
     providers = {}
     for p, f in losses.items():
         def fwd(f=f):

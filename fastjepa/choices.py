@@ -23,9 +23,10 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficien
 VARLEN_ATTENTION_BACKENDS = ("auto", "flash_attn", "flex", "sdpa", "math")
 # The shared-context predictor's block-structured attention (fastjepa.kernels.block_attention).
 BLOCK_ATTENTION_BACKENDS = ("auto", "triton", "flex", "reference")
-# The fused ops of fastjepa.kernels: "auto" runs Triton on CUDA tensors (or under TRITON_INTERPRET=1) and the
-# PyTorch reference elsewhere; "reference" always runs the reference.
-KERNEL_BACKENDS = ("auto", "reference")
+# The fused ops of fastjepa.kernels: "auto" runs, on CUDA tensors, the implementation that measured faster on a GPU
+# (fastjepa.kernels.MEASURED_WINNERS) and Triton under TRITON_INTERPRET=1; "triton" every Triton kernel where it can
+# run; "reference" always the PyTorch reference.
+KERNEL_BACKENDS = ("auto", "triton", "reference")
 # The EMA's fused kernel: Triton, or the CUDA C++ twin from csrc/ (built with FASTJEPA_BUILD_CUDA=1).
 EMA_BACKENDS = ("triton", "cuda")
 

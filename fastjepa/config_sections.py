@@ -349,7 +349,7 @@ class FastJepa(_Section):
     seed: int = 0
     attn_backend: str = "sdpa"
     in_chans: int = 3
-    kernel_backend: str = "auto"  # "auto": fused Triton ops where they run (CUDA); "reference": PyTorch references
+    kernel_backend: str = "auto"  # "auto": per op, what measured faster on the GPU; "triton"; "reference"
     # predictor attention layout (fastjepa.models.predictor): "repeat" = the official method with a cheaper last
     # block (same results), "official" = every block on every token, "shared" = opt-in, context computed once
     predictor_layout: str = "repeat"

@@ -1,14 +1,22 @@
 """Fused ops for JEPA-style training (installed as ``fastjepa.kernels``).
 
 Each op lives in its own file: the PyTorch reference (``x_ref``), the Triton kernels, launchers, the autograd
-Function and the public functional ``x``. The functional takes the Triton path on CUDA tensors (or under
-``TRITON_INTERPRET=1``) and the reference otherwise. The kernel backend ``reference``
-(``FASTJEPA_KERNEL_BACKEND=reference`` in the environment, or ``set_backend("reference")``) turns every op back to
-its reference. Masks are ``[M, B, K]`` index tensors (or the official list of M ``[B, K]`` tensors); indices
-outside ``[0, N)`` raise on every path.
+Function and the public functional ``x``. On CUDA tensors the functional runs what measured faster on a GPU
+(``MEASURED_WINNERS``: the Triton kernel only where it beat PyTorch and torch.compile), under
+``TRITON_INTERPRET=1`` the Triton kernel, elsewhere the reference. The kernel backend (``FASTJEPA_KERNEL_BACKEND``
+in the environment, ``set_backend(name)`` or ``with kernel_backend(name):``) ``triton`` forces every Triton kernel,
+``reference`` every reference. Masks are ``[M, B, K]`` index tensors (or the official list of M ``[B, K]``
+tensors); indices outside ``[0, N)`` raise on every path.
 """
 
-from fastjepa.kernels._utils import get_backend, mask_index, set_backend, stack_masks
+from fastjepa.kernels._utils import (
+    MEASURED_WINNERS,
+    get_backend,
+    kernel_backend,
+    mask_index,
+    set_backend,
+    stack_masks,
+)
 from fastjepa.kernels.ema import ema_update, ema_update_ref
 from fastjepa.kernels.masked_gather import masked_gather, masked_gather_ref
 from fastjepa.kernels.predictor_tokens import predictor_tokens, predictor_tokens_ref
@@ -20,7 +28,9 @@ from fastjepa.kernels.target_norm_gather import (
 )
 
 __all__ = [
+    "MEASURED_WINNERS",
     "get_backend",
+    "kernel_backend",
     "mask_index",
     "set_backend",
     "stack_masks",

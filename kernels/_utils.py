@@ -1,15 +1,19 @@
 """What the fused ops share: the backend switch, the mask-index checks, block sizes and small layout helpers.
 
 The backend switch works like timm's ``use_fused_attn()``: ``FASTJEPA_KERNEL_BACKEND=reference`` in the
-environment, or ``set_backend("reference")``, turns every op back to its PyTorch reference; the default ``auto``
-runs Triton on CUDA tensors (or under ``TRITON_INTERPRET=1``, how the kernels are tested on CPU).
+environment, or ``set_backend("reference")``, turns every op back to its PyTorch reference; ``triton`` runs every
+Triton kernel on CUDA tensors (or under ``TRITON_INTERPRET=1``, how the kernels are tested on CPU); the default
+``auto`` runs, on CUDA tensors, the implementation that measured faster (``MEASURED_WINNERS``) and Triton under the
+interpreter.
 
 Convention for every op that runs inside compiled code: its launchers are registered as ``torch.library`` custom
 ops with fake implementations, and its ``autograd.Function`` calls ``op_or_launcher(op, launcher)``: the opaque
 op while torch.compile traces (no graph break), the launcher itself in eager mode (no dispatcher overhead).
 """
 
+import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -55,7 +59,8 @@ if _BACKEND not in KERNEL_BACKENDS:
 
 
 def set_backend(name: str) -> None:
-    """``"auto"`` (Triton where it can run, the reference elsewhere) or ``"reference"``, for this process."""
+    """``"auto"`` (per op, what measured faster on a GPU), ``"triton"`` (every kernel where it can run) or
+    ``"reference"``, for this process."""
     global _BACKEND
     if name not in KERNEL_BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {KERNEL_BACKENDS}")
@@ -66,16 +71,68 @@ def get_backend() -> str:
     return _BACKEND
 
 
+@contextlib.contextmanager
+def kernel_backend(name: str):
+    """``set_backend(name)`` inside a ``with`` block, the previous backend restored after it."""
+    was = _BACKEND
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(was)
+
+
+def forced_triton(op):
+    """``op`` with its Triton kernel whatever ``auto`` would choose (benchmarks time the kernel itself)."""
+
+    @functools.wraps(op)
+    def call(*args, **kwargs):
+        with kernel_backend("triton"):
+            return op(*args, **kwargs)
+
+    return call
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the Triton path should run for these tensors: backend ``auto``, triton installed, and they live on
-    a GPU (or the Triton interpreter is on)."""
+# What ``auto`` runs on a GPU: per op, (size, faster implementation) at each shape measured on an H200
+# (bench/results/nvidia-h200/kernels.md: torch 2.11, bf16, batch 128, ViT-B/16 and ViT-H/14), size being the
+# elements of the op's main input (the EMA: parameters); a call takes the winner at the measured size nearest to its
+# own (log scale). A Triton kernel is the winner only where it beat both the PyTorch reference and torch.compile of
+# the reference. Ops not listed (block attention) run Triton on a GPU.
+MEASURED_WINNERS = {
+    # fwd+bwd vs the reference: Triton 0.75x (ViT-B), 0.92x (ViT-H); torch.compile 0.75x, 0.93x
+    "masked_gather": ((128 * 196 * 768, "reference"), (128 * 256 * 1280, "reference")),
+    # fwd+bwd: Triton 1.23x, 1.16x; torch.compile 1.98x, 1.28x (the reference, not compiled, is the default)
+    "predictor_tokens": ((128 * 60 * 384, "reference"), (128 * 70 * 384, "reference")),
+    # fwd: Triton 3.85x, 4.24x; torch.compile 3.40x, 3.97x
+    "target_norm_gather": ((128 * 196 * 768, "triton"), (128 * 256 * 1280, "triton")),
+    # fwd+bwd: Triton 0.78x, 1.34x; torch.compile 0.85x, 1.00x
+    "target_norm_smooth_l1": ((128 * 196 * 768, "reference"), (128 * 256 * 1280, "triton")),
+    # update + bf16 replica copy: Triton 0.79 ms, torch._foreach_lerp_ 0.44, the official loop 3.43 (ViT-B, 86M
+    # parameters); 2.51, 3.07 and 12.87 ms (ViT-H, 631M)
+    "ema": ((85_800_000, "foreach"), (630_800_000, "triton")),
+}
+
+
+def measured_winner(op: str, size: int) -> str:
+    """``"triton"``, ``"reference"`` or ``"foreach"``: what measured fastest at the size nearest to ``size``."""
+    return min(MEASURED_WINNERS[op], key=lambda m: abs(math.log(max(size, 1) / m[0])))[1]
+
+
+def use_triton(*tensors: torch.Tensor, op: str | None = None, size: int = 0) -> bool:
+    """True when the Triton path should run for these tensors: triton installed, they live on a GPU (or the Triton
+    interpreter is on), and the backend is ``triton``, or ``auto`` and Triton is what measured faster for ``op``
+    at ``size`` (``MEASURED_WINNERS``; the interpreter always runs Triton: it is how kernels are tested)."""
     if _BACKEND == "reference" or not HAVE_TRITON:
         return False
-    return interpreting() or all(t.is_cuda for t in tensors)
+    if not (interpreting() or all(t.is_cuda for t in tensors)):
+        return False
+    if _BACKEND == "triton" or op not in MEASURED_WINNERS or not any(t.is_cuda for t in tensors):
+        return True
+    return measured_winner(op, size) == "triton"
 
 
 def op_or_launcher(op, launcher):

@@ -10,7 +10,7 @@ extra read. FSDP2 parameters (DTensor) are updated through their local shards.
 import torch
 
 from fastjepa.choices import EMA_BACKENDS
-from fastjepa.kernels._utils import interpreting, require_triton, tl, triton, use_triton
+from fastjepa.kernels._utils import get_backend, interpreting, require_triton, tl, triton, use_triton
 
 try:
     from torch.distributed.tensor import DTensor
@@ -194,15 +194,20 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum:
         target, online: lists of same-shaped tensors (parameters, or FSDP2 DTensors: their local shards are used).
         momentum: the EMA momentum m.
         copy: optional list of tensors (e.g. bf16) that receive the new target values in the same pass.
-    On GPU (or under the Triton interpreter) all tensors of the same dtypes go through one launch; otherwise, or
-    with the kernel backend ``reference``, the reference loop runs.
+    With the kernel backend ``auto`` on a GPU, what measured faster at this model size (``MEASURED_WINNERS``):
+    the fused kernel (all tensors of the same dtypes in one launch) or ``torch._foreach_lerp_``; ``triton`` (and
+    the Triton interpreter) the fused kernel; ``reference``, and CPU tensors, the official loop.
     """
     _check_lists(target, online, copy)
     if not target:
         return
-    if not use_triton(_local(target[0])):
-        ema_update_ref([_local(t) for t in target], [_local(o) for o in online], momentum)
-        if copy is not None:
-            torch._foreach_copy_([_local(c) for c in copy], [_local(t) for t in target])
+    if use_triton(_local(target[0]), op="ema", size=sum(t.numel() for t in target)):
+        _ema_fused(target, online, momentum, copy, "triton")
         return
-    _ema_fused(target, online, momentum, copy, "triton")
+    local_target, local_online = [_local(t) for t in target], [_local(o).detach() for o in online]
+    if get_backend() == "auto" and local_target[0].is_cuda:  # measured faster than the loop (MEASURED_WINNERS)
+        torch._foreach_lerp_(local_target, local_online, 1.0 - float(momentum))
+    else:
+        ema_update_ref(local_target, local_online, momentum)
+    if copy is not None:
+        torch._foreach_copy_([_local(c) for c in copy], local_target)

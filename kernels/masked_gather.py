@@ -204,6 +204,7 @@ def masked_gather(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None = 
     Backward scatter-adds into the gradient of ``tokens`` (and of ``pos_embed`` when it requires grad).
     """
     idx = _check(tokens, masks, pos_embed)
-    if not use_triton(tokens, idx, *([pos_embed] if pos_embed is not None else [])):
+    if not use_triton(tokens, idx, *([pos_embed] if pos_embed is not None else []), op="masked_gather",
+                      size=tokens.numel()):
         return _gather_ref(tokens, idx, pos_embed)
     return MaskedGatherFunction.apply(tokens, idx, pos_embed)

@@ -235,6 +235,6 @@ def predictor_tokens(
         positional embedding's when it requires grad.
     """
     idx_enc, idx_pred = _check(x, masks_enc, masks_pred, mask_token, pos_embed)
-    if not use_triton(x, mask_token, pos_embed, idx_enc, idx_pred):
+    if not use_triton(x, mask_token, pos_embed, idx_enc, idx_pred, op="predictor_tokens", size=x.numel()):
         return _tokens_ref(x, idx_enc, idx_pred, mask_token, pos_embed)
     return PredictorTokensFunction.apply(x, idx_enc, idx_pred, mask_token, pos_embed)

@@ -234,7 +234,8 @@ def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1,
         ``[M*nenc*B, K, D]`` in ``h``'s dtype (statistics in fp32); fp32 under CUDA autocast, as the reference.
     """
     idx = _check(h, masks_pred, num_context_blocks, "target_norm_gather")
-    if not use_triton(h, idx) or (torch.is_grad_enabled() and h.requires_grad):
+    grad = torch.is_grad_enabled() and h.requires_grad
+    if not use_triton(h, idx, op="target_norm_gather", size=h.numel()) or grad:
         return _targets_ref(h, idx, num_context_blocks, eps)
     # CUDA autocast runs F.layer_norm in fp32, so the reference's targets are fp32 there: keep that dtype.
     dtype = torch.float32 if h.is_cuda and torch.is_autocast_enabled("cuda") else h.dtype
@@ -255,7 +256,7 @@ def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_c
     """
     idx = _check(h, masks_pred, num_context_blocks, "target_norm_smooth_l1")
     _check_pred(pred, h, idx, num_context_blocks, "target_norm_smooth_l1")
-    if not use_triton(pred, h, idx) or pred.numel() == 0:
+    if not use_triton(pred, h, idx, op="target_norm_smooth_l1", size=h.numel()) or pred.numel() == 0:
         return F.smooth_l1_loss(pred, _targets_ref(h.detach(), idx, num_context_blocks, eps))
     # Autocast (CPU and CUDA) runs smooth_l1_loss in fp32: the reference's loss is fp32 there.
     autocast = torch.is_autocast_enabled(pred.device.type)

@@ -18,6 +18,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def triton_kernels():
+    """Every test starts with the ``triton`` kernel backend, so that the kernel tests run the kernels on a GPU too
+    (where ``auto`` runs the measured winner, often the reference); the trainer sets its config's backend."""
+    from fastjepa.kernels import kernel_backend
+
+    with kernel_backend("triton"):
+        yield
+
+
 @pytest.fixture
 def reference_ops():
     """Run the fastjepa.kernels ops through their PyTorch references: under the Triton interpreter (CPU) the
