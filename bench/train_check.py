@@ -7,7 +7,8 @@ host-to-device copies included), data wait per step, peak memory and the resume.
     python -m bench.train_check --quick --out DIR             # CPU smoke run: tiny model, a few steps, no claims
 
 Writes ``train_check.md``, ``train_check.csv``, ``train_check.log`` (both commands' output) and
-``train_check_metrics.jsonl`` to ``--out`` (and keeps the images, shards and run folder under it with ``--keep``); exits 1 when a command fails or the second run did not resume where the first stopped.
+``train_check_metrics.jsonl`` to ``--out`` (and keeps the images, shards and run folder under it with
+``--keep``); exits 1 when a command fails or the second run did not resume where the first stopped.
 """
 
 import argparse

@@ -153,6 +153,8 @@ class EagerOnCompileFailure:
         try:
             with functorch_config.patch(force_non_lazy_backward_lowering=True):
                 return self._compile(gm, example_inputs)
+        except (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame):
+            raise  # dynamo's own control flow (e.g. re-tracing with a scalar as a tensor), not a failure
         except Exception as e:  # noqa: BLE001 -- any compiler failure: the graph itself is still correct
             tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
             shape = tuple(max(tensors, key=torch.Tensor.dim).shape) if tensors else ()  # the activations

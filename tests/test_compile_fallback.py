@@ -65,3 +65,18 @@ def test_the_block_options_are_known_to_this_inductor_and_compile_a_block():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     assert compiler.failures == []
+
+
+@pytest.mark.parametrize("signal", [torch._dynamo.exc.TensorifyScalarRestartAnalysis, torch._dynamo.exc.SkipFrame])
+def test_dynamo_control_flow_raised_inside_the_backend_is_not_a_failure(signal):
+    """Dynamo restarts its analysis by raising from inside the backend (e.g. to trace a scalar as a tensor): the
+    fallback must let that through, or the graph would run eager for no reason."""
+
+    def restarting(gm, example_inputs):
+        raise signal()
+
+    compiler = parallel.EagerOnCompileFailure(restarting)
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with pytest.raises(signal):
+        compiler(gm, [torch.zeros(1, 2)])
+    assert compiler.failures == []

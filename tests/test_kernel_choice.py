@@ -2,7 +2,6 @@
 a Triton kernel is the default for an op and size only where it beat every other implementation timed there
 (bench/results/nvidia-h200/kernels.md)."""
 
-import re
 from pathlib import Path
 
 import pytest
