@@ -116,22 +116,26 @@ class _TableCache:
 _TABLES = _TableCache()
 
 
-def _check_lists(target, online, copy) -> None:
-    """Same number of tensors and exactly the same shapes, pair by pair (no broadcasting, on any path)."""
+def _check_lists(target, online, copy) -> int:
+    """Same number of tensors and exactly the same shapes, pair by pair (no broadcasting, on any path); returns the
+    elements of the target (the whole model's, for FSDP2 shards), the size ``auto`` decides by."""
     if len(target) != len(online) or (copy is not None and len(copy) != len(target)):
         raise ValueError(
             f"ema_update: {len(target)} target, {len(online)} online"
             + ("" if copy is None else f" and {len(copy)} copy")
             + " tensors; the lists must pair up (same parameters in the same order)"
         )
+    size = 0
     for i, (t, o) in enumerate(zip(target, online, strict=True)):
         c = None if copy is None else copy[i]
+        size += t.numel()
         if t.shape != o.shape or (c is not None and c.shape != t.shape):
             raise ValueError(
                 f"ema_update: tensor {i} has target shape {tuple(t.shape)}, online {tuple(o.shape)}"
                 + ("" if c is None else f", copy {tuple(c.shape)}")
                 + "; pair the same parameters (for FSDP2 both models must be sharded the same way)"
             )
+    return size
 
 
 def _groups(target, online, copy):
@@ -198,10 +202,10 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum:
     the fused kernel (all tensors of the same dtypes in one launch) or ``torch._foreach_lerp_``; ``triton`` (and
     the Triton interpreter) the fused kernel; ``reference``, and CPU tensors, the official loop.
     """
-    _check_lists(target, online, copy)
+    size = _check_lists(target, online, copy)
     if not target:
         return
-    if use_triton(_local(target[0]), op="ema", size=sum(t.numel() for t in target)):
+    if use_triton(_local(target[0]), op="ema", size=size):
         _ema_fused(target, online, momentum, copy, "triton")
         return
     local_target, local_online = [_local(t) for t in target], [_local(o).detach() for o in online]
