@@ -5,7 +5,8 @@ top kernels by time.
     python -m bench.profile_step --model vit_huge_14 --batch 128       # on a GPU
     python -m bench.profile_step --quick                                # CPU smoke run (host ops; no claims)
 
-Writes ``profile.md`` (the split and the top kernels) and ``profile_trace.json`` (open in chrome://tracing or
+Writes ``profile.md`` (the split, the top kernels and, beside the measured split, the step's roofline at this GPU's
+ceilings measured in the same run: ``bench/roofline.py``) and ``profile_trace.json`` (open in chrome://tracing or
 Perfetto) to ``--out``.
 """
 
@@ -18,7 +19,9 @@ import torch
 
 from fastjepa.masks import Masks
 
-from .bench_step import QUICK, SETUPS, make_inputs
+from . import roofline
+from .bench_step import QUICK, SETUPS, make_inputs, matmul_rate
+from .common import copy_bandwidth
 from .step_providers import FastJepaStep, PhaseTimer
 
 # First match wins: fastjepa's own kernels and the EMA before the generic patterns they would also match, attention
@@ -66,31 +69,44 @@ def profile(model: str, batch: int, warmup: int, compile_backend: str | None, ou
             torch.cuda.synchronize()
     out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out / "profile_trace.json"))
-    return report(prof, device, f"{model}, batch {batch}, compile={compile_backend or 'off'}")
-
-
-def report(prof, device: torch.device, what: str) -> list[str]:
-    """Device kernels (host ops on CPU) by category and the top 15 by time, as markdown lines."""
     cuda = device.type == "cuda"
     rows = [(event.key, event.self_device_time_total if cuda else event.self_cpu_time_total, event.count,
              getattr(event, "is_user_annotation", False))
             for event in prof.key_averages()
             if not cuda or event.device_type == torch.autograd.DeviceType.CUDA]
-    return table(rows, f"{what}, {'device kernels' if cuda else 'CPU host ops: no claims'}")
+    lines = table(rows, f"{model}, batch {batch}, compile={compile_backend or 'off'}, "
+                        f"{'device kernels' if cuda else 'CPU host ops: no claims'}")
+    if cuda:  # the floors at this GPU's ceilings measured now, beside its measured categories
+        ceilings = dict(tflops=matmul_rate(device) / 1e12, tbps=copy_bandwidth(str(device)) / 1e3)
+        return lines + [""] + roofline.report(s, batch, **ceilings, measured=category_ms(rows))
+    return lines + [""] + roofline.report(s, batch)  # on a CPU: the floors at the H200's ceilings alone
 
 
-def table(rows, what: str) -> list[str]:
-    """Markdown lines from profiler rows ``(name, self µs, calls, is a user annotation)``: the split by category and
-    the top 15 kernels. Annotation ranges are left out of both (their kernels are rows of their own)."""
+def kernel_times(rows) -> tuple[dict[str, float], dict[str, int]]:
+    """µs and calls per kernel name from profiler rows ``(name, self µs, calls, is a user annotation)``, annotation
+    ranges left out (their kernels are rows of their own)."""
     times, calls = defaultdict(float), defaultdict(int)
     for name, us, count, annotation in rows:
         if us > 0 and not is_annotation(name, annotation):
             times[name] += us
             calls[name] += count
-    total = sum(times.values()) or 1.0
+    return times, calls
+
+
+def category_ms(rows) -> dict[str, float]:
+    """Milliseconds per category of the profiler rows."""
     split = defaultdict(float)
-    for name, us in times.items():
-        split[category(name)] += us
+    for name, us in kernel_times(rows)[0].items():
+        split[category(name)] += us / 1e3
+    return dict(split)
+
+
+def table(rows, what: str) -> list[str]:
+    """Markdown lines from profiler rows ``(name, self µs, calls, is a user annotation)``: the split by category and
+    the top 15 kernels."""
+    times, calls = kernel_times(rows)
+    total = sum(times.values()) or 1.0
+    split = {cat: ms * 1e3 for cat, ms in category_ms(rows).items()}
     lines = [f"# One fastjepa step by category ({what})", "", f"total {total / 1e3:.1f} ms", "",
              "| category | ms | share |", "|---|---|---|"]
     for cat, us in sorted(split.items(), key=lambda x: -x[1]):

@@ -29,12 +29,19 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
-def block_flops(tokens, pairs, dim: int, hidden: int, query_tokens=None):
-    """Matmul FLOPs of one ViT block's forward: k and v for ``tokens``; q, proj, fc1, fc2 for ``query_tokens``
-    (all tokens by default; the target-only last predictor block has fewer); ``4 * dim`` per (query, key) pair
-    for the scores and the weighted values. Works elementwise on tensors of counts."""
+def block_matmuls(tokens, pairs, dim: int, hidden: int, query_tokens=None) -> dict:
+    """Matmul FLOPs of one ViT block's forward, per matmul: k and v for ``tokens``; q, proj, fc1, fc2 for
+    ``query_tokens`` (all tokens by default; the target-only last predictor block has fewer); ``4 * dim`` per
+    (query, key) pair for the scores and the weighted values (``attention``). Works elementwise on arrays of
+    counts."""
     queries = tokens if query_tokens is None else query_tokens
-    return 2 * tokens * dim * 2 * dim + 2 * queries * dim * (2 * dim + 2 * hidden) + 4 * pairs * dim
+    return {"qkv": 2 * tokens * dim * 2 * dim + 2 * queries * dim * dim, "attention": 4 * pairs * dim,
+            "proj": 2 * queries * dim * dim, "fc1": 2 * queries * dim * hidden, "fc2": 2 * queries * hidden * dim}
+
+
+def block_flops(tokens, pairs, dim: int, hidden: int, query_tokens=None):
+    """Matmul FLOPs of one ViT block's forward: the sum of ``block_matmuls``."""
+    return sum(block_matmuls(tokens, pairs, dim, hidden, query_tokens).values())
 
 
 @dataclass(frozen=True)

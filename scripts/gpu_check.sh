@@ -60,7 +60,8 @@ write_summary() {
         echo
         [[ -f "$WORK/step/train_step.md" ]] && sed -n '/^| model | fastjepa img/,/^$/p' "$WORK/step/train_step.md"
         [[ -f "$WORK/train/train_check.md" ]] && { echo; sed -n '/^| model/,/^$/p' "$WORK/train/train_check.md"; }
-        [[ -f "$WORK/profile/profile.md" ]] && { echo; sed -n '1,/^| top kernels/p' "$WORK/profile/profile.md" | head -n -1; }
+        [[ -f "$WORK/profile/profile.md" ]] && { echo; sed -n '1,/^| top kernels/p' "$WORK/profile/profile.md" | head -n -1;
+            sed -n '/^# Roofline/,$p' "$WORK/profile/profile.md"; }
         [[ -f "$WORK/step/compile.txt" ]] && { echo; cat "$WORK/step/compile.txt"; }
     } >"$SUMMARY"
     tar czf "$OUT_DIR/results.tar.gz" -C "$WORK" . 2>/dev/null

@@ -27,6 +27,7 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     for stage in STAGES:
         assert f"| {stage} | ok |" in summary, summary
     assert "| quick |" in summary and "| category | ms | share |" in summary and "dry run" in summary
+    assert "# Roofline of one step" in summary and "| category | floor ms |" in summary
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
         names = set(tar.getnames())
         kernels = list(csv.DictReader(io.TextIOWrapper(tar.extractfile("./kernels/kernels.csv"))))
