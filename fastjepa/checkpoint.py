@@ -168,6 +168,9 @@ class CheckpointManager:
         self.keep_last = keep_last
         self._pending = None  # (future, commit arguments) of the asynchronous save in flight
         self._group = None
+        # the resumed checkpoint of an older step numbering: kept, and ``latest``, until the new timeline's first
+        # checkpoint is complete (moving it aside at resume lost the run to a crash before that save)
+        self._superseded: Path | None = None
 
     def remove_partial_saves(self) -> None:
         """Delete ``.tmp-*`` directories left by a save that crashed (rank 0; call before training)."""
@@ -209,27 +212,34 @@ class CheckpointManager:
 
     def start_timeline(self, step: int, keep: Path | None = None) -> list[Path]:
         """Before training continues from ``step`` (-1: from scratch), move every checkpoint of this folder from a
-        later step (or from the same step, unless it is ``keep``, the one resumed) aside into
-        ``abandoned-<time>/``, and point ``latest`` at ``keep`` when it is in this folder: the saves of the new
-        timeline then replace the abandoned ones, and an auto-resume can never pick those again. Returns the
-        moved paths."""
+        later step (or from the same step) aside into ``abandoned-<time>/``, except ``keep``, the one resumed, and
+        point ``latest`` at ``keep`` when it is in this folder: the saves of the new timeline then replace the
+        abandoned ones, and an auto-resume can never pick those again. A ``keep`` from a later step (a resume that
+        renumbered the steps) stays until the new timeline's first checkpoint is complete, so that a crash before
+        that save resumes it again instead of starting over. Returns the moved paths."""
         moved = []
         _barrier()  # every rank has finished reading the checkpoint it resumed (which may be one moved here)
+        keep = None if keep is None else Path(keep).resolve()
+        if keep is not None and step_of(keep) > step and keep.parent == self.folder.resolve():
+            self._superseded = keep
         if _rank() == 0 and self.folder.is_dir():
-            keep = None if keep is None else Path(keep).resolve()
-            stale = [p for p in self.checkpoints() if step_of(p) > step or (step_of(p) == step and p.resolve() != keep)]
+            stale = [p for p in self.checkpoints() if step_of(p) >= step and p.resolve() != keep]
             if stale:
-                aside = self.folder / time.strftime("abandoned-%Y%m%d-%H%M%S")
-                aside.mkdir(exist_ok=True)
-                for path in stale:
-                    os.replace(path, aside / path.name)
-                    moved.append(aside / path.name)
-                logger.warning(f"continuing from step {step}: moved the checkpoints of the abandoned timeline aside "
-                               f"to {aside}: {', '.join(p.name for p in stale)}")
+                moved = self._abandon(stale, f"continuing from step {step}")
             if keep is not None and keep.parent == self.folder.resolve():
                 _write_atomic(self.folder / LATEST, keep.name)
         _barrier()
         return moved
+
+    def _abandon(self, paths: list[Path], why: str) -> list[Path]:
+        """Rank 0: move checkpoints of an abandoned timeline into ``abandoned-<time>/``; returns their new paths."""
+        aside = self.folder / time.strftime("abandoned-%Y%m%d-%H%M%S")
+        aside.mkdir(exist_ok=True)
+        for path in paths:
+            os.replace(path, aside / path.name)
+        logger.warning(f"{why}: moved the checkpoints of the abandoned timeline aside to {aside}: "
+                       f"{', '.join(p.name for p in paths)}")
+        return [aside / p.name for p in paths]
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, rank_state: dict,
              meta: dict | None = None, permanent: bool = False, asynchronous: bool = False) -> Path:
@@ -242,7 +252,7 @@ class CheckpointManager:
         At most one save is in flight: a new one waits for the previous one first."""
         self.wait()
         final = self.folder / step_dir_name(step)
-        if verify(final) is None:
+        if verify(final) is None and final.resolve() != self._superseded:
             # this step is already saved in this timeline (e.g. a preemption signal right after a periodic save)
             if _rank() == 0:
                 _write_atomic(self.folder / LATEST, final.name)
@@ -267,6 +277,7 @@ class CheckpointManager:
             _barrier()
             self._commit(*commit)
             _barrier()
+        self._superseded = None
         return final
 
     def poll(self) -> Path | None:
@@ -285,6 +296,7 @@ class CheckpointManager:
             future.result()
             if _rank() == 0:  # every rank's shards are written once rank 0's save (which gathers them) returns
                 self._commit(*commit)
+        self._superseded = None
         return commit[1]
 
     @contextlib.contextmanager
@@ -319,6 +331,8 @@ class CheckpointManager:
         meta = {"step": step, "world_size": world, "time": time.time(), "permanent": permanent, **(meta or {}),
                 "files": _manifest(tmp)}
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        if self._superseded is not None and self._superseded.exists():  # the new timeline has its first checkpoint
+            self._abandon([self._superseded], f"checkpoint {final.name} of the new step numbering is complete")
         if final.exists():  # a damaged directory of this step (it failed verify): out of the way
             shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

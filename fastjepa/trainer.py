@@ -191,7 +191,7 @@ class Trainer:
         # The step counts this run's batches: another world size changes the batches per epoch.
         step = saved["step"] if exact else epoch * self.ipe + batch
         if step < saved["step"]:  # renumbered: the saves ahead of this step belong to the old numbering
-            self.manager.start_timeline(step)
+            self.manager.start_timeline(step, keep=path)
         self.state = TrainState(step=step, epoch=epoch, batch_in_epoch=batch, skipped_steps=saved["skipped_steps"])
         set_rng_state(saved["rng"])
         self.model.sync_target_replica()

@@ -156,3 +156,35 @@ def test_an_asynchronous_save_becomes_latest_only_once_written_and_holds_the_sta
     manager.load(second, fresh, fresh_opt)
     for k, v in fresh.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+
+
+def test_a_renumbered_resume_keeps_its_checkpoint_until_the_new_timeline_has_one(tmp_path):
+    """Issue 22, case 1: a one-rank step 6 resumed on two ranks continues at step 3. Killed before its first save,
+    the folder must still resume step 6 (it used to be moved aside at once: the rerun started from step 0)."""
+    model, opt = trained(seed=0)
+    first = CheckpointManager(tmp_path, keep_last=0)
+    for step in (4, 5, 6):
+        first.save(step, model, opt, {"step": step})
+    resumed = tmp_path / "step_00000006"
+    second = CheckpointManager(tmp_path, keep_last=0)
+    moved = second.start_timeline(3, keep=resumed)  # what the trainer does when another world size renumbers
+    # the old numbering's 4 and 5 would be overwritten by the new timeline's saves: aside; 6 is what was resumed
+    assert [p.name for p in moved] == ["step_00000004", "step_00000005"]
+    # killed here: a new process (auto-resume) finds step 6, and only step 6
+    assert CheckpointManager(tmp_path).latest() == resumed
+    assert [p.name for p in CheckpointManager(tmp_path).complete_checkpoints()] == ["step_00000006"]
+    # the new timeline's first checkpoint (step 4) is complete: only now is step 6 moved aside
+    new = second.save(4, model, opt, {"step": 4})
+    assert CheckpointManager(tmp_path).latest() == new and not resumed.exists()
+    assert sorted(p.parent.name.startswith("abandoned-") for p in tmp_path.glob("abandoned-*/step_00000006")) == [True]
+
+
+def test_the_new_timeline_writes_its_own_checkpoint_where_the_resumed_one_has_the_same_step(tmp_path):
+    model, opt = trained(seed=0)
+    CheckpointManager(tmp_path).save(6, model, opt, {"step": 6, "timeline": "old"})
+    manager = CheckpointManager(tmp_path)
+    manager.start_timeline(3, keep=tmp_path / "step_00000006")
+    path = manager.save(6, model, opt, {"step": 6, "timeline": "new"})  # not "already saved": another timeline
+    assert torch.load(path / "rank0.pt", weights_only=False)["timeline"] == "new"
+    assert [torch.load(p / "rank0.pt", weights_only=False)["timeline"] for p in tmp_path.glob("abandoned-*/*")] == [
+        "old"]
