@@ -312,10 +312,13 @@ class Trainer:
         """Stop when ``train.max_bad_steps`` steps in a row were non-finite (a host read: call at log steps)."""
         t = self.cfg.train
         if int(self.stepper.consecutive_bad) >= t.max_bad_steps:
+            latest = self.manager.latest()
+            kept = (f"The last good checkpoint is kept: {latest}." if latest is not None else
+                    "No checkpoint was written before it diverged: a rerun starts from step 0.")
             raise TrainingDiverged(
                 f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (last at step "
-                f"{self.state.step}); stopping. The last good checkpoint is kept: {self.manager.latest()}. Lower "
-                "optimization.lr, check the data, or raise train.max_bad_steps.")
+                f"{self.state.step}); stopping. {kept} Lower optimization.lr, check the data, or raise "
+                "train.max_bad_steps.")
 
     def stop_requested(self, log_step: bool) -> bool:
         """A preemption signal arrived (under torchrun: at any rank, agreed on at log steps, all or none)."""

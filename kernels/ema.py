@@ -202,6 +202,9 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum:
     the fused kernel (all tensors of the same dtypes in one launch) or ``torch._foreach_lerp_``; ``triton`` (and
     the Triton interpreter) the fused kernel; ``reference``, and CPU tensors, the official loop.
     """
+    if not 0.0 <= float(momentum) <= 1.0:  # NaN fails too
+        raise ValueError(f"ema_update: momentum {momentum} is not in [0, 1]; the target would diverge from the "
+                         "online weights (optimization.ema is a pair of momenta in [0, 1], e.g. [0.996, 1.0])")
     size = _check_lists(target, online, copy)
     if not target:
         return

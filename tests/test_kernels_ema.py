@@ -170,3 +170,18 @@ def test_tensors_the_kernel_cannot_take_fall_back_to_the_loop():
     ema_update_ref(exact, [o.double() for o in online], 0.9)
     for t, e in zip(target, exact, strict=True):
         torch.testing.assert_close(t.double(), e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("momentum", [2.0, -0.1, float("nan")])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_momentum_outside_0_1_is_refused_on_every_path(momentum, backend):
+    target, online = params(torch.float32, 0), params(torch.float32, 1)
+    before = copy.deepcopy(target)
+    set_backend(backend)
+    try:
+        with pytest.raises(ValueError, match=r"momentum .* is not in \[0, 1\]"):
+            ema_update(target, online, momentum)
+    finally:
+        set_backend("auto")
+    for t, b in zip(target, before, strict=True):
+        torch.testing.assert_close(t, b, rtol=0, atol=0)  # untouched

@@ -98,6 +98,14 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, fused):
     assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["skipped_steps"] == 2
 
 
+def test_a_divergence_before_any_checkpoint_says_so_in_words(tmp_path, monkeypatch):
+    poison_forward(monkeypatch, lambda n: True)
+    cfg = tiny_cfg(tmp_path, "train.max_steps=4", "train.max_bad_steps=2")
+    with pytest.raises(fj_train.TrainingDiverged, match="No checkpoint was written before it diverged") as info:
+        fj_train.run(cfg)
+    assert "None" not in str(info.value)
+
+
 def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
     poison_forward(monkeypatch, lambda n: n >= 3)
     cfg = tiny_cfg(tmp_path, "train.max_steps=8", "train.max_bad_steps=2", "train.checkpoint_steps=1")
