@@ -13,6 +13,7 @@ FSDP2-wrapped models (DCP reshards on load).
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import random
 import re
 import shutil
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -370,36 +372,67 @@ class CheckpointManager:
 
 class RunLock:
     """One run per folder: ``folder/.lock`` holds the owner's host, pid and start time, and its modification time
-    is the owner's heartbeat (``refresh`` at every log step). A second run refuses to start; a lock whose owner
-    is gone (a dead pid on this host, or no heartbeat for ``stale_after_s`` from another host) is taken over with
-    a warning."""
+    is the owner's heartbeat, refreshed every ``heartbeat_s`` by a thread of its own (whatever the checkpoint
+    cadence). A second run refuses to start; a lock whose owner is gone (a dead pid on this host, or no heartbeat
+    for ``stale_after_s`` from another host) is taken over with a warning.
 
-    def __init__(self, folder: str | os.PathLike, stale_after_s: float = 900.0):
+    The lock is created with its content in one step (a hard link from a complete temporary file): a reader never
+    sees it empty. Checking and taking over happen under an ``flock`` on ``folder/.lock.guard``, so processes on
+    one host never both judge a lock stale and both take it."""
+
+    HEARTBEAT_S = 60.0
+
+    def __init__(self, folder: str | os.PathLike, stale_after_s: float = 900.0, heartbeat_s: float | None = None):
         self.path = Path(folder) / ".lock"
         self.stale_after_s = stale_after_s
+        self.heartbeat_s = self.HEARTBEAT_S if heartbeat_s is None else heartbeat_s
         self.held = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        with self._guard():
+            for _ in range(3):
+                if self._create(me):
+                    self.held = True
+                    self._start_heartbeat()
+                    return
                 owner, why_stale = self._stale()
                 if why_stale is None:
                     raise CheckpointError(
                         f"logging.folder={self.path.parent} is in use by another run ({owner}); two runs in one "
                         "folder would overwrite each other's checkpoints. Wait for it to finish, stop it, or use "
-                        f"another logging.folder (if that run is dead, delete {self.path})") from None
+                        f"another logging.folder (if that run is dead, delete {self.path})")
                 logger.warning(f"taking over the stale lock {self.path} ({owner}): {why_stale}")
                 self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
         raise CheckpointError(f"could not take the lock {self.path}: another run keeps taking it")
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """An exclusive ``flock`` for the check-and-take: one process of this host at a time."""
+        with open(self.path.with_name(".lock.guard"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _create(self, owner: dict) -> bool:
+        """Create the lock holding ``owner``, atomically; False if it exists."""
+        tmp = self.path.with_name(f".lock.{socket.gethostname()}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(owner, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _stale(self) -> tuple[str, str | None]:
         try:
@@ -407,16 +440,30 @@ class RunLock:
             age = time.time() - self.path.stat().st_mtime
         except (OSError, ValueError):
             return "unreadable lock", "the lock file is unreadable"
+        if not isinstance(owner, dict):
+            return "unreadable lock", f"the lock file holds {type(owner).__name__}, not its owner"
         who = f"host {owner.get('host')}, pid {owner.get('pid')}, started {owner.get('started')}"
         if owner.get("host") == socket.gethostname():
             try:
                 os.kill(int(owner.get("pid", -1)), 0)
             except ProcessLookupError:
                 return who, "that process no longer exists"
-            except (PermissionError, ValueError, OverflowError):  # another user's live process, or no usable pid
+            except (PermissionError, ValueError, OverflowError, TypeError):  # another user's live process, no pid
                 return who, None
             return who, None
         return who, (f"no heartbeat for {age:.0f} s" if age > self.stale_after_s else None)
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="fastjepa-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.refresh()
+            except OSError as e:  # a full or unreachable disk: the run itself will say more
+                logger.warning(f"could not refresh the lock {self.path}: {e}")
 
     def refresh(self) -> None:
         if self.held:
@@ -424,6 +471,9 @@ class RunLock:
 
     def release(self) -> None:
         if self.held:
+            self._stop.set()
+            if self._beat is not None:
+                self._beat.join()
             self.path.unlink(missing_ok=True)
             self.held = False
 

@@ -232,8 +232,6 @@ class Trainer:
             "loader": self.loader.state_dict() if next_batch > 0 else None, "rng": rng_state(),
             "skipped_steps": s.skipped_steps,
         }, meta=meta, permanent=permanent, asynchronous=background and self.cfg.train.async_checkpoint)
-        if self.lock is not None:
-            self.lock.refresh()
         return path
 
     def end_epoch(self) -> None:

@@ -5,12 +5,14 @@ never share a folder. Single-process cases here; world-size changes are in test_
 import errno
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -261,6 +263,56 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog):
         fj_train.run(tiny_cfg(tmp_path, "train.max_steps=1"))
     assert "taking over the stale lock" in caplog.text and "no longer exists" in caplog.text
     assert not (tmp_path / ".lock").exists()  # released at the end
+
+
+def _contend(folder, barrier, holders):
+    lock = RunLock(folder, heartbeat_s=3600)
+    barrier.wait()
+    try:
+        lock.acquire()
+    except Exception:  # noqa: BLE001 -- refused: the folder is held
+        return
+    holders.put(os.getpid())
+    time.sleep(0.2)  # hold it while the others look
+    lock.release()
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
+def test_three_processes_racing_for_the_lock_give_exactly_one_holder(tmp_path, stale):
+    """30 trials each, free folder and stale lock (a dead pid): the lock used to be visible empty between its
+    creation and its content, and two racers could both take over a stale one."""
+    ctx = multiprocessing.get_context("fork")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for trial in range(30):
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        if stale:
+            (folder / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout)}))
+        barrier, holders = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_contend, args=(folder, barrier, holders)) for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(30)
+        got = []
+        while not holders.empty():
+            got.append(holders.get())
+        assert len(got) == 1, (trial, got)
+
+
+def test_the_lock_heartbeat_beats_during_a_run_without_checkpoints(tmp_path, monkeypatch):
+    beats = []
+    real_refresh = RunLock.refresh
+
+    def refresh(self):
+        beats.append(threading.current_thread().name)
+        real_refresh(self)
+
+    monkeypatch.setattr(RunLock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(RunLock, "refresh", refresh)
+    fj_train.run(tiny_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_steps=0"))
+    assert beats.count("fastjepa-lock-heartbeat") >= 2, beats
+    assert not (tmp_path / ".lock").exists()
 
 
 def test_read_jsonl_skips_a_torn_last_line(tmp_path):
