@@ -225,6 +225,7 @@ class Trainer:
         next_epoch, next_batch = (s.epoch + 1, 0) if s.batch_in_epoch >= self.ipe else (s.epoch, s.batch_in_epoch)
         meta = {"epoch": next_epoch, "ipe": self.ipe, "batch_size": self.cfg.data.batch_size,
                 "target_encoder": self.cfg.fastjepa.target_encoder,
+                "model": {key: self.cfg.get(key) for key in MODEL_SHAPE_KEYS},
                 "num_workers": self.cfg.data.num_workers, "loss": None if self.stepper.last_loss is None
                 else float(self.stepper.last_loss)}
         path = self.manager.save(s.step, self.model, self.optimizer, {
@@ -418,12 +419,26 @@ def lock_folder(cfg, env: DistEnv) -> RunLock | None:
     return lock
 
 
+# The settings that give the weights their shapes: a checkpoint loads only into the model they describe.
+MODEL_SHAPE_KEYS = ("meta.model_name", "mask.patch_size", "data.crop_size", "fastjepa.in_chans", "meta.pred_depth",
+                    "meta.pred_emb_dim")
+
+
 def check_resume_compatible(cfg, path: Path | None) -> None:
-    """A checkpoint continues only with the batch size it was written with (the schedules count its batches) and
-    the same kind of target (an EMA target's weights exist only in an EMA run's checkpoints)."""
+    """A checkpoint continues only with the model it was written for (every differing shape setting named), the
+    batch size it was written with (the schedules count its batches) and the same kind of target (an EMA target's
+    weights exist only in an EMA run's checkpoints)."""
     if path is None:
         return
     meta = read_meta(path)
+    saved_model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    differ = [f"{key}={saved_model[key]} (this run: {cfg.get(key)})" for key in MODEL_SHAPE_KEYS
+              if key in saved_model and saved_model[key] != cfg.get(key)]
+    if differ:
+        raise SetupError(
+            f"{path} holds another model: it was written with {', '.join(differ)}. Set "
+            f"{' '.join(d.split(' (')[0] for d in differ)} to continue it, or start a new run (a new logging.folder, "
+            "or train.resume=none in an empty one)")
     for key, saved in (("data.batch_size", meta.get("batch_size")),
                        ("fastjepa.target_encoder", meta.get("target_encoder", "ema"))):
         if saved is not None and saved != cfg.get(key):

@@ -102,6 +102,17 @@ def test_a_checkpoint_continues_with_other_data_workers_and_refuses_another_batc
     assert "training" not in run.stdout
 
 
+def test_a_checkpoint_of_another_model_is_refused_before_the_model_is_built_naming_every_difference(tmp_path):
+    fj_train.run(tiny_cfg(tmp_path, "train.max_steps=2"))
+    run = cli("-m", "fastjepa.train", "--config", "configs/test_tiny.yaml", *TINY, "train.max_steps=4",
+              "meta.model_name=vit_mini", "meta.pred_depth=2", f"logging.folder={tmp_path}")
+    assert run.returncode == 2, run.stderr
+    assert "holds another model: it was written with meta.model_name=vit_micro (this run: vit_mini), " \
+           "meta.pred_depth=1 (this run: 2)" in run.stderr
+    assert "Set meta.model_name=vit_micro meta.pred_depth=1 to continue it" in run.stderr
+    assert "training" not in run.stdout and "Traceback" not in run.stderr
+
+
 # ---- 5. the epoch's skipped samples reach the training log ---------------------------------------------------------
 
 
