@@ -24,6 +24,8 @@ import socket
 import threading
 import time
 import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +124,10 @@ def read_meta(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def verify(path: str | os.PathLike) -> str | None:
-    """None when checkpoint ``path`` is complete (every file of its manifest there, at its size), else what is
-    wrong with it, in words."""
+def verify(path: str | os.PathLike, content: bool = False) -> str | None:
+    """None when checkpoint ``path`` is complete (every file of its manifest there, at its size; with ``content``
+    also matching its CRC32, which finds same-size damage at the cost of reading every byte), else what is wrong
+    with it, in words."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         return f"{path.name}: no meta.json (a save that did not finish, or a damaged checkpoint)"
@@ -132,19 +135,46 @@ def verify(path: str | os.PathLike) -> str | None:
         meta = read_meta(path)
     except (OSError, ValueError) as e:
         return f"{path.name}: meta.json is unreadable ({e})"
+    if not isinstance(meta, dict) or not isinstance(meta.get("files") or {}, dict):
+        return f"{path.name}: meta.json holds no checkpoint record (damaged)"
     # Checkpoints written before manifests existed: their DCP metadata and rank 0's state at least.
     files = meta.get("files") or {".metadata": None, "rank0.pt": None}
-    for name, size in files.items():
+    expected = {}
+    for name, entry in files.items():
+        size, crc = (entry.get("bytes"), entry.get("crc32")) if isinstance(entry, dict) else (entry, None)
         file = path / name
         if not file.is_file():
             return f"{path.name}: {name} is missing"
         if size is not None and file.stat().st_size != size:
             return f"{path.name}: {name} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
+        if content and crc is not None:
+            expected[file] = crc
+    for (file, crc), got in zip(expected.items(), _crc32s(list(expected)), strict=True):
+        if got != crc:
+            return f"{path.name}: {file.name} does not match its checksum (damaged on disk or in transit)"
     return None
 
 
-def _manifest(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+def _crc32(file: Path) -> int:
+    crc = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _crc32s(files: list[Path]) -> list[int]:
+    """CRC32 of each file, several at a time (zlib releases the GIL)."""
+    if len(files) <= 1:
+        return [_crc32(f) for f in files]
+    with ThreadPoolExecutor(min(8, len(files))) as pool:
+        return list(pool.map(_crc32, files))
+
+
+def _manifest(folder: Path) -> dict[str, dict]:
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "crc32": crc}
+            for p, crc in zip(files, _crc32s(files), strict=True)}
 
 
 def _is_disk_error(err: BaseException) -> OSError | None:
@@ -211,6 +241,30 @@ class CheckpointManager:
                 return path
             logger.warning(f"skipping damaged checkpoint: {problem}")
         return None
+
+    def verified(self, path: Path, fall_back: bool = True) -> Path:
+        """``path`` if its content verifies (rank 0 reads every byte, every rank learns the verdict); else, with
+        ``fall_back``, the newest older checkpoint of this folder that does, after one warning line per rejected
+        checkpoint naming the file and the reason. Raises ``CheckpointError`` when none does: a run that has
+        checkpoints never restarts from step 0 on its own."""
+        tried = []
+        while path is not None:
+            problem = agreed(verify(path, content=True) if _rank() == 0 else None)
+            if problem is None:
+                return path
+            tried.append(problem)
+            if not fall_back:
+                break
+            path = self.previous(path)
+            logger.warning(f"checkpoint {tried[-1]}: not usable; " + (f"falling back to {path}" if path else
+                                                                        "no older checkpoint to fall back to"))
+        raise CheckpointError(f"no usable checkpoint to resume ({'; '.join(tried)}): restore a copy of the run "
+                              f"folder, pass --resume with a good checkpoint, or start over in a new logging.folder")
+
+    def previous(self, path: Path) -> Path | None:
+        """The newest complete checkpoint of this folder from a step before ``path``'s."""
+        older = [p for p in self.complete_checkpoints() if step_of(p) < step_of(path)]
+        return older[-1] if older else None
 
     def start_timeline(self, step: int, keep: Path | None = None) -> list[Path]:
         """Before training continues from ``step`` (-1: from scratch), move every checkpoint of this folder from a
@@ -495,6 +549,15 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module, prefix: str = 
 def full_model_state(model: nn.Module) -> dict:
     """Unsharded CPU state dict of a (possibly FSDP2-sharded) module; a collective: every rank must call it."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def agreed(problem: str | None) -> str | None:
+    """Every rank's verdict combined (the first problem any rank found), so that all ranks act alike."""
+    if not _distributed():
+        return problem
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, problem)
+    return next((v for v in verdicts if v is not None), None)
 
 
 def _write_atomic(path: Path, text: str) -> None:

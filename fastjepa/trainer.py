@@ -23,6 +23,7 @@ from fastjepa.checkpoint import (
     CheckpointError,
     CheckpointManager,
     RunLock,
+    agreed,
     read_meta,
     rng_state,
     set_rng_state,
@@ -152,7 +153,7 @@ class Trainer:
         trainer.normalize = Normalize(*mean_std(cfg), env.device)
         plan.manager.remove_partial_saves()
         if plan.resume_from is not None:
-            trainer.restore(plan.resume_from)
+            trainer.resume(plan.resume_from, fall_back=not names_one_checkpoint(cfg, resume))
         return trainer
 
     def start(self) -> None:
@@ -177,6 +178,42 @@ class Trainer:
             self.sink.close()
         if self.lock is not None:
             self.lock.release()
+
+    def resume(self, path: Path, fall_back: bool) -> None:
+        """``restore(path)``; a checkpoint that fails to load or holds non-finite weights falls back (``fall_back``)
+        to the newest older one that verifies, after one warning line naming it and the reason; else the run
+        stops with that reason (exit 2), never silently from step 0."""
+        while True:
+            problem = agreed(self._restore_problem(path))
+            if problem is None:
+                return
+            older = self._older_usable(path) if fall_back else None
+            if older is None:
+                raise SetupError(f"checkpoint {path} cannot be resumed: {problem}; pass --resume with another "
+                                 "checkpoint, or start over in a new logging.folder")
+            logger.warning(f"checkpoint {path} cannot be resumed ({problem}); falling back to {older}")
+            self.manager.start_timeline(step_of(older), keep=older)
+            path = older
+
+    @staticmethod
+    def _older_usable(path: Path) -> Path | None:
+        """The newest checkpoint before ``path`` in its folder whose content verifies, or None."""
+        folder = CheckpointManager(path.parent)
+        previous = folder.previous(path)
+        try:
+            return None if previous is None else folder.verified(previous)
+        except CheckpointError:
+            return None
+
+    def _restore_problem(self, path: Path) -> str | None:
+        """None once ``path`` is restored with finite weights, else what went wrong."""
+        try:
+            self.restore(path)
+        except Exception as e:  # noqa: BLE001 -- whatever a damaged file raises (unpickling, DCP, shapes)
+            return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        bad = [name for name, p in self.model.named_parameters()
+               if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+        return f"non-finite weights in {bad[0]} and {len(bad) - 1} more tensors" if bad else None
 
     def restore(self, path: Path) -> None:
         """Weights, optimizer, RNG and data position from checkpoint ``path``. Written by another number of ranks
@@ -524,7 +561,8 @@ def resolve_resume(cfg, manager: CheckpointManager, resume: str | None) -> Path 
                              "and train.resume=none: continue it with train.resume=auto, or use a new logging.folder")
         return None
     if choice == "auto":
-        return manager.latest()
+        latest = manager.latest()
+        return None if latest is None else manager.verified(latest)
     path = Path(choice)
     if not path.is_dir():
         raise SetupError(f"--resume {path}: no such directory; pass a step_XXXXXXXX checkpoint directory or a run "
@@ -533,12 +571,20 @@ def resolve_resume(cfg, manager: CheckpointManager, resume: str | None) -> Path 
         found = CheckpointManager(path).latest()
         if found is None:
             raise SetupError(f"--resume {path}: no complete checkpoint in that folder")
-        return found
+        return CheckpointManager(path).verified(found)
     problem = verify(path)
+    if problem is None:
+        problem = verify(path, content=True)
     if problem is not None:
         raise SetupError(f"--resume {path}: {problem}; pass another checkpoint (or the run folder: its newest "
-                         "complete one is used)")
+                         "usable one is used)")
     return path
+
+
+def names_one_checkpoint(cfg, resume: str | None) -> bool:
+    """Whether the resume was asked of one checkpoint by name (no other may stand in for it)."""
+    choice = resume if resume is not None else cfg.train.resume
+    return choice not in (None, "", "none", "auto") and Path(choice).name.startswith("step_")
 
 
 def rankme_images(cfg, env: DistEnv, count: int) -> torch.Tensor:

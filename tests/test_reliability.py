@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from fastjepa import train as fj_train
 from fastjepa.checkpoint import CheckpointManager, RunLock, read_meta, verify
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.metrics import read_jsonl
+from fastjepa.optim import build_optimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -167,6 +169,76 @@ def test_a_damaged_newest_checkpoint_falls_back_and_never_breaks_saving(three_ch
     result = fj_train.run(tiny_cfg(folder, "train.max_steps=4", "train.checkpoint_steps=1", "train.keep_last=2"))
     assert sorted(result.losses) == [3, 4]
     assert steps_in(folder) == [3, 4] and verify(folder / "step_00000003") is None
+
+
+def flip_bytes(file: Path, offset: int = 64) -> None:
+    data = bytearray(file.read_bytes())
+    for i in range(offset, min(offset + 16, len(data))):
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))  # same size: only the content check can tell
+
+
+SAME_SIZE_DAMAGE = {
+    "bytes flipped in a shard": lambda p: flip_bytes(next(p.glob("*.distcp"))),
+    "random bytes in rank0.pt": lambda p: (p / "rank0.pt").write_bytes(os.urandom((p / "rank0.pt").stat().st_size)),
+    "bytes flipped in .metadata": lambda p: flip_bytes(p / ".metadata", 8),
+    "meta.json is []": lambda p: (p / "meta.json").write_text("[]"),
+    "meta.json files is a string": lambda p: (p / "meta.json").write_text('{"step": 3, "files": "x"}'),
+}
+
+
+@pytest.mark.parametrize("damage", list(SAME_SIZE_DAMAGE))
+def test_same_size_damage_is_found_by_content_and_the_run_resumes_the_previous_checkpoint(three_checkpoints,
+                                                                                          damage, caplog):
+    folder = three_checkpoints
+    SAME_SIZE_DAMAGE[damage](folder / "step_00000003")
+    with caplog.at_level("WARNING", logger="fastjepa"):
+        result = fj_train.run(tiny_cfg(folder, "train.max_steps=4", "train.checkpoint_steps=1",
+                                       "train.keep_last=5"))
+    assert sorted(result.losses) == [3, 4]  # resumed step 2, the newest checkpoint that verifies
+    assert "step_00000003" in caplog.text and ("checksum" in caplog.text or "meta.json" in caplog.text)
+    assert all(math.isfinite(v) for v in result.losses.values())
+
+
+def test_a_checkpoint_that_verifies_but_does_not_load_falls_back_after_the_build(three_checkpoints, caplog):
+    """Its manifest matches its bytes (damaged before it was written, e.g. in memory): loading fails, the previous
+    checkpoint is resumed with one warning naming the reason."""
+    newest = three_checkpoints / "step_00000003"
+    (newest / "rank0.pt").write_bytes(b"not a pickle" * 100)
+    meta = json.loads((newest / "meta.json").read_text())
+    meta["files"]["rank0.pt"] = {"bytes": 1200, "crc32": zlib.crc32(b"not a pickle" * 100)}
+    (newest / "meta.json").write_text(json.dumps(meta))
+    assert verify(newest, content=True) is None
+    with caplog.at_level("WARNING", logger="fastjepa"):
+        result = fj_train.run(tiny_cfg(three_checkpoints, "train.max_steps=4", "train.keep_last=5"))
+    assert sorted(result.losses) == [3, 4]
+    assert "checkpoint" in caplog.text and "step_00000003 cannot be resumed (UnpicklingError" in caplog.text
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path, caplog):
+    folder = tmp_path / "run"
+    fj_train.run(tiny_cfg(folder, "train.max_steps=2", "train.checkpoint_steps=1", "train.keep_last=5"))
+    cfg = tiny_cfg(folder)
+    model = build_ijepa(cfg)
+    CheckpointManager(folder).load(folder / "step_00000002", model, None)
+    with torch.no_grad():
+        next(model.predictor.parameters()).fill_(float("nan"))
+    shutil.rmtree(folder / "step_00000002")
+    CheckpointManager(folder).save(2, model, build_optimizer(model.encoder, model.predictor),
+                                   torch.load(folder / "step_00000001" / "rank0.pt", weights_only=False),
+                                   meta=read_meta(folder / "step_00000001"))
+    with caplog.at_level("WARNING", logger="fastjepa"):
+        result = fj_train.run(tiny_cfg(folder, "train.max_steps=3", "train.keep_last=5"))
+    assert sorted(result.losses) == [2, 3] and "non-finite weights in predictor." in caplog.text
+
+
+def test_a_folder_whose_every_checkpoint_is_damaged_stops_instead_of_starting_over(three_checkpoints):
+    for step in (1, 2, 3):
+        flip_bytes(next((three_checkpoints / f"step_0000000{step}").glob("*.distcp")))
+    run = cli("-m", "fastjepa.train", "--config", "configs/test_tiny.yaml", *TINY, "train.max_steps=5",
+              f"logging.folder={three_checkpoints}")
+    assert run.returncode == 2 and "no usable checkpoint to resume" in run.stderr, run.stderr[-2000:]
+    assert "training" not in run.stdout
 
 
 def test_latest_can_only_name_a_checkpoint_of_its_own_folder(three_checkpoints, tmp_path_factory, caplog):
