@@ -24,11 +24,9 @@ from fastjepa.checkpoint import (
     CheckpointManager,
     RunLock,
     agreed,
-    read_meta,
     rng_state,
     set_rng_state,
     step_of,
-    verify,
 )
 from fastjepa.choices import SHARDED_STRATEGIES
 from fastjepa.data import Normalize, mean_std
@@ -46,6 +44,7 @@ from fastjepa.metrics import (
 )
 from fastjepa.modules.fp8 import fp8_unsupported
 from fastjepa.parallel import DistEnv, init_distributed, resolve_strategy
+from fastjepa.resume import check_resume_compatible, names_one_checkpoint, recorded_settings, resolve_resume
 from fastjepa.step import StepOutput, Stepper
 
 logger = logging.getLogger("fastjepa")
@@ -260,9 +259,7 @@ class Trainer:
         s = self.state
         # Position of the next batch: an epoch just finished resumes at the start of the next one.
         next_epoch, next_batch = (s.epoch + 1, 0) if s.batch_in_epoch >= self.ipe else (s.epoch, s.batch_in_epoch)
-        meta = {"epoch": next_epoch, "ipe": self.ipe, "batch_size": self.cfg.data.batch_size,
-                "target_encoder": self.cfg.fastjepa.target_encoder,
-                "model": {key: self.cfg.get(key) for key in MODEL_SHAPE_KEYS},
+        meta = {"epoch": next_epoch, "ipe": self.ipe, **recorded_settings(self.cfg),
                 "num_workers": self.cfg.data.num_workers, "loss": None if self.stepper.last_loss is None
                 else float(self.stepper.last_loss)}
         path = self.manager.save(s.step, self.model, self.optimizer, {
@@ -456,34 +453,6 @@ def lock_folder(cfg, env: DistEnv) -> RunLock | None:
     return lock
 
 
-# The settings that give the weights their shapes: a checkpoint loads only into the model they describe.
-MODEL_SHAPE_KEYS = ("meta.model_name", "mask.patch_size", "data.crop_size", "fastjepa.in_chans", "meta.pred_depth",
-                    "meta.pred_emb_dim")
-
-
-def check_resume_compatible(cfg, path: Path | None) -> None:
-    """A checkpoint continues only with the model it was written for (every differing shape setting named), the
-    batch size it was written with (the schedules count its batches) and the same kind of target (an EMA target's
-    weights exist only in an EMA run's checkpoints)."""
-    if path is None:
-        return
-    meta = read_meta(path)
-    saved_model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-    differ = [f"{key}={saved_model[key]} (this run: {cfg.get(key)})" for key in MODEL_SHAPE_KEYS
-              if key in saved_model and saved_model[key] != cfg.get(key)]
-    if differ:
-        raise SetupError(
-            f"{path} holds another model: it was written with {', '.join(differ)}. Set "
-            f"{' '.join(d.split(' (')[0] for d in differ)} to continue it, or start a new run (a new logging.folder, "
-            "or train.resume=none in an empty one)")
-    for key, saved in (("data.batch_size", meta.get("batch_size")),
-                       ("fastjepa.target_encoder", meta.get("target_encoder", "ema"))):
-        if saved is not None and saved != cfg.get(key):
-            raise SetupError(
-                f"{path} was written with {key}={saved}, this run has {key}={cfg.get(key)}: set {key}={saved} to "
-                "continue it, or start a new run (a new logging.folder, or train.resume=none in an empty one)")
-
-
 def check_precision(cfg, env: DistEnv) -> None:
     """FP8 targets need a GPU with FP8 tensor cores."""
     problem = fp8_unsupported(env.device) if cfg.fastjepa.target_precision == "fp8" else None
@@ -551,40 +520,6 @@ def official_checkpoint_path(cfg, given: str | None) -> Path | None:
         raise FileNotFoundError(f"{what}: official checkpoint {path} not found; pass the .pth.tar file (or set "
                                 "meta.read_checkpoint to its name inside logging.folder)")
     return path
-
-
-def resolve_resume(cfg, manager: CheckpointManager, resume: str | None) -> Path | None:
-    choice = resume if resume is not None else cfg.train.resume
-    if choice in (None, "", "none"):
-        if manager.latest() is not None:
-            raise SetupError(f"logging.folder={manager.folder} already holds checkpoints ({manager.latest().name}) "
-                             "and train.resume=none: continue it with train.resume=auto, or use a new logging.folder")
-        return None
-    if choice == "auto":
-        latest = manager.latest()
-        return None if latest is None else manager.verified(latest)
-    path = Path(choice)
-    if not path.is_dir():
-        raise SetupError(f"--resume {path}: no such directory; pass a step_XXXXXXXX checkpoint directory or a run "
-                         "folder")
-    if not path.name.startswith("step_"):
-        found = CheckpointManager(path).latest()
-        if found is None:
-            raise SetupError(f"--resume {path}: no complete checkpoint in that folder")
-        return CheckpointManager(path).verified(found)
-    problem = verify(path)
-    if problem is None:
-        problem = verify(path, content=True)
-    if problem is not None:
-        raise SetupError(f"--resume {path}: {problem}; pass another checkpoint (or the run folder: its newest "
-                         "usable one is used)")
-    return path
-
-
-def names_one_checkpoint(cfg, resume: str | None) -> bool:
-    """Whether the resume was asked of one checkpoint by name (no other may stand in for it)."""
-    choice = resume if resume is not None else cfg.train.resume
-    return choice not in (None, "", "none", "auto") and Path(choice).name.startswith("step_")
 
 
 def rankme_images(cfg, env: DistEnv, count: int) -> torch.Tensor:

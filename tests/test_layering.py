@@ -19,7 +19,7 @@ LAYERS = [
     ("fastjepa.ijepa",),
     ("fastjepa.optim", "fastjepa.metrics", "fastjepa.checkpoint", "fastjepa.parallel", "fastjepa.data",
      "fastjepa.eval", "fastjepa.compat"),
-    ("fastjepa.step", "fastjepa.trainer"),
+    ("fastjepa.step", "fastjepa.resume", "fastjepa.trainer"),
     ("fastjepa.train",),
     ("fastjepa.demo",),
 ]
