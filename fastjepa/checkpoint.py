@@ -177,17 +177,30 @@ def _manifest(folder: Path) -> dict[str, dict]:
             for p, crc in zip(files, _crc32s(files), strict=True)}
 
 
+# What a full disk, a quota, a file-size limit or a read-only folder look like to the writers: an OSError (the
+# file system writer, DCP wrapping it in a CheckpointException that carries only its text), or torch.save's zip
+# writer failing a short write ("unexpected pos", "failed writing file").
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+_DISK_TEXTS = {f"[Errno {code}]": code for code in _DISK_ERRNOS} | {
+    "No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT, "File too large": errno.EFBIG,
+    "unexpected pos": errno.ENOSPC, "PytorchStreamWriter failed writing file": errno.ENOSPC}
+
+
 def _is_disk_error(err: BaseException) -> OSError | None:
-    """The OSError behind ``err`` (DCP wraps the writers' errors), if it is one a user can fix."""
+    """The OSError behind ``err`` if it is a write failure a user can fix (space, quota, size limit, permissions),
+    whatever form the writer raised it in."""
     seen = err
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if isinstance(seen, OSError) and seen.errno in _DISK_ERRNOS:
             return seen
         seen = seen.__cause__ or seen.__context__
     text = str(err)
-    if "No space left on device" in text or "Disk quota exceeded" in text:
-        return OSError(errno.ENOSPC, "No space left on device")
-    return None
+    code = next((code for marker, code in _DISK_TEXTS.items() if marker in text), None)
+    if code is None:
+        return None
+    return OSError(code, f"{os.strerror(code)}" + ("" if "Errno" in text or "No space" in text else
+                                                   ": the writer could not write a file (disk full, quota or "
+                                                   "file size limit)"))
 
 
 class CheckpointManager:
@@ -357,15 +370,16 @@ class CheckpointManager:
 
     @contextlib.contextmanager
     def _writing(self, final: Path, tmp: Path):
-        """A full disk or an unwritable folder as a ``CheckpointError`` naming them; the partial save removed."""
+        """A full disk or an unwritable folder as a ``CheckpointError`` naming them; the partial save removed
+        whatever failed."""
         try:
             yield
-        except Exception as e:
+        except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException: it carries the writers' errors
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             disk = _is_disk_error(e)
             if disk is None:
                 raise
-            if _rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(
                 f"could not write checkpoint {final} ({disk.strerror or disk}): free space on {self.folder} or set "
                 f"logging.folder to a writable disk with room, then restart; the previous checkpoint "

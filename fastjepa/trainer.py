@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from fastjepa import schedules
 from fastjepa.checkpoint import (
@@ -208,7 +209,7 @@ class Trainer:
         """None once ``path`` is restored with finite weights, else what went wrong."""
         try:
             self.restore(path)
-        except Exception as e:  # noqa: BLE001 -- whatever a damaged file raises (unpickling, DCP, shapes)
+        except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 -- whatever a damaged file raises
             return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
         bad = [name for name, p in self.model.named_parameters()
                if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]

@@ -2,11 +2,11 @@
 checkpoint behind, damaged checkpoints are skipped, problems are found before the model is built, and two runs
 never share a folder. Single-process cases here; world-size changes are in test_train_dist.py."""
 
-import errno
 import json
 import math
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -200,19 +200,22 @@ def test_same_size_damage_is_found_by_content_and_the_run_resumes_the_previous_c
     assert all(math.isfinite(v) for v in result.losses.values())
 
 
-def test_a_checkpoint_that_verifies_but_does_not_load_falls_back_after_the_build(three_checkpoints, caplog):
-    """Its manifest matches its bytes (damaged before it was written, e.g. in memory): loading fails, the previous
-    checkpoint is resumed with one warning naming the reason."""
+@pytest.mark.parametrize("file,content,error", [("rank0.pt", b"not a pickle" * 100, "UnpicklingError"),
+                                                 ("__0_0.distcp", b"short", "CheckpointException")])
+def test_a_checkpoint_that_verifies_but_does_not_load_falls_back_after_the_build(three_checkpoints, caplog, file,
+                                                                                 content, error):
+    """Its manifest matches its bytes (damaged before it was written, e.g. in memory): loading fails (torch.load,
+    or DCP with its BaseException), the previous checkpoint is resumed with one warning naming the reason."""
     newest = three_checkpoints / "step_00000003"
-    (newest / "rank0.pt").write_bytes(b"not a pickle" * 100)
+    (newest / file).write_bytes(content)
     meta = json.loads((newest / "meta.json").read_text())
-    meta["files"]["rank0.pt"] = {"bytes": 1200, "crc32": zlib.crc32(b"not a pickle" * 100)}
+    meta["files"][file] = {"bytes": len(content), "crc32": zlib.crc32(content)}
     (newest / "meta.json").write_text(json.dumps(meta))
     assert verify(newest, content=True) is None
     with caplog.at_level("WARNING", logger="fastjepa"):
         result = fj_train.run(tiny_cfg(three_checkpoints, "train.max_steps=4", "train.keep_last=5"))
     assert sorted(result.losses) == [3, 4]
-    assert "checkpoint" in caplog.text and "step_00000003 cannot be resumed (UnpicklingError" in caplog.text
+    assert f"step_00000003 cannot be resumed ({error}" in caplog.text
 
 
 def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path, caplog):
@@ -290,20 +293,31 @@ def test_a_shard_missing_from_disk_is_named_before_training(tmp_path):
     assert "1 of the 4 shards in data.shards do not exist" in err and "s-0002.tar" in err
 
 
-def test_a_full_disk_at_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    real_save = torch.save
+def file_size_limit(limit: int):
+    """For a child process: the kernel refuses to grow any file past ``limit`` bytes (EFBIG: what a full disk or a
+    quota looks like to the writer), with SIGXFSZ ignored so the write fails instead of killing the process."""
 
-    def full(obj, f, *args, **kwargs):
-        if "step_00000002" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real_save(obj, f, *args, **kwargs)
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    monkeypatch.setattr(torch, "save", full)
-    code = fj_train.main(["--config", "configs/test_tiny.yaml", *TINY, "train.max_steps=3",
-                          "train.checkpoint_steps=1", f"logging.folder={tmp_path}"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "could not write checkpoint" in err and "step_00000002" in err and "No space left on device" in err, err
+    return apply
+
+
+@pytest.mark.parametrize("limit,writer", [(8_000, "torch.save's zip writer (rank0.pt)"),
+                                          (1_000_000, "DCP's file writer (the shards)")])
+def test_a_full_disk_at_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, limit, writer):
+    """A real write failure from the kernel, not a patched torch.save: every form torch raises it in (a RuntimeError
+    from the zip writer, an OSError through DCP) is exit 2 with the message, the partial save removed."""
+    first = cli("-m", "fastjepa.train", "--config", "configs/test_tiny.yaml", *TINY, "train.max_steps=1",
+                f"logging.folder={tmp_path}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "fastjepa.train", "--config", "configs/test_tiny.yaml", *TINY,
+                          "train.max_steps=3", "train.checkpoint_steps=1", f"logging.folder={tmp_path}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240, preexec_fn=file_size_limit(limit))
+    assert run.returncode == 2, (writer, run.stdout[-1500:], run.stderr[-3000:])
+    assert "could not write checkpoint" in run.stderr and "step_00000002" in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "the previous checkpoint" in run.stderr
     assert CheckpointManager(tmp_path).latest().name == "step_00000001"
     assert not list(tmp_path.glob(".tmp-*"))
 
