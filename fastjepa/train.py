@@ -26,11 +26,12 @@ from fastjepa.checkpoint import CheckpointError, full_model_state
 from fastjepa.data.loader import BadDataError
 from fastjepa.ijepa import IJEPA
 from fastjepa.parallel import DistEnv, destroy_distributed
-from fastjepa.trainer import SetupError, Trainer, TrainingDiverged, train_step
+from fastjepa.trainer import SetupError, StepOutOfMemory, Trainer, TrainingDiverged, train_step
 
 logger = logging.getLogger("fastjepa")
 
-__all__ = ["run", "main", "TrainResult", "SetupError", "TrainingDiverged", "BadDataError", "CheckpointError"]
+__all__ = ["run", "main", "TrainResult", "SetupError", "TrainingDiverged", "StepOutOfMemory", "BadDataError",
+           "CheckpointError"]
 
 
 @dataclass
@@ -79,7 +80,10 @@ def _train_one(tr: Trainer, result: TrainResult, images, masks, flops: float, wa
     signal ended the run (after its checkpoint)."""
     s, t = tr.state, tr.cfg.train
     lr, wd, momentum = tr.sched.lr(s.step), tr.sched.weight_decay(s.step), tr.sched.momentum(s.step)
-    out = train_step(tr, *tr.to_device(images, masks))
+    try:
+        out = train_step(tr, *tr.to_device(images, masks))
+    except torch.cuda.OutOfMemoryError as e:
+        raise tr.out_of_memory(e) from e
     s.step += 1
     s.batch_in_epoch += 1
     rankme = tr.rankme() if tr.rankme_images is not None and s.step % t.rankme_every == 0 else None
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadDataError as e:
         print(f"fastjepa-train: {e}", file=sys.stderr)
         return 4
+    except StepOutOfMemory as e:
+        print(f"fastjepa-train: {e}", file=sys.stderr)
+        return 5
     finally:
         destroy_distributed()
     return 0

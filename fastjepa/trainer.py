@@ -59,6 +59,10 @@ class TrainingDiverged(RuntimeError):
     """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient."""
 
 
+class StepOutOfMemory(RuntimeError):
+    """A step ran out of device memory: what it was, and the settings that lower it."""
+
+
 @dataclass
 class TrainState:
     """Where the run is; with the weights, what a checkpoint restores."""
@@ -353,6 +357,21 @@ class Trainer:
                 f"{t.max_bad_steps} consecutive steps had a non-finite loss or gradient (last at step "
                 f"{self.state.step}); stopping. {kept} Lower optimization.lr, check the data, or raise "
                 "train.max_bad_steps.")
+
+    def out_of_memory(self, error: BaseException) -> StepOutOfMemory:
+        """The error a run ends with when step ``state.step + 1`` ran out of device memory (no save after it: the
+        last checkpoint stays the latest)."""
+        device, t = self.env.device, self.cfg.train
+        peak = (f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB of "
+                f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
+                if device.type == "cuda" else "peak not known off a GPU")
+        lower = ([] if t.activation_checkpointing else ["set train.activation_checkpointing=true (recomputes each "
+                                                        "block's activations: much less memory, ~30% more time)"])
+        lower.append(f"lower data.batch_size (now {self.cfg.data.batch_size} per rank)")
+        return StepOutOfMemory(
+            f"step {self.state.step + 1} ran out of device memory on {device} ({peak}; "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}). To fit: "
+            f"{'; or '.join(lower)}. The last checkpoint is kept: {self.manager.latest() or '(none yet)'}")
 
     def stop_requested(self, log_step: bool) -> bool:
         """A preemption signal arrived (under torchrun: at any rank, agreed on at log steps, all or none)."""

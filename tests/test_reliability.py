@@ -322,6 +322,27 @@ def test_a_full_disk_at_a_save_is_a_clear_error_and_keeps_the_previous_checkpoin
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_running_out_of_device_memory_ends_with_what_to_change_and_keeps_the_checkpoint(tmp_path, monkeypatch,
+                                                                                        capsys):
+    real_step, calls = fj_train.train_step, {"n": 0}
+
+    def step(tr, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(tr, *args)
+
+    monkeypatch.setattr(fj_train, "train_step", step)
+    code = fj_train.main(["--config", "configs/test_tiny.yaml", *TINY, "train.max_steps=6",
+                          "train.checkpoint_steps=1", f"logging.folder={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 5, err
+    assert "step 3 ran out of device memory on cpu" in err and "Tried to allocate 2.00 GiB" in err
+    assert "set train.activation_checkpointing=true" in err and "lower data.batch_size (now 8 per rank)" in err
+    assert "The last checkpoint is kept:" in err and "step_00000002" in err and "Traceback" not in err
+    assert CheckpointManager(tmp_path).latest().name == "step_00000002"
+
+
 def test_a_second_signal_stops_a_step_that_does_not_end(tmp_path):
     hang = KILL_AT.replace("os.kill(os.getpid(), signal.{sig})", "import time; time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", hang, "--config", "configs/test_tiny.yaml", *TINY,
