@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import KILL_AT
 
 from fastjepa import config as fj_config
 from fastjepa import schedules
@@ -154,9 +155,28 @@ def test_a_one_rank_checkpoint_continues_on_two_ranks(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "at step 3 (epoch 0, batch 3 of 8)" in run.stdout and "approximate" in run.stdout
     assert CheckpointManager(tmp_path).latest().name == "step_00000005"
-    # the one-rank step 6 belongs to the old numbering: moved aside, so it is never resumed instead of step 5
+    # the one-rank step 6 belongs to the old numbering: moved aside once the new numbering's first checkpoint
+    # (step 4) was complete, so it is never resumed instead of step 5
     assert [p.name for p in CheckpointManager(tmp_path).complete_checkpoints()] == ["step_00000004", "step_00000005"]
     assert [p.name for p in tmp_path.glob("abandoned-*/*")] == ["step_00000006"]
+
+
+def test_a_renumbered_resume_killed_before_its_first_save_resumes_the_same_checkpoint_again(tmp_path):
+    """Issue 22, case 1: one rank to step 6, resumed on two ranks (step 3 there), both killed before their first
+    save: the rerun resumes step 6 again (it used to find no checkpoint and start from step 0)."""
+    single = torchrun(tmp_path, "train.parallel=auto", "train.max_steps=6", "train.checkpoint_steps=3", nproc=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    script = tmp_path / "kill_at.py"
+    script.write_text(KILL_AT.format(sig="SIGKILL"))
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), "--config", "configs/test_tiny.yaml", *OVERRIDES, "train.max_steps=5",
+                             f"logging.folder={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_CALL": "1"})
+    assert killed.returncode != 0 and "at step 3 (epoch 0, batch 3 of 8)" in killed.stdout, killed.stdout[-2000:]
+    assert CheckpointManager(tmp_path).latest().name == "step_00000006"
+    rerun = torchrun(tmp_path, "train.max_steps=5")
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert "step_00000006 at step 3 (epoch 0, batch 3 of 8)" in rerun.stdout
 
 
 def test_fp8_targets_under_fsdp2_track_the_fp32_run(fsdp_run, tmp_path):
