@@ -2,7 +2,7 @@
 
     python -m fastjepa.train --config configs/in1k_vith14_ep300.yaml [key=value ...]
     torchrun --nproc_per_node=8 -m fastjepa.train --config ... train.parallel=fsdp
-    fastjepa-train --config ... --resume /path/to/run/step_00012000
+    fastjepa train --config ... --resume /path/to/run/step_00012000
 
 One process per device; single process on CPU or GPU, DDP or FSDP2 under torchrun (see fastjepa.parallel).
 Checkpoints are DCP directories in ``logging.folder`` (see fastjepa.checkpoint); a run restarted with the same
@@ -147,21 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = fj_config.load(args.config, overrides=args.overrides)
     except (fj_config.ConfigError, FileNotFoundError) as e:
-        print(f"fastjepa-train: config error: {e}", file=sys.stderr)
+        print(f"fastjepa train: config error: {e}", file=sys.stderr)
         return 2
     try:
         run(cfg, resume=args.resume, official_checkpoint=args.official_checkpoint)
     except (SetupError, fj_config.ConfigError, CheckpointError) as e:
-        print(f"fastjepa-train: {e}", file=sys.stderr)
+        print(f"fastjepa train: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"fastjepa-train: {e}", file=sys.stderr)
+        print(f"fastjepa train: {e}", file=sys.stderr)
         return 3
     except BadDataError as e:
-        print(f"fastjepa-train: {e}", file=sys.stderr)
+        print(f"fastjepa train: {e}", file=sys.stderr)
         return 4
     except StepOutOfMemory as e:
-        print(f"fastjepa-train: {e}", file=sys.stderr)
+        print(f"fastjepa train: {e}", file=sys.stderr)
         return 5
     finally:
         destroy_distributed()

@@ -160,4 +160,6 @@ def test_probe_cli_on_an_image_folder_and_on_shards(tmp_path, source):
     assert result["encoder"]["knn_top1"] >= 0.8 and result["encoder"]["linear_top1"] >= 0.8, result
     assert 0 <= result["pixels"]["linear_top1"] <= 1
     if source == "imagefolder":
-        assert result["skipped"] == {"train": {"not_image": 1}, "test": {"not_image": 1}}
+        assert result["skipped"] == {"train": {"not_image": 1}, "val": {"not_image": 1}}
+    # not on a terminal: plain progress lines instead of silence, one done line per pass
+    assert "fastjepa probe: encoder train: done, 36 img" in out.stderr and "pixels val: done" in out.stderr

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import time
 from multiprocessing import Pool
 
 import numpy as np
@@ -31,6 +30,7 @@ from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
 from fastjepa.data.sources import IMAGE_EXTS, INDEX_FORMAT, INDEX_NAME, scan_image_folder, shard_file_name
+from fastjepa.progress import Progress
 
 logger = logging.getLogger("fastjepa.make_shards")
 
@@ -41,7 +41,8 @@ def list_source(src):
         classes, files, labels = scan_image_folder(src)
         return files, labels.tolist(), classes
     if not os.path.isfile(src):
-        raise FileNotFoundError(f"SRC {src!r} is neither an ImageFolder directory nor a file list")
+        raise FileNotFoundError(f"SRC {src}: not found (pass an ImageFolder directory SRC/<class>/<image> or a "
+                                "text file of `path label` lines)")
     base = os.path.dirname(os.path.abspath(src))
     files, labels = [], []
     with open(src) as f:
@@ -149,7 +150,7 @@ def make_shards(src, dst, shard_size=1000, workers=1, prefix="train", seed=0, sh
         jobs.append((dst, name, [(int(j), files[j], labels[j]) for j in idx], reencode_quality))
     if done:
         logger.info("resuming: %d of %d shards already written", len(done), num_shards)
-    bar = _progress(total=num_shards, initial=len(done), disable=not progress)
+    bar = Progress("make-shards", "shards", total=num_shards, initial=len(done), disable=not progress)
     if workers > 1 and len(jobs) > 1:
         with Pool(min(workers, len(jobs))) as pool:
             for side in pool.imap_unordered(write_shard, jobs):
@@ -180,7 +181,7 @@ def index_existing(pattern, dst, workers=1, progress=True):
     from webdataset.shardlists import expand_urls
 
     urls = expand_urls(pattern)
-    bar = _progress(total=len(urls), disable=not progress)
+    bar = Progress("make-shards --index-only", "shards", total=len(urls), disable=not progress)
     counts = []
     with Pool(max(1, min(workers, len(urls)))) as pool:
         for count in pool.imap(count_shard, urls):
@@ -193,35 +194,6 @@ def index_existing(pattern, dst, workers=1, progress=True):
     os.makedirs(dst, exist_ok=True)
     _write_json(os.path.join(dst, INDEX_NAME), index)
     return index
-
-
-class _LineProgress:
-    """Progress for a log file or a pipe: a plain line at every tenth of the work (no carriage returns)."""
-
-    def __init__(self, total, initial=0):
-        self.total, self.n, self.next, self.initial = total, initial, 0, initial
-        self.t0 = time.perf_counter()
-
-    def update(self, n=1):
-        self.n += n
-        if self.n >= self.next or self.n >= self.total:
-            rate = (self.n - self.initial) / max(time.perf_counter() - self.t0, 1e-9)  # this run's shards
-            print(f"make_shards: {self.n}/{self.total} shards ({rate:.2f}/s)", file=sys.stderr, flush=True)
-            self.next = self.n + max(1, self.total // 10)
-
-    def close(self):
-        elapsed = time.perf_counter() - self.t0
-        print(f"make_shards: done, {self.n}/{self.total} shards ({self.n - self.initial} in {elapsed:.0f} s)",
-              file=sys.stderr, flush=True)
-
-
-def _progress(total, initial=0, disable=False):
-    """A progress bar on a terminal, plain lines elsewhere, nothing when disabled."""
-    from tqdm import tqdm
-
-    if disable or sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, unit="shard", disable=disable, file=sys.stderr)
-    return _LineProgress(total, initial)
 
 
 def main(argv=None):
@@ -240,15 +212,25 @@ def main(argv=None):
     p.add_argument("--index-only", action="store_true", help="only count existing shards SRC into DST/index.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    for flag, value, low in (("--shard-size", args.shard_size, 1), ("--workers", args.workers, 1)):
+        if value < low:
+            p.error(f"{flag} {value}: must be at least {low}")
+    if args.reencode_quality is not None and not 1 <= args.reencode_quality <= 100:
+        p.error(f"--reencode-quality {args.reencode_quality}: a JPEG quality is 1 to 100 (e.g. 95)")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.index_only:
-        index = index_existing(args.src, args.dst, args.workers, progress=not args.quiet)
-    else:
-        index = make_shards(args.src, args.dst, args.shard_size, args.workers, args.prefix, args.seed,
-                            not args.no_shuffle, args.reencode_quality, progress=not args.quiet)
+    try:
+        if args.index_only:
+            index = index_existing(args.src, args.dst, args.workers, progress=not args.quiet)
+        else:
+            index = make_shards(args.src, args.dst, args.shard_size, args.workers, args.prefix, args.seed,
+                                not args.no_shuffle, args.reencode_quality, progress=not args.quiet)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"fastjepa make-shards: {e}", file=sys.stderr)
+        return 2
     print(f"{index['num_samples']} samples in {len(index['shards'])} shards, {len(index['skipped'])} files skipped; "
           f"index: {os.path.join(args.dst, INDEX_NAME)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

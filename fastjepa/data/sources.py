@@ -104,7 +104,7 @@ def scan_image_folder(root):
     """-> (classes, files, labels) with torchvision ImageFolder's order and extensions; clear error if empty."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise FileNotFoundError(f"{root!r} has no class sub-directories; expected {root}/<class>/<image>.jpg")
+        raise FileNotFoundError(f"{root} has no class sub-directories: an ImageFolder is {root}/<class>/<image>.jpg")
     files, labels = [], []
     exts = tuple("." + e for e in IMAGE_EXTS)
     for label, name in enumerate(classes):

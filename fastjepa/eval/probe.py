@@ -27,6 +27,7 @@ from fastjepa import config as fj_config
 from fastjepa.checkpoint import CheckpointError, CheckpointManager, load_model_weights, read_meta
 from fastjepa.eval.knn import knn_top1
 from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
+from fastjepa.progress import Progress
 
 
 def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
@@ -80,11 +81,12 @@ def split_batches(args, cfg, skipped: dict[str, Counter]):
             raise ValueError(f"--data {args.data} needs --train and --val (a folder or a shard pattern each)")
         transform = EvalTransform(cfg.data.crop_size, "L" if cfg.fastjepa.in_chans == 1 else "RGB")
         sources = {"train": eval_source(args.data, args.train, args.train_index),
-                   "test": eval_source(args.data, args.val, args.val_index)}
+                   "val": eval_source(args.data, args.val, args.val_index)}
         return {split: (eval_batches(source, transform, args.batch_size, args.workers, skipped[split]), False)
                 for split, source in sources.items()}
-    data = tensor_data(args.data)
-    return {split: (tensor_batches(*data[split], args.batch_size), True) for split in ("train", "test")}
+    data = tensor_data(args.data)  # a .pt file's (and the digits') held-out split is "test"
+    return {split: (tensor_batches(*data[key], args.batch_size), True) for split, key in (("train", "train"),
+                                                                                            ("val", "test"))}
 
 
 def probe(args) -> dict:
@@ -97,7 +99,7 @@ def probe(args) -> dict:
     amp = torch.bfloat16 if device.type == "cuda" else None
     results = {"checkpoint": str(args.checkpoint), "data": args.data}
     for name, model in (("encoder", encoder), ("pixels", None)) if args.pixels else (("encoder", encoder),):
-        feats, skipped = {}, {"train": Counter(), "test": Counter()}
+        feats, skipped = {}, {"train": Counter(), "val": Counter()}
         for split, (batches, resize) in split_batches(args, cfg, skipped).items():
             size = cfg.data.crop_size if resize and model is not None else None
 
@@ -107,43 +109,65 @@ def probe(args) -> dict:
 
             feats[split] = extract_features(model, progress(batches, f"{name} {split}"), device=device,
                                             preprocess=preprocess, autocast_dtype=amp)
-        linear = linear_probe(*feats["train"], *feats["test"])
+        linear = linear_probe(*feats["train"], *feats["val"])
         results[name] = {"linear_top1": linear["top1"], "linear_l2": linear["l2"],
-                         "knn_top1": knn_top1(*feats["train"], *feats["test"], k=args.knn_k,
+                         "knn_top1": knn_top1(*feats["train"], *feats["val"], k=args.knn_k,
                                               temperature=args.knn_temperature, device=device)}
-        results.update(train_samples=len(feats["train"][0]), val_samples=len(feats["test"][0]))
+        results.update(train_samples=len(feats["train"][0]), val_samples=len(feats["val"][0]))
         # every pass reads the same samples: the skips are the first pass's
         results.setdefault("skipped", {split: dict(counts) for split, counts in skipped.items()})
     return results
 
 
 def progress(batches, what: str):
-    """Batches with a progress bar on a terminal (the count of images), silent elsewhere."""
-    from tqdm import tqdm
-
-    with tqdm(desc=what, unit="img", disable=not sys.stderr.isatty(), leave=False) as bar:
+    """Batches, their images counted on a progress bar (a terminal) or in a line every 10 s (elsewhere)."""
+    with Progress(f"fastjepa probe: {what}", "img") as bar:
         for images, labels in batches:
             yield images, labels
             bar.update(len(images))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, each checked before any data is read or model built (argparse's exit 2 with the fix)."""
     p = argparse.ArgumentParser(prog="fastjepa probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a run folder (its latest checkpoint), a step_XXXXXXXX directory, or a target_encoder.pt")
     p.add_argument("--data", required=True, help="imagefolder, webdataset, mnist, or a .pt file")
     p.add_argument("--train", help="imagefolder: the training split's folder; webdataset: its shard pattern")
     p.add_argument("--val", help="the evaluation split, like --train")
     p.add_argument("--train-index", help="webdataset: the index.json of the train shards (default: next to them)")
     p.add_argument("--val-index", help="webdataset: the index.json of the val shards (default: next to them)")
     p.add_argument("--config", default=None, help="the run's YAML (default: config.yaml of the run folder)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where features are extracted: cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch (default 256)")
     p.add_argument("--workers", type=int, default=4, help="data workers decoding images")
-    p.add_argument("--knn-k", type=int, default=20)
-    p.add_argument("--knn-temperature", type=float, default=0.07)
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN classifier (default 20)")
+    p.add_argument("--knn-temperature", type=float, default=0.07,
+                   help="temperature of the k-NN's similarity weights (default 0.07, DINO's)")
     p.add_argument("--pixels", action="store_true", help="also probe raw pixels as a baseline")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--knn-k", args.knn_k, 1)):
+        if value < low:
+            p.error(f"{flag} {value}: must be at least {low}")
+    if not args.knn_temperature > 0:
+        p.error(f"--knn-temperature {args.knn_temperature}: must be positive (e.g. 0.07)")
+    if not args.checkpoint.exists():
+        p.error(f"--checkpoint {args.checkpoint}: not found (a run folder, a step_XXXXXXXX directory or a "
+                "target_encoder.pt)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is visible here (torch {torch.__version__}); use --device cpu")
+    if args.data == "imagefolder":
+        for flag, folder in (("--train", args.train), ("--val", args.val)):
+            if folder is not None and not Path(folder).is_dir():
+                p.error(f"{flag} {folder}: no such folder (an ImageFolder: {flag} DIR with DIR/<class>/<image>)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         results = probe(args)
     except (fj_config.ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
