@@ -445,8 +445,8 @@ class RunLock:
     for ``stale_after_s`` from another host) is taken over with a warning.
 
     The lock is created with its content in one step (a hard link from a complete temporary file): a reader never
-    sees it empty. Checking and taking over happen under an ``flock`` on ``folder/.lock.guard``, so processes on
-    one host never both judge a lock stale and both take it."""
+    sees it empty. Checking and taking over happen under an ``flock`` on the folder itself, so processes on one
+    host never both judge a lock stale and both take it."""
 
     HEARTBEAT_S = 60.0
 
@@ -479,13 +479,14 @@ class RunLock:
 
     @contextlib.contextmanager
     def _guard(self):
-        """An exclusive ``flock`` for the check-and-take: one process of this host at a time."""
-        with open(self.path.with_name(".lock.guard"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        """An exclusive ``flock`` on the run folder itself for the check-and-take: one process of this host at a
+        time, and no file of its own left in the folder."""
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def _create(self, owner: dict) -> bool:
         """Create the lock holding ``owner``, atomically; False if it exists."""

@@ -420,6 +420,7 @@ def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_chec
     paths, a writable and unlocked run folder, the data, the checkpoint to resume (verified; its batch size), the
     official checkpoint, and whether the run fits in memory."""
     lock = None
+    created = absent_folders(Path(cfg.logging.folder)) if cfg.logging.folder else []
     try:
         cfg.require_paths(("logging.folder", "data.root_path") if cfg.data.source == "imagefolder"
                           else ("logging.folder",))
@@ -433,15 +434,33 @@ def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_chec
         check_resume_compatible(cfg, resume_from)
         check_precision(cfg, env)
         check_memory(cfg, env, strategy)
-    except (ValueError, OSError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError, SetupError) as e:
         if lock is not None:
             lock.release()
+        remove_if_unused(created)
+        if isinstance(e, SetupError):
+            raise
         raise SetupError(str(e)) from e
     manager.start_timeline(-1 if resume_from is None else step_of(resume_from), keep=resume_from)
     total_steps = int(cfg.optimization.epochs * len(loader))
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
     return RunPlan(loader, sched, total_steps, manager, lock, resume_from, official)
+
+
+def absent_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    folder = folder.absolute()
+    return [f for f in (folder, *folder.parents) if not f.exists()]
+
+
+def remove_if_unused(folders: list[Path]) -> None:
+    """A refused run leaves nothing behind: the folders it created, deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run's files) or already gone
+            return
 
 
 def check_writable(folder: Path) -> None:

@@ -75,3 +75,20 @@ def test_probe_says_not_found_for_a_missing_checkpoint(tmp_path):
 def test_train_messages_carry_the_command_s_name():
     run = fastjepa("train", "--config", "test_tiny", "optimization.lrr=0.1")
     assert_one_line_error(run, "fastjepa train: config error:")
+
+
+@pytest.mark.parametrize("reason,overrides", [
+    ("data", ["data.source=imagefolder", "data.root_path=/nope"]),
+    ("memory", ["data.batch_size=100000", "data.source=synthetic"]),
+])
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, reason, overrides):
+    folder = tmp_path / "new" / "run"
+    run = fastjepa("train", "--config", "test_tiny", "train.device=cpu", *overrides, f"logging.folder={folder}")
+    assert_one_line_error(run, "fastjepa train:")
+    assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
+    # a folder that was there before the refused run stays, with what it held
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    run = fastjepa("train", "--config", "test_tiny", "train.device=cpu", *overrides,
+                   f"logging.folder={tmp_path / 'kept'}")
+    assert run.returncode == 2 and sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]
