@@ -185,7 +185,7 @@ def write_results(rows: list[dict], out_dir: Path, quick: bool, command: str, ap
     lines += ["", f"Command: `{command}`", ""]
     paths[1].write_text("\n".join(lines))
     phase_chart(rows, PHASES, paths[2])
-    return paths
+    return [path for path in paths if path.exists()]
 
 
 TEXT_FIELDS = ("op", "model", "dtype", "compile", "act_ckpt", "provider", "device", "torch", "triton", "commit",

@@ -12,6 +12,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,5 +250,16 @@ def interpreter_on() -> bool:
 
 
 def fused_available(cfg: BenchConfig) -> bool:
-    """Triton runs on a GPU, or on CPU through the interpreter (smoke runs only)."""
+    """Triton is installed and runs: on a GPU, or on CPU through the interpreter (smoke runs only). Without it the
+    Triton providers are skipped, with one line saying why."""
+    from fastjepa.kernels._utils import HAVE_TRITON, TRITON_HINT
+
+    if not HAVE_TRITON:
+        if not _TRITON_HINT_SHOWN:
+            print(f"triton providers skipped: triton is not installed ({TRITON_HINT})", file=sys.stderr, flush=True)
+            _TRITON_HINT_SHOWN.append(True)
+        return False
     return cfg.device.startswith("cuda") or interpreter_on()
+
+
+_TRITON_HINT_SHOWN = []

@@ -1,12 +1,23 @@
 """The benchmark suite's charts, drawn with matplotlib (the ``bench`` extra): horizontal bars with their labels in
 full, values at the bar ends, a title naming the device."""
 
+import sys
 from pathlib import Path
+
+_HINT_SHOWN = []
 
 
 def _pyplot():
-    import matplotlib
-
+    """matplotlib's pyplot, or None (after one hint per process) when it is not installed: the results are
+    written either way, only the charts are skipped."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not _HINT_SHOWN:
+            print("charts skipped: matplotlib is not installed (pip install 'fastjepa[bench]' or matplotlib)",
+                  file=sys.stderr, flush=True)
+            _HINT_SHOWN.append(True)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -17,6 +28,8 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     """GB/s of one op per (shape, mode, provider); the share of the copy roof only on a GPU, where it means
     something."""
     plt = _pyplot()
+    if plt is None:
+        return
     gpu = rows[0]["device"].lower().startswith(("nvidia", "amd")) or "gpu" in rows[0]["device"].lower()
     labels = [f"{r['shape']}  {r['mode']}  {r['provider']}" for r in rows]
     providers = list(dict.fromkeys(r["provider"] for r in rows))
@@ -38,6 +51,8 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 def phase_chart(rows: list[dict], phases: tuple[str, ...], path: Path) -> None:
     """Median ms per phase of a training step, stacked, one bar per (model, provider)."""
     plt = _pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.8))
     left = [0.0] * len(rows)
     for i, phase in enumerate(phases):

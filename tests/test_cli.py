@@ -1,6 +1,7 @@
 """Every subcommand as solid as ``fastjepa train``: a user mistake ends with one line naming the problem and the
 fix, exit 2, no traceback, before any expensive work; ``fastjepa`` alone lists the commands."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,30 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, reason, overrides):
     run = fastjepa("train", "--config", "test_tiny", "train.device=cpu", *overrides,
                    f"logging.folder={tmp_path / 'kept'}")
     assert run.returncode == 2 and sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]
+
+
+BLOCKED = "import sys; sys.modules['triton'] = None; sys.modules['matplotlib'] = None; import runpy; "
+
+
+@pytest.mark.slow
+def test_the_bench_runs_without_triton_and_matplotlib(tmp_path):
+    """A plain install: the Triton providers are skipped with one line, the charts with one hint; every result
+    file is still written."""
+    kernels = subprocess.run([sys.executable, "-c", BLOCKED + "sys.argv = ['fastjepa bench', '--suite', 'kernels', "
+                              f"'--quick', '--ops', 'masked_gather,ema', '--out', {str(tmp_path / 'k')!r}]; "
+                              "runpy.run_module('bench', run_name='__main__')"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert kernels.returncode == 0 and "Traceback" not in kernels.stderr, kernels.stderr[-3000:]
+    assert kernels.stderr.count("triton providers skipped: triton is not installed") == 1, kernels.stderr
+    assert kernels.stderr.count("charts skipped: matplotlib is not installed") == 1, kernels.stderr
+    with (tmp_path / "k" / "kernels.csv").open() as f:
+        providers = {(r["op"], r["provider"]) for r in csv.DictReader(f)}
+    assert ("masked_gather", "reference") in providers and ("ema", "foreach_lerp") in providers
+    assert not any(provider == "triton" for _, provider in providers)
+    assert (tmp_path / "k" / "kernels.md").is_file() and not list((tmp_path / "k").glob("*.png"))
+    step = subprocess.run([sys.executable, "-c", BLOCKED + "sys.argv = ['bench_step', '--quick', '--compile', "
+                           f"'eager', '--providers', 'official', '--out', {str(tmp_path / 's')!r}]; "
+                           "runpy.run_module('bench.bench_step', run_name='__main__')"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert step.returncode == 0 and "Traceback" not in step.stderr, step.stderr[-3000:]
+    assert "charts skipped" in step.stderr and (tmp_path / "s" / "train_step.md").is_file()
