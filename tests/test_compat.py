@@ -1,3 +1,5 @@
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -113,8 +115,13 @@ def test_export_timm_names_and_reload(tmp_path):
 
     cfg = fj_config.load(CONFIG)
     model = build_ijepa(cfg)
-    out = export_timm(model.target_encoder, tmp_path / "encoder")
+    was = os.umask(0o022)
+    try:
+        out = export_timm(model.target_encoder, tmp_path / "encoder")
+    finally:
+        os.umask(was)
     assert out.suffix == ".safetensors"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the folder's normal permissions, not a temp file's 0600
     state = load_file(str(out))
     assert set(state) == _timm_vit_keys(len(model.target_encoder.blocks))
     fresh = build_ijepa(cfg).target_encoder

@@ -461,3 +461,13 @@ def test_mnist_5k_and_its_loader():
     assert mean_std(cfg) == ((0.1307,), (0.3081,))
     with pytest.raises(ConfigError, match="mirrored digit"):
         load("configs/demo_mnist.yaml", ["data.source=mnist", "data.use_horizontal_flip=true"])
+
+
+def test_an_unreadable_image_is_described_by_its_bytes_not_by_a_buffer_address():
+    from PIL import UnidentifiedImageError
+
+    from fastjepa.data.transforms import open_image
+
+    with pytest.raises(UnidentifiedImageError) as info:
+        open_image(b"<html>not an image</html>")
+    assert "BytesIO" not in str(info.value) and "25 bytes, starting b'<html>no'" in str(info.value)

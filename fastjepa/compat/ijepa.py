@@ -127,4 +127,7 @@ def export_timm(encoder: nn.Module, path: str | os.PathLike, metadata: dict[str,
                     num_heads=str(encoder.num_heads), mlp_ratio=f"{mlp_ratio:g}")
     path = Path(path).with_suffix(".safetensors")
     save_file(state, str(path), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)  # safetensors writes through a private temporary file (0600): the folder's default
     return path

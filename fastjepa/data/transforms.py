@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter, UnidentifiedImageError
 
 try:
     import simplejpeg  # optional: decodes JPEG straight into numpy, skipping PIL's image objects
@@ -229,7 +229,11 @@ def open_image(image):
         return image
     if isinstance(image, np.ndarray):
         return Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-    return Image.open(io.BytesIO(image))
+    try:
+        return Image.open(io.BytesIO(image))
+    except UnidentifiedImageError:  # PIL names the buffer object (<_io.BytesIO object at 0x...>): say what it was
+        raise UnidentifiedImageError(f"not an image PIL can read ({len(image)} bytes, starting "
+                                     f"{bytes(image[:8])!r})") from None
 
 
 def build_transform(cfg):
