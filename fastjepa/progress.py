@@ -51,3 +51,11 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def counted(batches, what: str, total: int | None = None):
+    """``(images, labels)`` batches passed through, their images counted by a ``Progress``."""
+    with Progress(what, "img", total=total) as bar:
+        for images, labels in batches:
+            yield images, labels
+            bar.update(len(images))

@@ -16,7 +16,11 @@ def test_demo_pretrains_probes_and_prints_the_three_accuracies(tmp_path, capsys)
                     "train.rankme_samples=64", "train.progress=lines", "train.device=cpu", "train.log_every=1",
                     f"logging.folder={tmp_path}"])
     assert rc == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    # the probe phase is not silent off a terminal: a line per encoder, a done line per pass over the digits
+    assert all(f"demo probe: {name} linear probe top-1" in captured.out for name in ("ijepa", "random", "pixels"))
+    assert "demo probe: ijepa train: done, 4000/4000 img" in captured.err, captured.err[-2000:]
     match = re.fullmatch(r"probe: ijepa=(\d\.\d{4}) random=(\d\.\d{4}) pixels=(\d\.\d{4})", lines[-1])
     assert match, lines[-1]
     ijepa, random, pixels = map(float, match.groups())

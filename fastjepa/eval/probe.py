@@ -27,7 +27,7 @@ from fastjepa import config as fj_config
 from fastjepa.checkpoint import CheckpointError, CheckpointManager, load_model_weights, read_meta
 from fastjepa.eval.knn import knn_top1
 from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
-from fastjepa.progress import Progress
+from fastjepa.progress import counted
 
 
 def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
@@ -107,7 +107,7 @@ def probe(args) -> dict:
                 x = to_float_images(x, mean, std)
                 return resized(x, size) if size else x
 
-            feats[split] = extract_features(model, progress(batches, f"{name} {split}"), device=device,
+            feats[split] = extract_features(model, counted(batches, f"fastjepa probe: {name} {split}"), device=device,
                                             preprocess=preprocess, autocast_dtype=amp)
         linear = linear_probe(*feats["train"], *feats["val"])
         results[name] = {"linear_top1": linear["top1"], "linear_l2": linear["l2"],
@@ -117,14 +117,6 @@ def probe(args) -> dict:
         # every pass reads the same samples: the skips are the first pass's
         results.setdefault("skipped", {split: dict(counts) for split, counts in skipped.items()})
     return results
-
-
-def progress(batches, what: str):
-    """Batches, their images counted on a progress bar (a terminal) or in a line every 10 s (elsewhere)."""
-    with Progress(f"fastjepa probe: {what}", "img") as bar:
-        for images, labels in batches:
-            yield images, labels
-            bar.update(len(images))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
