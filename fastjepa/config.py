@@ -35,6 +35,7 @@ import yaml
 from fastjepa.config_sections import (
     ConfigError,
     Data,
+    Eval,
     FastJepa,
     Logging,
     Mask,
@@ -77,6 +78,7 @@ class Config:
     optimization: Optimization = field(default_factory=Optimization)
     fastjepa: FastJepa = field(default_factory=FastJepa)
     train: Train = field(default_factory=Train)
+    eval: Eval = field(default_factory=Eval)
 
     def __post_init__(self) -> None:
         self._check()

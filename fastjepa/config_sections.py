@@ -385,6 +385,35 @@ class FastJepa(_Section):
         _at_least("fastjepa.in_chans", self.in_chans, 1)
 
 
+EVAL_DATA = ("imagefolder", "webdataset", "mnist")
+
+
+@dataclass
+class Eval(_Section):
+    """``eval``: an online k-NN probe of the target encoder while training (off by default)."""
+
+    name: ClassVar[str] = "eval"
+    every_epochs: int = 0  # k-NN top-1 of the target encoder every N epochs (0: off)
+    data: str = ""  # "imagefolder" or "webdataset" (eval.train / eval.val), or "mnist" (the bundled digits)
+    train: str = ""  # the labelled memory bank: an ImageFolder folder or a shard pattern
+    val: str = ""  # the evaluated split, like eval.train
+    max_samples: int = 10000  # per split, the first ones: decoded once, held in memory at data.crop_size
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+    def check(self) -> None:
+        _at_least("eval.every_epochs", self.every_epochs, 0)
+        _at_least("eval.max_samples", self.max_samples, 1)
+        _at_least("eval.knn_k", self.knn_k, 1)
+        if not self.knn_temperature > 0:
+            _fail("eval.knn_temperature", self.knn_temperature, "must be positive", "e.g. 0.07 (DINO's)")
+        if self.every_epochs:
+            _choice("eval.data", self.data, EVAL_DATA)
+            if self.data != "mnist" and not (self.train and self.val):
+                _fail("eval.data", self.data, "needs eval.train and eval.val (a folder or a shard pattern each)",
+                      "set both, or eval.every_epochs=0")
+
+
 @dataclass
 class Train(_Section):
     name: ClassVar[str] = "train"

@@ -74,9 +74,15 @@ def plot_curves(folder: Path, width: int, accs: dict[str, dict]) -> Path | None:
         return None
     from fastjepa.metrics import read_jsonl
 
-    train = [r for r in read_jsonl(folder / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    records = read_jsonl(folder / "metrics.jsonl")
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    online = [r for r in records if r.get("kind") == "eval"]  # the eval section's k-NN probe, when on
     rank = [r for r in train if "rankme" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw={"width_ratios": [1.2, 1.2, 0.8]})
+    ratios = [1.2, 1.2, 0.8] + ([1.0] if online else [])
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.7 * len(ratios), 3.8), gridspec_kw={"width_ratios": ratios})
+    if online:
+        axes[3].plot([r["step"] for r in online], [r["knn_top1"] for r in online], marker="o", color="tab:green")
+        axes[3].set(xlabel="step", ylabel="k-NN top-1", ylim=(0, 1.05), title="online k-NN probe (target encoder)")
     axes[0].plot([r["step"] for r in train], [math.nan if r["loss"] is None else r["loss"] for r in train])
     axes[0].set(xlabel="step", ylabel="smooth-L1 loss", title="I-JEPA pretraining loss")
     axes[1].plot([r["step"] for r in rank], [r["rankme"] for r in rank], marker="o", label="RankMe")

@@ -228,7 +228,7 @@ class MetricsSink:
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"train/{key}", value, step)
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
         if "loss" not in record:
             return
         if self.bar is not None:

@@ -62,10 +62,14 @@ def run(cfg, *, resume: str | None = None, official_checkpoint: str | None = Non
                     break
             if tr.state.batch_in_epoch >= tr.ipe:
                 tr.end_epoch()
+                if tr.online_probe is not None and (tr.state.epoch + 1) % cfg.eval.every_epochs == 0:
+                    tr.online_eval()
                 if tr.state.step < tr.total_steps:
                     tr.save(permanent=(tr.state.epoch + 1) % cfg.train.checkpoint_every == 0, background=True)
                 tr.state.epoch, tr.state.batch_in_epoch = tr.state.epoch + 1, 0
         tr.sink.finish_progress()
+        if tr.online_probe is not None and tr.last_eval_step != tr.state.step:  # and at the end of training
+            tr.online_eval()
         tr.save()
         if cfg.train.export:
             export_encoder(cfg, tr.model, tr.folder, tr.env)

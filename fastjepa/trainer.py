@@ -32,6 +32,7 @@ from fastjepa.checkpoint import (
 from fastjepa.choices import SHARDED_STRATEGIES
 from fastjepa.data import Normalize, mean_std
 from fastjepa.data.loader import BadDataError
+from fastjepa.eval.online import OnlineProbe
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.kernels import set_backend
 from fastjepa.masks import Masks
@@ -117,6 +118,8 @@ class Trainer:
     sink: MetricsSink | None = None
     stop: StopSignal = field(default_factory=StopSignal)
     rankme_images: torch.Tensor | None = None
+    online_probe: OnlineProbe | None = None  # the eval section's k-NN probe, when on
+    last_eval_step: int = -1
     window: StepAccumulator = field(default_factory=StepAccumulator)
     normalize: Normalize | None = None
     lock: RunLock | None = None
@@ -153,7 +156,7 @@ class Trainer:
                 stepper.optimizer.load_state_dict(official_opt)
         state = TrainState(step=start_epoch * len(plan.loader), epoch=start_epoch)
         trainer = cls(cfg, env, strategy, plan.loader, plan.sched, plan.manager, plan.total_steps, model, stepper,
-                      flops, state, lock=plan.lock)
+                      flops, state, lock=plan.lock, online_probe=plan.online_probe)
         trainer.normalize = Normalize(*mean_std(cfg), env.device)
         plan.manager.remove_partial_saves()
         if plan.resume_from is not None:
@@ -385,6 +388,15 @@ class Trainer:
         return self.stop.received is not None
 
     @torch.no_grad()
+    def online_eval(self) -> None:
+        """The ``eval`` section's k-NN probe of the target encoder, logged (``kind: eval``) and shown."""
+        result = self.online_probe(self.model.target_forward_encoder, self.env.device,
+                                   torch.bfloat16 if self.stepper.bf16 else None)
+        self.sink.log({"step": self.state.step, "kind": "eval", "epoch": self.state.epoch, **result})
+        self.last_eval_step = self.state.step
+        self.sink.message(f"epoch {self.state.epoch}: online k-NN top-1 {result['knn_top1']:.4f} (eval.data="
+                          f"{self.cfg.eval.data}, {result['eval_seconds']:.1f} s)")
+
     def rankme(self) -> float:
         """RankMe of the target encoder's average-pooled embeddings of the fixed images."""
         from fastjepa.eval.rankme import rankme
@@ -413,6 +425,7 @@ class RunPlan:
     lock: RunLock | None
     resume_from: Path | None
     official: Path | None
+    online_probe: OnlineProbe | None
 
 
 def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_checkpoint: str | None) -> RunPlan:
@@ -432,6 +445,7 @@ def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_chec
         resume_from = resolve_resume(cfg, manager, resume)
         official = official_checkpoint_path(cfg, official_checkpoint) if resume_from is None else None
         check_resume_compatible(cfg, resume_from)
+        online_probe = OnlineProbe.from_config(cfg)
         check_precision(cfg, env)
         check_memory(cfg, env, strategy)
     except (ValueError, OSError, CheckpointError, SetupError) as e:
@@ -445,7 +459,7 @@ def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_chec
     total_steps = int(cfg.optimization.epochs * len(loader))
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
-    return RunPlan(loader, sched, total_steps, manager, lock, resume_from, official)
+    return RunPlan(loader, sched, total_steps, manager, lock, resume_from, official, online_probe)
 
 
 def absent_folders(folder: Path) -> list[Path]:
