@@ -119,7 +119,7 @@ def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: 
                  "use_bfloat16": bf16},
         "optimization": {"lr": 1e-3, "start_lr": 1e-3, "final_lr": 1e-3, "warmup": 0, "weight_decay": 0.01,
                          "final_weight_decay": 0.01, "ema": [0.996, 0.996]},
-        "fastjepa": {"predictor_layout": layout, "attn_backend": "auto", "in_chans": s.in_chans,
+        "fastjepa": {"predictor_layout": layout, "in_chans": s.in_chans,
                      "target_precision": target_precision, "sigreg": {"weight": sigreg_weight}},
         "train": {"compile": compile_blocks, "activation_checkpointing": act_ckpt},
     })

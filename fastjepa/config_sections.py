@@ -347,7 +347,9 @@ class FastJepa(_Section):
     name: ClassVar[str] = "fastjepa"
     mode: str = "parity"  # "parity": reproduce the official training, quirks included; "fixed": quirks corrected
     seed: int = 0
-    attn_backend: str = "sdpa"
+    # "auto": each call site's fastest backend at the step's shapes, timed on the GPU before compiling (sdpa on CPU);
+    # the H200 measurements of the default step ran it (bench/results/nvidia-h200/)
+    attn_backend: str = "auto"
     in_chans: int = 3
     kernel_backend: str = "auto"  # "auto": per op, what measured faster on the GPU; "triton"; "reference"
     # predictor attention layout (fastjepa.models.predictor): "repeat" = the official method with a cheaper last

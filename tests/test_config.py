@@ -116,7 +116,7 @@ def test_missing_sections_and_keys_take_documented_defaults(tmp_path):
     official = load(CONFIG_DIR / "in1k_vith14_ep300.yaml")
     assert dataclasses.replace(cfg.mask, patch_size=14) == official.mask
     assert cfg.optimization == official.optimization
-    assert (cfg.fastjepa.mode, cfg.fastjepa.seed, cfg.fastjepa.attn_backend) == ("parity", 0, "sdpa")
+    assert (cfg.fastjepa.mode, cfg.fastjepa.seed, cfg.fastjepa.attn_backend) == ("parity", 0, "auto")
     assert (cfg.fastjepa.in_chans, cfg.fastjepa.kernel_backend, cfg.train.device) == (3, "auto", "auto")
     assert cfg.data.root_path == "" and cfg.logging.folder == ""
 
