@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastjepa.models.predictor import predictor_sequences
+
 logger = logging.getLogger("fastjepa")
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s per device, by a substring of the device name: first match
@@ -91,11 +93,11 @@ class FlopModel:
         # predictor_embed on every context token once, predictor_proj on every prediction
         io = 2.0 * float(lengths.sum()) * d * pd + 2.0 * m * len(lengths) * kt * pd * d
         hid, depth = self.pred_mlp_hidden, self.pred_depth
-        if self.layout == "shared" and not packed:
-            tokens = lengths + m * kt
+        layout = "repeat" if packed else self.layout  # the packed path lays its sequences out as repeat does
+        _, tokens = predictor_sequences(layout, len(lengths), lengths, kt, m)
+        if layout == "shared":
             pred = depth * block_flops(tokens, lengths**2 + m * kt * (lengths + kt), pd, hid)
         else:
-            tokens = lengths + kt
             full = block_flops(tokens, tokens**2, pd, hid)
             last = full if self.layout == "official" or packed else block_flops(tokens, kt * tokens, pd, hid, kt)
             pred = m * ((depth - 1) * full + last)
@@ -147,8 +149,7 @@ def estimate_training_memory(cfg, shards: int = 1, bf16: bool = False) -> dict[s
             return seqs * tokens * width * 2 * unit * num + per_layer
         return per_layer * num
 
-    pred_seqs, pred_tokens = ((batch * nenc, ctx + m * tgt) if cfg.fastjepa.predictor_layout == "shared"
-                              else (batch * nenc * m, ctx + tgt))
+    pred_seqs, pred_tokens = predictor_sequences(cfg.fastjepa.predictor_layout, batch * nenc, ctx, tgt, m)
     grid = (cfg.data.crop_size // cfg.mask.patch_size) ** 2
     activations = (layers(batch * nenc, ctx, dim, depth) + layers(pred_seqs, pred_tokens, pred_dim, pred_depth)
                    + batch * grid * 4 * dim * 2 * unit)  # the target encoder's widest transient (the MLP hidden)

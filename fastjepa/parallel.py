@@ -22,6 +22,7 @@ from torch import nn
 
 from fastjepa.choices import PARALLEL_STRATEGIES as STRATEGIES
 from fastjepa.ijepa import IJEPA
+from fastjepa.models.predictor import predictor_sequences
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,7 @@ def resolve_attention(model: IJEPA, cfg, dtype: torch.dtype) -> None:
 
     context, target = expected_tokens(cfg)
     batch, nenc, m = cfg.data.batch_size, cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
-    pred_rows, pred_len = ((batch * nenc, context + m * target) if model.predictor.layout == "shared"
-                           else (batch * nenc * m, context + target))
+    pred_rows, pred_len = predictor_sequences(model.predictor.layout, batch * nenc, context, target, m)
     device = next(model.parameters()).device
     for blocks, rows, seq_len, grad in ((model.encoder.blocks, batch * nenc, context, True),
                                         (model.target_forward_encoder.blocks, batch, model.encoder.num_patches, False),
