@@ -25,7 +25,7 @@ image and target block weighs the same as in the official loss.
 import torch
 from torch import nn
 
-from fastjepa.choices import BLOCK_ATTENTION_BACKENDS, PREDICTOR_LAYOUTS
+from fastjepa.choices import PREDICTOR_LAYOUTS
 from fastjepa.kernels import mask_index, predictor_tokens, stack_masks
 from fastjepa.masks import PackedContext
 from fastjepa.models.pos_embed import sincos_2d
@@ -51,9 +51,6 @@ class VisionTransformerPredictor(nn.Module):
         super().__init__()
         if layout not in PREDICTOR_LAYOUTS:
             raise ValueError(f"unknown predictor layout {layout!r}; choose one of {PREDICTOR_LAYOUTS}")
-        if block_attn_backend not in BLOCK_ATTENTION_BACKENDS:
-            raise ValueError(f"unknown block-attention backend {block_attn_backend!r}; choose one of "
-                             f"{BLOCK_ATTENTION_BACKENDS}")
         self.layout = layout
         if isinstance(num_patches, int):
             side = round(num_patches**0.5)
