@@ -150,8 +150,11 @@ class EagerOnCompileFailure:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list):
         from torch._functorch import config as functorch_config
 
+        # a torch without the setting compiles the backward lazily: its failures then surface in loss.backward()
+        eager_backward = ({"force_non_lazy_backward_lowering": True}
+                          if hasattr(functorch_config, "force_non_lazy_backward_lowering") else {})
         try:
-            with functorch_config.patch(force_non_lazy_backward_lowering=True):
+            with functorch_config.patch(eager_backward):
                 return self._compile(gm, example_inputs)
         except (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame):
             raise  # dynamo's own control flow (e.g. re-tracing with a scalar as a tensor), not a failure
