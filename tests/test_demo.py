@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_demo_pretrains_probes_and_prints_the_three_accuracies(tmp_path, capsys):
     rc = demo.main(["optimization.epochs=1", "train.max_steps=2", "data.batch_size=32", "train.rankme_every=1",
                     "train.rankme_samples=64", "train.progress=lines", "train.device=cpu", "train.log_every=1",
-                    f"logging.folder={tmp_path}"])
+                    "eval.every_epochs=1", "eval.data=mnist", "eval.max_samples=500", f"logging.folder={tmp_path}"])
     assert rc == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
@@ -30,6 +30,14 @@ def test_demo_pretrains_probes_and_prints_the_three_accuracies(tmp_path, capsys)
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("kind", "train") == "train"] == [1, 2]
     assert len([r for r in records if "rankme" in r]) == 2
+    # the online k-NN probe (eval section) at the end of training: better than chance, and its own panel
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [2] and 0.1 < evals[0]["knn_top1"] <= 1, evals
+    assert "online k-NN top-1" in captured.out
     # the loss / RankMe curves: matplotlib is in the test extras, so the PNG must be there
     png = run / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as image:  # four panels: loss, RankMe, the online probe, the final probes
+        assert image.width >= 0.95 * 4 * 4.7 * 120, image.size

@@ -1,6 +1,6 @@
 """The online k-NN probe (the ``eval`` section): run on the target encoder every N epochs and at the end of
-training, logged to metrics.jsonl (``kind: eval``), TensorBoard (``eval/knn_top1``) and the demo's curves.png;
-bad evaluation data refused before the model is built."""
+training, logged to metrics.jsonl (``kind: eval``) and TensorBoard (``eval/knn_top1``); bad evaluation data
+refused before the model is built. Through the demo config, with its curves.png panel: tests/test_demo.py."""
 
 import pytest
 from test_eval import colour_images
@@ -52,20 +52,3 @@ def test_missing_evaluation_data_is_refused_before_the_model_is_built(tmp_path):
     with pytest.raises(fj_train.SetupError, match="nope"):
         fj_train.run(cfg)
     assert not (tmp_path / "run").exists()
-
-
-def test_the_demo_config_with_the_online_probe_draws_its_panel(tmp_path, capsys):
-    from PIL import Image
-
-    from fastjepa import demo
-
-    rc = demo.main(["optimization.epochs=1", "train.max_steps=2", "data.batch_size=32", "train.progress=lines",
-                    "train.device=cpu", "eval.every_epochs=1", "eval.data=mnist", "eval.max_samples=500",
-                    f"logging.folder={tmp_path}"])
-    assert rc == 0
-    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == "eval"]
-    assert [r["step"] for r in evals] == [2] and 0.1 < evals[0]["knn_top1"] <= 1  # better than chance
-    assert "online k-NN top-1" in capsys.readouterr().out
-    with Image.open(run / "curves.png") as png:
-        assert png.width >= 4 * 4.7 * 120 * 0.95  # four panels: loss, RankMe, the online probe, the final probe
