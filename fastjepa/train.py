@@ -26,7 +26,7 @@ from fastjepa.checkpoint import CheckpointError, full_model_state
 from fastjepa.data.loader import BadDataError
 from fastjepa.ijepa import IJEPA
 from fastjepa.parallel import DistEnv, destroy_distributed
-from fastjepa.trainer import SetupError, StepOutOfMemory, Trainer, TrainingDiverged, train_step
+from fastjepa.trainer import SetupError, StepOutOfMemory, Trainer, TrainingDiverged
 
 logger = logging.getLogger("fastjepa")
 
@@ -85,7 +85,7 @@ def _train_one(tr: Trainer, result: TrainResult, images, masks, flops: float, wa
     s, t = tr.state, tr.cfg.train
     lr, wd, momentum = tr.sched.lr(s.step), tr.sched.weight_decay(s.step), tr.sched.momentum(s.step)
     try:
-        out = train_step(tr, *tr.to_device(images, masks))
+        out = tr.stepper(*tr.to_device(images, masks), s.step)
     except torch.cuda.OutOfMemoryError as e:
         raise tr.out_of_memory(e) from e
     s.step += 1

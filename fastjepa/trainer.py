@@ -1,5 +1,5 @@
 """The trainer's pieces, over one small state object (torchtitan's shape): ``Trainer.setup`` builds a run,
-``train_step`` runs one optimisation step on the device (``fastjepa.step``), ``Trainer.record`` logs,
+``Trainer.stepper`` runs one optimisation step on the device (``fastjepa.step``), ``Trainer.record`` logs,
 ``Trainer.save`` checkpoints. ``fastjepa.train.run`` is the loop that calls them.
 
 Setup checks everything that can be wrong with the config, the data and the checkpoint paths before any model is
@@ -407,11 +407,6 @@ class Trainer:
             with torch.autocast(**self.stepper.autocast):
                 feats.append(self.model.target_forward_encoder(images).float().mean(1))
         return rankme(torch.cat(feats))
-
-
-def train_step(tr: Trainer, images: torch.Tensor, masks: Masks) -> StepOutput:
-    """The run's next step (``fastjepa.step.Stepper``) on a batch already on the device."""
-    return tr.stepper(images, masks, tr.state.step)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from fastjepa.checkpoint import CheckpointManager, RunLock, read_meta, verify
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.metrics import read_jsonl
 from fastjepa.optim import build_optimizer
+from fastjepa.step import Stepper
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -324,15 +325,15 @@ def test_a_full_disk_at_a_save_is_a_clear_error_and_keeps_the_previous_checkpoin
 
 def test_running_out_of_device_memory_ends_with_what_to_change_and_keeps_the_checkpoint(tmp_path, monkeypatch,
                                                                                         capsys):
-    real_step, calls = fj_train.train_step, {"n": 0}
+    real_step, calls = Stepper.__call__, {"n": 0}
 
-    def step(tr, *args):
+    def step(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(tr, *args)
+        return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(fj_train, "train_step", step)
+    monkeypatch.setattr(Stepper, "__call__", step)
     code = fj_train.main(["--config", "configs/test_tiny.yaml", *TINY, "train.max_steps=6",
                           "train.checkpoint_steps=1", f"logging.folder={tmp_path}"])
     err = capsys.readouterr().err

@@ -10,6 +10,7 @@ from test_train import ROOT, tiny_cfg
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastjepa import step as fj_step
 from fastjepa import train as fj_train
 from fastjepa import trainer
 from fastjepa.ijepa import IJEPA
@@ -36,9 +37,9 @@ def test_every_block_compiles_once_per_variant_without_graph_breaks(tmp_path, mo
     sizes = {(m.masks_enc[0].shape[1], m.masks_pred[0].shape[1]) for m in masks_per_step(cfg, 6)}
     assert len(sizes) >= 4  # the token counts really change from step to step
     graphs = []
-    real_step = trainer.train_step
-    monkeypatch.setattr(fj_train, "train_step",
-                        lambda tr, *a: (real_step(tr, *a), graphs.append(counters["stats"]["unique_graphs"]))[0])
+    real_step = fj_step.Stepper.__call__
+    monkeypatch.setattr(fj_step.Stepper, "__call__",
+                        lambda self, *a: (real_step(self, *a), graphs.append(counters["stats"]["unique_graphs"]))[0])
     torch._dynamo.reset()
     counters.clear()
     result = fj_train.run(cfg)
@@ -203,7 +204,6 @@ def test_no_host_synchronisation_outside_logging_steps(tmp_path, monkeypatch, va
 
 def record_parallelize(monkeypatch) -> list[dict]:
     """Replace ``parallelize`` in the step's preparation by a recorder of what it is handed, then the real one."""
-    from fastjepa import step as fj_step
 
     calls, real = [], fj_step.parallelize
 
@@ -228,7 +228,6 @@ def test_auto_attention_is_resolved_before_anything_is_compiled(tmp_path, monkey
                                                  (None, "cuda", "inductor"), (False, "cuda", None)])
 def test_blocks_are_compiled_by_default_only_with_cuda(tmp_path, monkeypatch, setting, device, want):
     from fastjepa import config
-    from fastjepa import step as fj_step
     from fastjepa.parallel import DistEnv
 
     assert config.load(ROOT / "configs/test_tiny.yaml").train.compile is None  # shipped: null, the device decides
