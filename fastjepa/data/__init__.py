@@ -61,10 +61,9 @@ def build_pretrain_loader(cfg, *, rank=0, world_size=1, collator=None):
             "(make_shards --shard-size %d) to read each byte once", len(shards), world_size, max(num_workers, 1),
             world_size * max(num_workers, 1), max(1, source.num_samples // (world_size * max(num_workers, 1))))
     return PretrainLoader(
-        source, build_transform(cfg), collator, int(d.batch_size), rank=rank, world_size=world_size,
-        num_workers=num_workers, seed=int(cfg.fastjepa.seed),
-        shuffle_buffer=int(d.shuffle_buffer) if shards is not None else 0,
-        max_bad_fraction=float(d.max_bad_fraction), pin_memory=bool(d.pin_mem) and torch.cuda.is_available())
+        source, build_transform(cfg), collator, d.batch_size, rank=rank, world_size=world_size,
+        num_workers=num_workers, seed=cfg.fastjepa.seed, shuffle_buffer=d.shuffle_buffer if shards is not None else 0,
+        max_bad_fraction=d.max_bad_fraction, pin_memory=d.pin_mem and torch.cuda.is_available())
 
 
 def mean_std(cfg):

@@ -188,8 +188,8 @@ class _EpochStream(IterableDataset):
 class PretrainLoader:
     """Iterable over ((images uint8 [B, C, H, W], labels int64 [B]), masks_enc, masks_pred); see the module doc."""
 
-    def __init__(self, source, transform, collator, batch_size, *, rank=0, world_size=1, num_workers=0, seed=0,
-                 shuffle_buffer=1000, max_bad_fraction=0.01, pin_memory=False, prefetch_factor=2,
+    def __init__(self, source, transform, collator, batch_size, *, shuffle_buffer: int, max_bad_fraction: float,
+                 rank=0, world_size=1, num_workers=0, seed=0, pin_memory=False, prefetch_factor=2,
                  multiprocessing_context=None):
         if source.num_samples < world_size * batch_size:
             raise ValueError(f"the dataset has {source.num_samples} samples, fewer than world_size x batch_size = "

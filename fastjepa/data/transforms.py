@@ -239,7 +239,7 @@ def open_image(image):
 def build_transform(cfg):
     """PretrainTransform from a Config's `data` section and fastjepa.in_chans."""
     d = cfg.data
-    in_chans = int(getattr(cfg.fastjepa, "in_chans", 3))
+    in_chans = cfg.fastjepa.in_chans
     return PretrainTransform(
         crop_size=d.crop_size,
         crop_scale=tuple(d.crop_scale),
@@ -248,5 +248,5 @@ def build_transform(cfg):
         color_jitter=d.color_jitter_strength,
         gaussian_blur=d.use_gaussian_blur,
         mode="L" if in_chans == 1 else "RGB",
-        fast_decode=getattr(d, "fast_decode", True),
+        fast_decode=d.fast_decode,
     )
