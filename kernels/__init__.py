@@ -17,6 +17,7 @@ from fastjepa.kernels._utils import (
     set_backend,
     stack_masks,
 )
+from fastjepa.kernels.block_ops import add_layer_norm, add_layer_norm_ref, bias_gelu, bias_gelu_ref
 from fastjepa.kernels.ema import ema_update, ema_update_ref
 from fastjepa.kernels.masked_gather import masked_gather, masked_gather_ref
 from fastjepa.kernels.predictor_tokens import predictor_tokens, predictor_tokens_ref
@@ -34,6 +35,10 @@ __all__ = [
     "mask_index",
     "set_backend",
     "stack_masks",
+    "add_layer_norm",
+    "add_layer_norm_ref",
+    "bias_gelu",
+    "bias_gelu_ref",
     "ema_update",
     "ema_update_ref",
     "masked_gather",
