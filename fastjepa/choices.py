@@ -27,6 +27,10 @@ BLOCK_ATTENTION_BACKENDS = ("auto", "triton", "flex", "reference")
 # (fastjepa.kernels.MEASURED_WINNERS) and Triton under TRITON_INTERPRET=1; "triton" every Triton kernel where it can
 # run; "reference" always the PyTorch reference.
 KERNEL_BACKENDS = ("auto", "triton", "reference")
+# The memory-bound half of each ViT block (fastjepa.modules.block): "compile" the PyTorch ops (fused by
+# torch.compile when the blocks are compiled), "fused" fastjepa's kernels; "auto" times both at the run's shapes on
+# the GPU ("compile" on CPU).
+BLOCK_IMPLS = ("auto", "compile", "fused")
 # The EMA's fused kernel: Triton, or the CUDA C++ twin from csrc/ (built with FASTJEPA_BUILD_CUDA=1).
 EMA_BACKENDS = ("triton", "cuda")
 

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from fastjepa.choices import (
     ATTENTION_BACKENDS,
+    BLOCK_IMPLS,
     DATA_SOURCES,
     KERNEL_BACKENDS,
     MASK_MODES,
@@ -352,6 +353,9 @@ class FastJepa(_Section):
     attn_backend: str = "auto"
     in_chans: int = 3
     kernel_backend: str = "auto"  # "auto": per op, what measured faster on the GPU; "triton"; "reference"
+    # each block's memory-bound half (residual add + LayerNorm, fc1 bias + GELU): "compile" the PyTorch ops (fused
+    # by torch.compile), "fused" fastjepa's kernels; "auto" times both per call site at the run's shapes on the GPU
+    block_impl: str = "auto"
     # predictor attention layout (fastjepa.models.predictor): "repeat" = the official method with a cheaper last
     # block (same results), "official" = every block on every token, "shared" = opt-in, context computed once
     predictor_layout: str = "repeat"
@@ -372,6 +376,7 @@ class FastJepa(_Section):
             _fail("fastjepa.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)", "e.g. seed: 0")
         _choice("fastjepa.attn_backend", self.attn_backend, ATTENTION_BACKENDS)
         _choice("fastjepa.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _choice("fastjepa.block_impl", self.block_impl, BLOCK_IMPLS)
         _choice("fastjepa.predictor_layout", self.predictor_layout, PREDICTOR_LAYOUTS)
         _choice("fastjepa.target_precision", self.target_precision, TARGET_PRECISIONS)
         _choice("fastjepa.target_encoder", self.target_encoder, TARGET_ENCODERS)

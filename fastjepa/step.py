@@ -3,12 +3,14 @@ trainer and for the step benchmark (``bench/bench_step.py``), so the benchmark t
 
 ``prepare_model`` applies, in order: the bf16 target replica (the EMA pass writes it; the target forward reads 2
 bytes per weight and nothing re-casts; its matmuls in FP8 with ``fastjepa.target_precision: fp8``), ``auto``
-attention resolved to concrete backends at the step's shapes, then activation checkpointing, ``torch.compile`` of
+attention and ``auto`` block implementations resolved by timing at each call site's shapes (rank 0's choice on
+every rank, logged once), then activation checkpointing, ``torch.compile`` of
 every block (by default on CUDA) and DDP/FSDP2.
 ``Stepper`` runs forward, backward, clipping, fused AdamW and the EMA without a host synchronisation: the loss,
 the gradient norm and the non-finite flag stay on the device.
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,8 +20,11 @@ from fastjepa.choices import SHARDED_STRATEGIES
 from fastjepa.ijepa import IJEPA
 from fastjepa.masks import Masks
 from fastjepa.optim import build_optimizer
-from fastjepa.parallel import DistEnv, parallelize, resolve_attention
+from fastjepa.parallel import DistEnv, agree_on_choices, parallelize, resolve_attention, resolve_block_impl
 from fastjepa.schedules import Schedules
+from fastjepa.timing import describe
+
+logger = logging.getLogger("fastjepa")
 
 
 @dataclass
@@ -41,12 +46,25 @@ def prepare_model(cfg, env: DistEnv, strategy: str, model: IJEPA,
     fp8 = cfg.fastjepa.target_precision == "fp8"
     if (bf16 or fp8) and not model.online_target:  # an online target reads the encoder itself
         model.enable_target_replica(torch.bfloat16, fp8=fp8)
-    resolve_attention(model, cfg, torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     compile_blocks = cfg.train.compile if cfg.train.compile is not None else env.device.type == "cuda"
+    choices = {"attention": resolve_attention(model, cfg, dtype),
+               "block_impl": resolve_block_impl(model, cfg, dtype, compile_backend if compile_blocks else None)}
+    log_choices(agree_on_choices(model, cfg, choices), env)
     train_module = parallelize(model, env, strategy, bf16=bf16,
                                activation_checkpointing=cfg.train.activation_checkpointing,
                                compile=compile_backend if compile_blocks else None, shard_size=cfg.train.shard_size)
     return train_module, bf16
+
+
+def log_choices(choices: dict[str, dict[str, tuple]], env: DistEnv) -> None:
+    """One line per timed choice (rank 0): what ``auto`` picked at each call site and the timings behind it."""
+    if not env.is_main:
+        return
+    for setting, sites in choices.items():
+        for site, (name, times) in sites.items():
+            if times:
+                logger.info(f"{setting} auto, {site}: {name} ({describe(times)})")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from fastjepa.data.loader import BadDataError
 from fastjepa.eval.online import OnlineProbe
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.kernels import set_backend
+from fastjepa.kernels._utils import triton_unavailable
 from fastjepa.masks import Masks
 from fastjepa.metrics import (
     FlopModel,
@@ -502,10 +503,14 @@ def lock_folder(cfg, env: DistEnv) -> RunLock | None:
 
 
 def check_precision(cfg, env: DistEnv) -> None:
-    """FP8 targets need a GPU with FP8 tensor cores."""
+    """FP8 targets need a GPU with FP8 tensor cores; fastjepa's fused block kernels need triton on a GPU."""
     problem = fp8_unsupported(env.device) if cfg.fastjepa.target_precision == "fp8" else None
     if problem:
         raise SetupError(f"fastjepa.target_precision=fp8: {problem}; set fastjepa.target_precision=bf16 here")
+    fused = cfg.fastjepa.block_impl == "fused"
+    problem = triton_unavailable(env.device, cfg.fastjepa.kernel_backend) if fused else None
+    if problem:
+        raise SetupError(f"fastjepa.block_impl=fused: {problem}; set fastjepa.block_impl=auto (or compile)")
 
 
 def check_memory(cfg, env: DistEnv, strategy: str) -> None:

@@ -53,6 +53,18 @@ def require_triton(what: str) -> None:
     if not HAVE_TRITON:
         raise RuntimeError(f"{what} needs triton, which is not installed: {TRITON_HINT}")
 
+def triton_unavailable(device: torch.device, backend: str) -> str | None:
+    """Why Triton kernels cannot run on ``device`` under kernel backend ``backend`` (None when they can): for a run
+    that asks for them by name."""
+    if not HAVE_TRITON:
+        return f"triton is not installed ({TRITON_HINT})"
+    if device.type != "cuda" and not interpreting():
+        return f"the Triton kernels run on CUDA GPUs (or under TRITON_INTERPRET=1), this run is on {device.type}"
+    if backend == "reference":
+        return "fastjepa.kernel_backend=reference turns every kernel off"
+    return None
+
+
 _BACKEND = os.environ.get("FASTJEPA_KERNEL_BACKEND", "auto")
 if _BACKEND not in KERNEL_BACKENDS:
     raise ValueError(f"FASTJEPA_KERNEL_BACKEND={_BACKEND!r}: choose one of {KERNEL_BACKENDS}")

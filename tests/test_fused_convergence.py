@@ -1,4 +1,4 @@
-"""Training with the fused ops (Triton interpreter on CPU) follows the same trajectory as with the references:
+"""Training with the fused ops and fused blocks (Triton interpreter on CPU) follows the same trajectory as with the references:
 same seed, same masks, a few AdamW steps + EMA of a tiny I-JEPA, losses and weights equal within fp32 rounding."""
 
 import torch
@@ -20,6 +20,8 @@ def train(fused: bool):
         pred = VisionTransformerPredictor((GRID, GRID), embed_dim=32, predictor_embed_dim=16, depth=1, num_heads=2,
                                           attn_backend="math")
         model = IJEPA(enc, pred)
+        for block in [*model.encoder.blocks, *model.target_encoder.blocks, *model.predictor.predictor_blocks]:
+            block.impl = "fused" if fused else "compile"
         opt = build_optimizer(model.encoder, model.predictor)
         for g in opt.param_groups:
             g["lr"] = 1e-3

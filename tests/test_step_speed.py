@@ -233,7 +233,7 @@ def test_blocks_are_compiled_by_default_only_with_cuda(tmp_path, monkeypatch, se
     assert config.load(ROOT / "configs/test_tiny.yaml").train.compile is None  # shipped: null, the device decides
     calls = []
     monkeypatch.setattr(fj_step, "parallelize", lambda model, *a, **kw: calls.append(kw["compile"]) or model)
-    monkeypatch.setattr(fj_step, "resolve_attention", lambda *a: None)
+    monkeypatch.setattr(fj_step, "resolve_attention", lambda *a: {})
     model = IJEPA(VisionTransformer(32, 8, 3, 32, 1, 2), VisionTransformerPredictor((4, 4), 32, 16, 1, 2))
     model.to = lambda device: model  # no CUDA here: only the decision is under test
     cfg = tiny_cfg(tmp_path, f"train.compile={'null' if setting is None else str(setting).lower()}")

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastjepa.choices import ATTENTION_BACKENDS, BLOCK_ATTENTION_BACKENDS
 from fastjepa.kernels.block_attention import block_attention
-from fastjepa.modules.attention_backends import attention, resolve, varlen_attention
+from fastjepa.modules.attention_backends import attention, auto_timings, resolve, varlen_attention
 
 
 class Attention(nn.Module):
@@ -39,16 +39,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def resolve_backend(self, batch: int, seq_len: int, device, dtype: torch.dtype, grad: bool) -> str:
+    def resolve_backend(self, batch: int, seq_len: int, device, dtype: torch.dtype,
+                        grad: bool) -> tuple[str, dict[str, float | str]]:
         """Replace ``auto`` by the backend that is fastest for this module at ``batch`` sequences of ``seq_len``
-        tokens (timed once per shape bucket on a GPU; ``sdpa`` on CPU) and return it. Done before compiling,
-        so a compiled block reads a plain name: it never times candidates or re-traces."""
-        if self.backend == "auto":
-            shape = (batch, self.num_heads, seq_len, self.head_dim)
-            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
-            with torch.set_grad_enabled(grad):
-                self.backend = resolve("auto", q, k, v, self.scale)
-        return self.backend
+        tokens, with the backward when ``grad`` (timed once per shape bucket on a GPU; ``sdpa`` on CPU); returns it
+        and the timings behind it. Done before compiling, so a compiled block reads a plain name: it never times
+        candidates or re-traces."""
+        if self.backend != "auto":
+            return self.backend, {}
+        shape = (batch, self.num_heads, seq_len, self.head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
+        with torch.set_grad_enabled(grad):
+            self.backend = resolve("auto", q, k, v, self.scale)
+        return self.backend, auto_timings(q, k, grad)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0, *,
                 queries_from: int = 0, context_len: int = 0, num_target_blocks: int = 0) -> torch.Tensor:

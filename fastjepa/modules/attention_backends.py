@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fastjepa.choices import ATTENTION_BACKENDS as BACKENDS
 from fastjepa.choices import VARLEN_ATTENTION_BACKENDS as VARLEN_BACKENDS
 from fastjepa.kernels._utils import compiled_flex_attention
+from fastjepa.timing import fastest
 
 _SDPA_PINNED = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
@@ -127,6 +128,7 @@ def available_backends(device, dtype: torch.dtype, head_dim: int) -> list[str]:
 
 
 _AUTO_CACHE: dict[tuple, str] = {}
+_AUTO_TIMES: dict[tuple, dict[str, float | str]] = {}  # the timings behind each choice
 
 
 def _bucket(n: int) -> int:
@@ -139,7 +141,7 @@ def _auto_key(q: torch.Tensor, k: torch.Tensor, grad: bool) -> tuple:
     return (str(q.device), q.dtype, q.shape[1], q.shape[-1], _bucket(q.shape[-2]), _bucket(k.shape[-2]), grad)
 
 
-def _time_backend(name: str, q, k, v, scale: float, grad: bool, iters: int = 5) -> float:
+def _candidate(name: str, q, k, v, scale: float, grad: bool):
     impl = _IMPLS[name]
     q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
 
@@ -148,29 +150,15 @@ def _time_backend(name: str, q, k, v, scale: float, grad: bool, iters: int = 5) 
         if grad:
             torch.autograd.grad(out, (q, k, v), out)
 
-    once()  # warm-up (kernel selection, lazy init) outside the timing
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        once()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    return once
 
 
 def pick_fastest(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, grad: bool) -> tuple[str, dict]:
-    """Time every available backend except the two materialising ones (``math``, ``sdpa_math``) on these inputs;
-    returns the fastest name and ``{name: milliseconds or the error that excluded it}``."""
-    times: dict[str, float | str] = {}
-    for name in available_backends(q.device, q.dtype, q.shape[-1]):
-        if name in ("math", "sdpa_math"):
-            continue
-        try:
-            times[name] = _time_backend(name, q, k, v, scale, grad)
-        except (RuntimeError, NotImplementedError, ValueError) as err:  # a kernel that rejects this shape/dtype
-            times[name] = f"unsupported: {str(err).splitlines()[0][:120]}"
-    timed = {n: t for n, t in times.items() if isinstance(t, float)}
-    return (min(timed, key=timed.get) if timed else DEFAULT), times
+    """Time every available backend except the two materialising ones (``math``, ``sdpa_math``) on these inputs,
+    with the backward when ``grad``; returns the fastest name and ``{name: milliseconds or why it was excluded}``."""
+    names = [n for n in available_backends(q.device, q.dtype, q.shape[-1]) if n not in ("math", "sdpa_math")]
+    best, times = fastest({n: _candidate(n, q, k, v, scale, grad) for n in names})
+    return best or DEFAULT, times
 
 
 def resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> str:
@@ -183,13 +171,18 @@ def resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         return _AUTO_CACHE[key]
     if not q.is_cuda or torch.compiler.is_compiling():
         return DEFAULT
-    _AUTO_CACHE[key], _ = pick_fastest(q, k, v, scale, grad)
+    _AUTO_CACHE[key], _AUTO_TIMES[key] = pick_fastest(q, k, v, scale, grad)
     return _AUTO_CACHE[key]
 
 
 def auto_choices() -> dict[tuple, str]:
     """What ``auto`` picked so far: ``{(device, dtype, heads, head dim, Lq bucket, Lk bucket, grad): backend}``."""
     return dict(_AUTO_CACHE)
+
+
+def auto_timings(q: torch.Tensor, k: torch.Tensor, grad: bool) -> dict[str, float | str]:
+    """The timings behind ``auto``'s choice for inputs like these: ``{}`` where nothing was timed (CPU)."""
+    return dict(_AUTO_TIMES.get(_auto_key(q, k, grad), {}))
 
 
 def check_backend(backend: str) -> str:

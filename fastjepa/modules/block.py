@@ -1,9 +1,19 @@
-"""Pre-norm ViT block with the official I-JEPA (and timm) parameter names."""
+"""Pre-norm ViT block with the official I-JEPA (and timm) parameter names.
+
+Its memory-bound half (residual add, LayerNorm, fc1's bias and GELU) runs in one of two implementations, the
+block's ``impl``: ``"compile"``, the PyTorch ops as written (fused by torch.compile when the blocks are compiled),
+or ``"fused"``, fastjepa's kernels (``fastjepa.kernels.add_layer_norm`` and ``bias_gelu``). ``resolve_impl`` picks
+the faster by timing both at the run's shapes (``fastjepa.block_impl: auto``).
+"""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fastjepa.choices import BLOCK_IMPLS
+from fastjepa.kernels import add_layer_norm, bias_gelu
 from fastjepa.modules.attention import Attention
+from fastjepa.timing import fastest
 
 
 class MLP(nn.Module):
@@ -16,11 +26,19 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function with fc1 run without its bias and the bias added in the GELU's one pass."""
+        return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
+
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 attn_backend: str = "sdpa", norm_eps: float = 1e-6, block_attn_backend: str = "auto"):
+                 attn_backend: str = "sdpa", norm_eps: float = 1e-6, block_attn_backend: str = "auto",
+                 impl: str = "compile"):
         super().__init__()
+        if impl not in BLOCK_IMPLS[1:]:
+            raise ValueError(f"unknown block implementation {impl!r}; choose one of {BLOCK_IMPLS[1:]}")
+        self.impl = impl
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=attn_backend, block_backend=block_attn_backend)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
@@ -33,5 +51,47 @@ class Block(nn.Module):
         queries, residual and MLP for those tokens alone), or the block-structured shared-context layout."""
         attn = self.attn(self.norm1(x), cu_seqlens, max_seqlen, queries_from=queries_from, context_len=context_len,
                          num_target_blocks=num_target_blocks)
-        x = (x[:, queries_from:] if queries_from else x) + attn
-        return x + self.mlp(self.norm2(x))
+        return self.residual_mlp(x[:, queries_from:] if queries_from else x, attn, self.impl)
+
+    def residual_mlp(self, x: torch.Tensor, attn: torch.Tensor, impl: str) -> torch.Tensor:
+        """``s + mlp(norm2(s))`` with ``s = x + attn``: the block after its attention, in implementation ``impl``."""
+        if impl == "compile":
+            x = x + attn
+            return x + self.mlp(self.norm2(x))
+        packed = x.dim() == 2  # [T, D] packed sequences: one batch row for the kernel
+        s, h = add_layer_norm(x.unsqueeze(0) if packed else x, attn.unsqueeze(0) if packed else attn,
+                              self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        out = s + self.mlp.forward_fused(h)
+        return out.squeeze(0) if packed else out
+
+    def resolve_impl(self, impl: str, rows: int, seq_len: int, dtype: torch.dtype, grad: bool,
+                     compiler=None) -> tuple[str, dict[str, float | str]]:
+        """Set ``impl`` and return it with the timings behind it: ``"auto"`` times ``residual_mlp`` in both
+        implementations on ``rows`` sequences of ``seq_len`` random tokens (forward, and backward when ``grad``),
+        ``"compile"`` through ``torch.compile(backend=compiler)`` when the blocks are compiled, on this block's
+        CUDA device; elsewhere (CPU) it is ``"compile"`` without timing."""
+        if impl not in BLOCK_IMPLS:
+            raise ValueError(f"fastjepa.block_impl={impl!r}: choose one of {BLOCK_IMPLS}")
+        device = self.norm2.weight.device
+        if impl != "auto" or device.type != "cuda":
+            self.impl = "compile" if impl == "auto" else impl
+            return self.impl, {}
+        shape = (rows, seq_len, self.norm2.weight.shape[0])
+        x, attn = (torch.randn(shape, device=device, dtype=dtype, requires_grad=grad) for _ in range(2))
+        candidates = {}
+        for name in BLOCK_IMPLS[1:]:
+            def probe(x, attn, name=name):
+                return self.residual_mlp(x, attn, name)
+
+            run = torch.compile(probe, backend=compiler) if compiler is not None and name == "compile" else probe
+
+            def once(run=run):
+                with torch.autocast("cuda", dtype, enabled=dtype != torch.float32), torch.set_grad_enabled(grad):
+                    out = run(x, attn)
+                    if grad:
+                        out.backward(out.detach())
+
+            candidates[name] = once
+        best, times = fastest(candidates)
+        self.impl = best or "compile"
+        return self.impl, times
