@@ -18,6 +18,7 @@ SUITES: dict[str, list[str]] = {
         "bench_target_norm_gather",
         "bench_predictor_tokens",
         "bench_ema",
+        "bench_block_ops",
     ],
     "step": ["bench_step"],
     "attention": ["bench_attention"],

@@ -20,6 +20,7 @@ import argparse
 import csv
 import datetime
 import gc
+import logging
 import sys
 import time
 from pathlib import Path
@@ -317,6 +318,8 @@ def main(argv=None) -> list[dict]:
         for path in write_results(rows, out_dir, rows[0]["device"] == device_dir("cpu"), command, append=False):
             print("wrote", path)
         return rows
+    # the trainer's log lines (what attn_backend and block_impl auto chose, with their timings) in the stage's log
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sizes = QUICK if args.quick else dict(models=args.models, batch=args.batch, warmup=args.warmup, steps=args.steps)
     backend = args.compile or ("aot_eager" if args.quick else "inductor")
     return benchmark(providers=args.providers, compile_backend=None if backend == "none" else backend, out=args.out,

@@ -1,5 +1,6 @@
-"""Training with the fused ops and fused blocks (Triton interpreter on CPU) follows the same trajectory as with the references:
-same seed, same masks, a few AdamW steps + EMA of a tiny I-JEPA, losses and weights equal within fp32 rounding."""
+"""Training with the fused ops and fused blocks (Triton interpreter on CPU) follows the same trajectory as with the
+references: same seed, same masks, a few AdamW steps + EMA of a tiny I-JEPA, losses and weights equal within fp32
+rounding."""
 
 import torch
 from kernel_utils import random_masks, rel_rms

@@ -1,0 +1,84 @@
+"""The ViT block's memory-bound half against torch.compile's fusion of the same ops, at ViT-H/14's three call sites
+(context encoder and predictor with their backward, target forward without): ``add_layer_norm`` (residual add +
+LayerNorm), ``bias_gelu`` (fc1's bias + exact GELU) and the whole ``residual_mlp`` (the two, fc1 and fc2: what
+``fastjepa.block_impl`` chooses between). Providers: ``reference`` (eager PyTorch), ``compile`` (inductor, what
+the default step runs), ``max_autotune`` (inductor's ``max-autotune-no-cudagraphs``, GPU only) and ``triton``
+(fastjepa's kernels). Bytes are the memory-bound ops' ideal traffic (the whole half's GEMMs are not counted)."""
+
+import torch
+
+from fastjepa.kernels import add_layer_norm, add_layer_norm_ref, bias_gelu, bias_gelu_ref
+from fastjepa.kernels._utils import forced_triton
+from fastjepa.modules.block import Block
+
+from .common import BenchConfig, Case, compiled, fused_available, grad_fn, run_cases
+
+# name, sequences, tokens, width, heads, with backward: ViT-H/14 at batch 128 and the in1k recipe's expected
+# token counts (fastjepa.parallel.call_sites: 71 context tokens, 4 target blocks of 44 in the repeat layout)
+SHAPES = [("vit_h14 context", 128, 71, 1280, 16, True), ("vit_h14 target", 128, 256, 1280, 16, False),
+          ("vit_h14 predictor", 512, 115, 384, 12, True)]
+QUICK = [("tiny", 2, 9, 40, 4, True)]
+
+
+def cases(cfg: BenchConfig) -> list[Case]:
+    shapes = QUICK if cfg.quick else SHAPES if cfg.device.startswith("cuda") else SHAPES[-1:]
+    return [case for shape in shapes for case in shape_cases(cfg, *shape)]
+
+
+def providers_of(reference, fused, cfg: BenchConfig) -> dict:
+    out = {"reference": reference, "compile": compiled(reference, cfg)}
+    if cfg.device.startswith("cuda") and not cfg.quick:
+        out["max_autotune"] = torch.compile(reference, mode="max-autotune-no-cudagraphs", dynamic=False)
+    if fused_available(cfg):
+        out["triton"] = forced_triton(fused)
+    return out
+
+
+def timed(fns: dict, inputs: list[torch.Tensor], grad: bool, cfg: BenchConfig) -> dict:
+    """``{provider: {mode: callable}}``: the forward, and with ``grad`` the forward + backward of the outputs'
+    sum of squares (every output gets a gradient)."""
+    out = {}
+    for provider, fn in fns.items():
+        def fwd(fn=fn):
+            with torch.autocast("cuda", torch.bfloat16, enabled=cfg.device.startswith("cuda")):
+                res = fn(*inputs)
+            return sum(r.float().square().sum() for r in (res if isinstance(res, tuple) else (res,)))
+
+        if grad:
+            _, fwd_bwd = grad_fn(fwd, [t for t in inputs if t.requires_grad], torch.ones((), device=cfg.device))
+            out[provider] = {"fwd+bwd": fwd_bwd}
+        else:
+            out[provider] = {"fwd": fwd}
+    return out
+
+
+def shape_cases(cfg: BenchConfig, name, rows, tokens, dim, heads, grad) -> list[Case]:
+    dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    block = Block(dim, heads).to(cfg.device)
+    block.requires_grad_(grad)
+    x, attn = (torch.randn(rows, tokens, dim, device=cfg.device, dtype=dtype, requires_grad=grad) for _ in range(2))
+    h = torch.randn(rows, tokens, 4 * dim, device=cfg.device, dtype=dtype, requires_grad=grad)
+    shape, e = f"{name} {rows}x{tokens}x{dim}", x.element_size()
+    mode = "fwd+bwd" if grad else "fwd"
+    act, wide = rows * tokens * dim * e, rows * tokens * 4 * dim * e
+    # ideal traffic: forward reads x, attn and writes s, out; backward reads s, dout, ds and writes one gradient
+    ln_bytes = 4 * act + (4 * act if grad else 0)
+    gelu_bytes = 2 * wide + (3 * wide if grad else 0)
+    norm = (block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    cases = [
+        Case("add_layer_norm", shape, dtype, {mode: ln_bytes},
+             timed(providers_of(lambda a, b: add_layer_norm_ref(a, b, *norm), lambda a, b: add_layer_norm(a, b, *norm),
+                                cfg), [x, attn], grad, cfg)),
+        Case("bias_gelu", shape, dtype, {mode: gelu_bytes},
+             timed(providers_of(lambda t: bias_gelu_ref(t, block.mlp.fc1.bias),
+                                lambda t: bias_gelu(t, block.mlp.fc1.bias), cfg), [h], grad, cfg)),
+        Case("residual_mlp", shape, dtype, {mode: ln_bytes + gelu_bytes},
+             timed(providers_of(lambda a, b: block.residual_mlp(a, b, "compile"),
+                                lambda a, b: block.residual_mlp(a, b, "fused"), cfg), [x, attn], grad, cfg)),
+    ]
+    return cases
+
+
+def run(cfg: BenchConfig) -> list[dict]:
+    return run_cases(cases(cfg), cfg)
