@@ -86,7 +86,16 @@ class IJEPA(nn.Module):
     def targets(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
         """``[M*nenc*B, Kt, D]``: layer-normalised (no affine) target-encoder features at every target block."""
         masks = self.to_masks(masks_enc, masks_pred)
-        return target_norm_gather(self.target_forward_encoder(images), masks.pred, masks.num_context_blocks)
+        h, norm = self.target_features(images)
+        return target_norm_gather(h, masks.pred, masks.num_context_blocks, norm=norm)
+
+    @torch.no_grad()
+    def target_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """The target forward's ``[B, N, D]`` output and the final LayerNorm that the loss still has to apply to
+        the target tokens (it normalises only those), or None where the forward applied it (FSDP2)."""
+        encoder = self.target_forward_encoder
+        norm = encoder.final_norm_args()
+        return encoder(images, final_norm=norm is None), norm
 
     def encode_context(self, images: torch.Tensor, masks: Masks) -> torch.Tensor:
         """The context encoder's output: ``[nenc*B, Kc, D]``, or packed ``[T, D]`` with variable-length context."""
@@ -109,12 +118,11 @@ class IJEPA(nn.Module):
         ``[B, K]`` tensors (converted once here). The loss is the smooth-L1 mean over every predicted element,
         with or without variable-length context; with SIGReg, mixed with it (``step`` picks its directions)."""
         masks = self.to_masks(masks_enc, masks_pred)
-        with torch.no_grad():
-            h = self.target_forward_encoder(images)
+        h, norm = self.target_features(images)
         context = self.encode_context(images, masks)
         z = self.predict(images, masks, context=context)
         # = smooth_l1_loss(z, self.targets(...)), without materialising the normalised targets when fused
-        loss = target_norm_smooth_l1(z, h, masks.pred, masks.num_context_blocks)
+        loss = target_norm_smooth_l1(z, h, masks.pred, masks.num_context_blocks, norm=norm)
         if self.sigreg is None:
             return loss
         reg = self.sigreg(self.sigreg_samples(context, masks), seed=self.sigreg_step_seed(step))

@@ -111,3 +111,39 @@ def test_bf16_on_gpu(case):
     pred64 = pred.detach().double().requires_grad_(True)
     (exact_grad,) = torch.autograd.grad(target_norm_smooth_l1_ref(pred64, h.double(), masks, nenc), pred64)
     assert_matches(grad, plain_grad, exact_grad, case)
+
+
+def final_norm(d, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = 1 + 0.5 * torch.randn(d, generator=g), torch.randn(d, generator=g)
+    return weight.to(DEVICE, dtype), bias.to(DEVICE, dtype), 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["vit_like", "d80_n69", "d24_n113_nenc3"])
+def test_the_encoders_final_norm_fused_on_the_gathered_rows(case, dtype):
+    # h is the last block's output; the kernels apply the final LayerNorm (affine) and then the targets' own.
+    h, masks, nenc, pred = make(case, dtype)
+    norm = final_norm(h.shape[-1], dtype)
+    norm64 = (norm[0].double(), norm[1].double(), norm[2])
+    out = torch.full_like(pred, float("nan"))
+    target_norm_gather_fwd(h, mask_index(masks, h.shape[0], h.shape[1], "test"), nenc, out=out, norm_weight=norm[0],
+                           norm_bias=norm[1], norm_eps=norm[2])
+    exact = target_norm_gather_ref(h.double(), masks, nenc, norm=norm64)
+    assert_matches(out, target_norm_gather_ref(h, masks, nenc, norm=norm), exact, case)
+    pred.requires_grad_(True)
+    loss = target_norm_smooth_l1(pred, h, masks, nenc, norm=norm)
+    (grad,) = torch.autograd.grad(loss, pred)
+    plain = target_norm_smooth_l1_ref(pred, h, masks, nenc, norm=norm)
+    (plain_grad,) = torch.autograd.grad(plain, pred)
+    pred64 = pred.detach().double().requires_grad_(True)
+    exact_loss = target_norm_smooth_l1_ref(pred64, h.double(), masks, nenc, norm=norm64)
+    (exact_grad,) = torch.autograd.grad(exact_loss, pred64)
+    assert_matches(loss.reshape(1), plain.reshape(1), exact_loss.reshape(1), f"{case} loss")
+    assert_matches(grad, plain_grad, exact_grad, f"{case} grad")
+
+
+def test_a_final_norm_of_the_wrong_width_is_a_clear_error():
+    h, masks, nenc, pred = make("vit_like", torch.float32)
+    with pytest.raises(ValueError, match=r"final LayerNorm.*\[32\]"):
+        target_norm_smooth_l1(pred, h, masks, nenc, norm=final_norm(31, torch.float32))

@@ -68,15 +68,24 @@ class VisionTransformer(nn.Module):
                              f"(grid {self.grid[0]}x{self.grid[1]} of {self.patch_size}px patches)")
         return x
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | list[torch.Tensor] | None = None,
+                final_norm: bool = True) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, N, D]``; with masks (``[M, B, K]`` indices, or one or a list of M ``[B, K]``)
-        -> ``[M*B, K, D]``, the tokens at those positions only."""
+        -> ``[M*B, K, D]``, the tokens at those positions only. ``final_norm=False`` leaves the last LayerNorm to
+        the caller (the I-JEPA loss applies it to the target tokens only: ``final_norm_args``)."""
         x = self.embed(x)
         # the activations keep their dtype (bf16 under autocast) next to the fp32 positional embedding
         x = x + self.pos_embed.to(x.dtype) if masks is None else masked_gather(x, masks, self.pos_embed)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
+
+    def final_norm_args(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(weight, bias, eps)`` of the final LayerNorm for a caller that fuses it (``forward(final_norm=False)``),
+        or None where it must run inside ``forward``: under FSDP2 the weights are sharded again after it."""
+        if hasattr(self.norm.weight, "to_local"):
+            return None
+        return self.norm.weight, self.norm.bias, self.norm.eps
 
     def forward_packed(self, x: torch.Tensor, packed: PackedContext) -> torch.Tensor:
         """``[B, C, H, W]`` -> packed ``[T, D]``: the variable-length context blocks of ``packed``, one sequence each
