@@ -17,6 +17,7 @@ from fastjepa.kernels._utils import (
     set_backend,
     stack_masks,
 )
+from fastjepa.kernels.adamw_ema import adamw_ema_step, adamw_ema_step_ref
 from fastjepa.kernels.block_ops import add_layer_norm, add_layer_norm_ref, bias_gelu, bias_gelu_ref
 from fastjepa.kernels.ema import ema_update, ema_update_ref
 from fastjepa.kernels.masked_gather import masked_gather, masked_gather_ref
@@ -35,6 +36,8 @@ __all__ = [
     "mask_index",
     "set_backend",
     "stack_masks",
+    "adamw_ema_step",
+    "adamw_ema_step_ref",
     "add_layer_norm",
     "add_layer_norm_ref",
     "bias_gelu",
