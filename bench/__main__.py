@@ -19,6 +19,7 @@ SUITES: dict[str, list[str]] = {
         "bench_predictor_tokens",
         "bench_ema",
         "bench_block_ops",
+        "bench_update",
     ],
     "step": ["bench_step"],
     "attention": ["bench_attention"],

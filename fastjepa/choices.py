@@ -31,6 +31,9 @@ KERNEL_BACKENDS = ("auto", "triton", "reference")
 # torch.compile when the blocks are compiled), "fused" fastjepa's kernels; "auto" times both at the run's shapes on
 # the GPU ("compile" on CPU).
 BLOCK_IMPLS = ("auto", "compile", "fused")
+# The parameter update: "separate" fused AdamW then the EMA (two passes over the parameters), "fused" AdamW, the EMA
+# and the bf16 replica in one pass (fastjepa.kernels.adamw_ema_step); "auto" times both on the GPU ("separate" on CPU).
+UPDATE_IMPLS = ("auto", "separate", "fused")
 # The EMA's fused kernel: Triton, or the CUDA C++ twin from csrc/ (built with FASTJEPA_BUILD_CUDA=1).
 EMA_BACKENDS = ("triton", "cuda")
 

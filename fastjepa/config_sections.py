@@ -25,6 +25,7 @@ from fastjepa.choices import (
     SIGREG_SAMPLES,
     TARGET_ENCODERS,
     TARGET_PRECISIONS,
+    UPDATE_IMPLS,
     VIT_SIZES,
 )
 from fastjepa.mask_geometry import block_sizes, smallest_blocks
@@ -356,6 +357,9 @@ class FastJepa(_Section):
     # each block's memory-bound half (residual add + LayerNorm, fc1 bias + GELU): "compile" the PyTorch ops (fused
     # by torch.compile), "fused" fastjepa's kernels; "auto" times both per call site at the run's shapes on the GPU
     block_impl: str = "auto"
+    # the parameter update: "separate" (fused AdamW, then the EMA), "fused" (AdamW + EMA + bf16 replica in one
+    # pass); "auto" times both on clones of the run's parameters on the GPU ("separate" on CPU)
+    update_impl: str = "auto"
     # predictor attention layout (fastjepa.models.predictor): "repeat" = the official method with a cheaper last
     # block (same results), "official" = every block on every token, "shared" = opt-in, context computed once
     predictor_layout: str = "repeat"
@@ -377,6 +381,7 @@ class FastJepa(_Section):
         _choice("fastjepa.attn_backend", self.attn_backend, ATTENTION_BACKENDS)
         _choice("fastjepa.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("fastjepa.block_impl", self.block_impl, BLOCK_IMPLS)
+        _choice("fastjepa.update_impl", self.update_impl, UPDATE_IMPLS)
         _choice("fastjepa.predictor_layout", self.predictor_layout, PREDICTOR_LAYOUTS)
         _choice("fastjepa.target_precision", self.target_precision, TARGET_PRECISIONS)
         _choice("fastjepa.target_encoder", self.target_encoder, TARGET_ENCODERS)

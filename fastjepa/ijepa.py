@@ -148,8 +148,13 @@ class IJEPA(nn.Module):
         writing the replica's low-precision copy in the same pass. Nothing to do for an online target."""
         if self.online_target:
             return
+        target, online, copy = self.ema_pairs()
+        ema_update(target, online, momentum, copy=copy)
+
+    def ema_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter] | None]:
+        """(target, online, copy): the EMA's parameter lists, paired in order, and the replica's (or None)."""
         replica = None if self.target_replica is None else list(self.target_replica.parameters())
-        ema_update(list(self.target_encoder.parameters()), list(self.encoder.parameters()), momentum, copy=replica)
+        return list(self.target_encoder.parameters()), list(self.encoder.parameters()), replica
 
 
 def _locals(params) -> list[torch.Tensor]:

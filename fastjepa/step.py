@@ -16,13 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fastjepa.choices import SHARDED_STRATEGIES
+from fastjepa.choices import SHARDED_STRATEGIES, UPDATE_IMPLS
 from fastjepa.ijepa import IJEPA
+from fastjepa.kernels import adamw_ema_step, ema_update
+from fastjepa.kernels.ema import _local
 from fastjepa.masks import Masks
 from fastjepa.optim import build_optimizer
 from fastjepa.parallel import DistEnv, agree_on_choices, parallelize, resolve_attention, resolve_block_impl
 from fastjepa.schedules import Schedules
-from fastjepa.timing import describe
+from fastjepa.timing import describe, fastest
 
 logger = logging.getLogger("fastjepa")
 
@@ -80,6 +82,7 @@ class Stepper:
     bf16: bool
     autocast: dict
     clip_grad: float = 0.0
+    update_impl: str = "separate"  # "fused": AdamW, the EMA and the replica in one pass (resolve_update_impl)
     consecutive_bad: torch.Tensor | None = None  # non-finite steps in a row, on the device
     last_loss: torch.Tensor | None = None  # on the device
 
@@ -90,8 +93,12 @@ class Stepper:
         # FSDP2's mixed-precision policy casts the parameters itself; autocast would cast them again.
         sharded = strategy in SHARDED_STRATEGIES
         autocast = {"device_type": env.device.type, "dtype": torch.bfloat16, "enabled": bf16 and not sharded}
-        stepper = cls(model, train_module, build_optimizer(model.encoder, model.predictor), sched, bf16, autocast,
-                      cfg.train.clip_grad)
+        optimizer = build_optimizer(model.encoder, model.predictor)
+        choices = {"update_impl": {"parameters": resolve_update_impl(cfg.fastjepa.update_impl, optimizer, model)}}
+        choices = agree_on_choices(model, cfg, choices)
+        log_choices(choices, env)
+        stepper = cls(model, train_module, optimizer, sched, bf16, autocast, cfg.train.clip_grad,
+                      choices["update_impl"]["parameters"][0])
         stepper.consecutive_bad = torch.zeros((), dtype=torch.int64, device=env.device)
         return stepper
 
@@ -117,16 +124,73 @@ class Stepper:
         if self.fused:
             self.optimizer.found_inf, self.optimizer.grad_scale = bad.float(), None
         if self.fused or not bool(bad):
-            self.optimizer.step()
-            if mark is not None:
-                mark("optimizer")
-            self.model.update_target(self.sched.momentum(step))
+            self.update(self.sched.momentum(step), mark)
         self.optimizer.zero_grad(set_to_none=True)
         if mark is not None:
             mark("ema")
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
         self.last_loss = loss.detach()
         return StepOutput(loss.detach(), grad_norm.detach(), bad, self.model.loss_terms)
+
+    def update(self, momentum: float, mark: Callable[[str], None] | None = None) -> None:
+        """AdamW, then the EMA of the target (and its replica): two passes, or one with ``update_impl`` fused."""
+        if self.update_impl == "fused":
+            target, online, copy = self.model.ema_pairs()
+            adamw_ema_step(self.optimizer, target, online, momentum, copy, backend="triton")
+            return
+        self.optimizer.step()
+        if mark is not None:
+            mark("optimizer")
+        self.model.update_target(momentum)
+
+
+def _scratch_update(optimizer: torch.optim.Optimizer, model: IJEPA, budget: int):
+    """Clones of the optimizer's first ``budget`` parameter elements (local shards under FSDP2), with random
+    gradients, their groups' settings, and the EMA's targets and replica for the online ones among them: what the
+    update candidates are timed on without touching the run's own state."""
+    target, online, copy = model.ema_pairs()
+    partner = {id(p): i for i, p in enumerate(online)}
+    groups, pairs, used = [], ([], [], []), 0
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if used >= budget:
+                break
+            clone = _local(p).detach().clone().requires_grad_(p.requires_grad)
+            if p.requires_grad:
+                clone.grad = torch.randn_like(clone)
+            params.append(clone)
+            used += clone.numel()
+            if id(p) in partner:
+                i = partner[id(p)]
+                pairs[0].append(_local(target[i]).detach().clone())
+                pairs[1].append(clone)
+                if copy is not None:
+                    pairs[2].append(_local(copy[i]).detach().clone())
+        if params:
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    return torch.optim.AdamW(groups, fused=True), pairs[0], pairs[1], pairs[2] or None
+
+
+def resolve_update_impl(impl: str, optimizer: torch.optim.Optimizer, model: IJEPA,
+                        budget: int = 1 << 26) -> tuple[str, dict[str, float | str]]:
+    """``fastjepa.update_impl`` made concrete, with the timings behind it: ``auto`` times the two-step update
+    against the fused pass on clones of the run's first ``budget`` parameter elements, on its GPU; on CPU, and
+    with an online target (no EMA to fuse), it is ``separate`` without timing."""
+    if impl not in UPDATE_IMPLS:
+        raise ValueError(f"fastjepa.update_impl={impl!r}: choose one of {UPDATE_IMPLS}")
+    first = next(iter(model.encoder.parameters()))
+    if impl != "auto" or _local(first).device.type != "cuda" or model.online_target:
+        return ("separate" if impl == "auto" else impl), {}
+    scratch, target, online, copy = _scratch_update(optimizer, model, budget)
+
+    def separate():
+        scratch.step()
+        ema_update(target, online, 0.996, copy=copy)
+
+    best, times = fastest({"separate": separate,
+                           "fused": lambda: adamw_ema_step(scratch, target, online, 0.996, copy, backend="triton")})
+    return best or "separate", times
 
 
 def grad_norm_of(params: list[torch.Tensor]) -> torch.Tensor:

@@ -503,14 +503,15 @@ def lock_folder(cfg, env: DistEnv) -> RunLock | None:
 
 
 def check_precision(cfg, env: DistEnv) -> None:
-    """FP8 targets need a GPU with FP8 tensor cores; fastjepa's fused block kernels need triton on a GPU."""
+    """FP8 targets need a GPU with FP8 tensor cores; fastjepa's fused blocks and update need triton on a GPU."""
     problem = fp8_unsupported(env.device) if cfg.fastjepa.target_precision == "fp8" else None
     if problem:
         raise SetupError(f"fastjepa.target_precision=fp8: {problem}; set fastjepa.target_precision=bf16 here")
-    fused = cfg.fastjepa.block_impl == "fused"
-    problem = triton_unavailable(env.device, cfg.fastjepa.kernel_backend) if fused else None
-    if problem:
-        raise SetupError(f"fastjepa.block_impl=fused: {problem}; set fastjepa.block_impl=auto (or compile)")
+    for key, value, instead in (("block_impl", cfg.fastjepa.block_impl, "compile"),
+                                ("update_impl", cfg.fastjepa.update_impl, "separate")):
+        problem = triton_unavailable(env.device, cfg.fastjepa.kernel_backend) if value == "fused" else None
+        if problem:
+            raise SetupError(f"fastjepa.{key}=fused: {problem}; set fastjepa.{key}=auto (or {instead})")
 
 
 def check_memory(cfg, env: DistEnv, strategy: str) -> None:
