@@ -1,6 +1,6 @@
 """Two CPU processes under torchrun with FSDP2 (gloo; one unit per block of the encoder, the target encoder and the
-predictor, whose last block computes the targets only) train exactly as one process that computes both ranks'
-batches and averages their losses; the sharded checkpoint loads back into a single unsharded process."""
+predictor, whose last block computes the targets only; the fused one-pass update on each rank's shards) train
+exactly as one process that computes both ranks' batches and averages their losses; the sharded checkpoint loads back into a single unsharded process."""
 
 import os
 import shutil
@@ -36,7 +36,8 @@ def fsdp_run(tmp_path_factory):
         pytest.skip("torchrun not found")
     folder = tmp_path_factory.mktemp("fsdp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fastjepa.train", "--config", "configs/test_tiny.yaml", *OVERRIDES, f"logging.folder={folder}"]
+           "-m", "fastjepa.train", "--config", "configs/test_tiny.yaml", *OVERRIDES, f"logging.folder={folder}",
+           "fastjepa.update_impl=fused"]  # each rank's one-pass update on its shards (Triton interpreter)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
