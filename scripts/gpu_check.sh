@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine: measures the step (one process per provider, so a crash loses no other
 # row), the real trainer end to end on WebDataset shards made on the spot (with a checkpoint saved and resumed),
-# the profile, the kernels and the attention backends, and checks every GPU test, inside an internal deadline
-# (default 9 minutes, GPU_CHECK_BUDGET_S), stages in order of importance: a stage's budget is its ceiling, and
+# the profile, the block and update candidates, the kernels and the attention backends, and checks every GPU test,
+# inside an internal deadline (default 9 minutes, GPU_CHECK_BUDGET_S), stages in order of importance: a stage's budget is its ceiling, and
 # a stage that would start with less than 20 s left is skipped and marked so in the summary.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]             # OUT_DIR defaults to $OUT, else ./gpu_check_out
@@ -121,9 +121,10 @@ step_provider() {
         --out "$WORK/step" "$@"
 }
 
+GLUE_OPS=masked_gather,target_norm_gather,predictor_tokens,ema  # the kernel suite's I-JEPA glue ops
 export PY DRY WORK
 export -f env_info build_cuda_ext
-mkdir -p "$WORK/step" "$WORK/profile" "$WORK/attention" "$WORK/kernels" "$WORK/train"
+mkdir -p "$WORK/step" "$WORK/profile" "$WORK/attention" "$WORK/kernels" "$WORK/blocks" "$WORK/train"
 stage env 30 bash -c 'env_info | tee "$WORK/env.txt"'
 if [[ $DRY == 1 ]]; then
     for provider in fastjepa pytorch official; do step_provider "$provider" 60 --quick --compile eager; done
@@ -131,7 +132,8 @@ if [[ $DRY == 1 ]]; then
     stage train 90 "$PY" -m bench.train_check --quick --out "$WORK/train"
     stage profile 60 "$PY" -m bench.profile_step --quick --out "$WORK/profile"
     stage tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_gather.py -k vit_like
-    stage kernels 120 "$PY" -m bench --suite kernels --quick --out "$WORK/kernels"
+    stage blocks 60 "$PY" -m bench --suite kernels --quick --ops block_ops,update --out "$WORK/blocks"
+    stage kernels 120 "$PY" -m bench --suite kernels --quick --ops "$GLUE_OPS" --out "$WORK/kernels"
     stage attention 60 "$PY" -m bench --suite attention --quick --out "$WORK/attention"
     step_provider fastjepa_fp8 60 --quick --compile eager
 else
@@ -143,9 +145,11 @@ else
     stage step_report 10 "$PY" -m bench.bench_step --report --out "$WORK/step"
     stage train 110 "$PY" -m bench.train_check --out "$WORK/train"
     stage profile 60 "$PY" -m bench.profile_step --model vit_huge_14 --batch 128 --warmup 3 --out "$WORK/profile"
+    # the candidates of block_impl and update_impl at ViT-H/14's call sites (the step stage logs what auto chose)
+    stage blocks 90 "$PY" -m bench --suite kernels --ops block_ops,update --out "$WORK/blocks"
     XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
     stage tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${XDIST[@]}" --junitxml="$WORK/tests.xml" tests
-    stage kernels 100 "$PY" -m bench --suite kernels --out "$WORK/kernels"
+    stage kernels 100 "$PY" -m bench --suite kernels --ops "$GLUE_OPS" --out "$WORK/kernels"
     stage attention 45 "$PY" -m bench --suite attention --out "$WORK/attention"
     step_provider fastjepa_fp8 70 "${STEP[@]}"
 fi

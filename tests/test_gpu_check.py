@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "step_fastjepa", "step_pytorch", "step_official", "step_report", "train", "profile", "tests",
-          "kernels", "attention", "step_fastjepa_fp8", "cuda_ext")
+          "blocks", "kernels", "attention", "step_fastjepa_fp8", "cuda_ext")
 
 
 @pytest.mark.slow
@@ -31,6 +31,7 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
         names = set(tar.getnames())
         kernels = list(csv.DictReader(io.TextIOWrapper(tar.extractfile("./kernels/kernels.csv"))))
+        blocks = list(csv.DictReader(io.TextIOWrapper(tar.extractfile("./blocks/kernels.csv"))))
         steps = list(csv.DictReader(io.TextIOWrapper(tar.extractfile("./step/train_step.csv"))))
         report = tar.extractfile("./step/train_step.md").read().decode()
         train = tar.extractfile("./train/train_check.md").read().decode()
@@ -50,3 +51,7 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     assert ("masked_gather", "compile") in providers and ("ema", "foreach_lerp") in providers
     assert all(float(r["median"]) > 0 and float(r["gbps"]) > 0 for r in kernels)
     assert {f"./kernels/kernels_{op}.png" for op in ops} <= names
+    # the block_impl and update_impl candidates, each against the PyTorch ops (and their compiled fusion)
+    assert {(r["op"], r["provider"]) for r in blocks} >= {
+        (op, p) for op in ("add_layer_norm", "bias_gelu", "residual_mlp") for p in ("reference", "compile", "triton")
+    } | {("adamw_ema", p) for p in ("reference", "separate", "triton")}

@@ -1,6 +1,7 @@
 """Two CPU processes under torchrun with FSDP2 (gloo; one unit per block of the encoder, the target encoder and the
 predictor, whose last block computes the targets only; the fused one-pass update on each rank's shards) train
-exactly as one process that computes both ranks' batches and averages their losses; the sharded checkpoint loads back into a single unsharded process."""
+exactly as one process that computes both ranks' batches and averages their losses; the sharded checkpoint loads
+back into a single unsharded process."""
 
 import os
 import shutil
