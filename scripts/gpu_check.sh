@@ -2,8 +2,9 @@
 # The one command to run on a GPU machine: measures the step (one process per provider, so a crash loses no other
 # row), the real trainer end to end on WebDataset shards made on the spot (with a checkpoint saved and resumed),
 # the profile, the block and update candidates, the kernels and the attention backends, and checks every GPU test,
-# inside an internal deadline (default 9 minutes, GPU_CHECK_BUDGET_S), stages in order of importance: a stage's budget is its ceiling, and
-# a stage that would start with less than 20 s left is skipped and marked so in the summary.
+# inside an internal deadline (default 9 minutes, GPU_CHECK_BUDGET_S), stages in order of importance: a stage's
+# budget is its ceiling, and a stage that would start with less than 20 s left is skipped and marked so in the
+# summary.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]             # OUT_DIR defaults to $OUT, else ./gpu_check_out
 #   bash scripts/gpu_check.sh --dry-run [OUT_DIR]   # every stage's command at tiny sizes, on the CPU (CI runs it)
