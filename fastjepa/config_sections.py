@@ -388,6 +388,9 @@ class FastJepa(_Section):
         if self.target_encoder == "online" and self.target_precision == "fp8":
             _fail("fastjepa.target_precision", "fp8", "FP8 targets read the EMA target's low-precision replica, "
                   "which fastjepa.target_encoder=online does not keep", "set fastjepa.target_precision=bf16")
+        if self.update_impl == "fused" and self.target_precision == "fp8":
+            _fail("fastjepa.update_impl", "fused", "the one-pass AdamW + EMA update does not write the FP8 target's "
+                  "e4m3 weights (the EMA of target_precision=fp8 does)", "set fastjepa.update_impl=auto or separate")
         if self.varlen_context and self.mode != "fixed":
             _fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
                   "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")

@@ -13,10 +13,11 @@ import copy
 import torch
 from torch import nn
 
-from fastjepa.kernels import ema_update, target_norm_gather, target_norm_smooth_l1
+from fastjepa.kernels import ema_update, ema_update_fp8, target_norm_gather, target_norm_smooth_l1
+from fastjepa.kernels.ema_fp8 import quantize_rowwise
 from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
-from fastjepa.modules.fp8 import to_float8
+from fastjepa.modules.fp8 import fp8_layers, to_float8
 from fastjepa.modules.sigreg import SIGReg
 
 
@@ -60,6 +61,8 @@ class IJEPA(nn.Module):
         replica = copy.deepcopy(self.target_encoder).to(dtype)
         replica.requires_grad_(False)
         self.__dict__["target_replica"] = to_float8(replica) if fp8 else replica
+        if fp8:
+            self.quantize_fp8_weights()  # then kept by update_target's EMA
 
     @property
     def online_target(self) -> bool:
@@ -75,6 +78,16 @@ class IJEPA(nn.Module):
         """Refresh the replica from the target encoder (after loading weights into it)."""
         if self.target_replica is not None:
             torch._foreach_copy_(_locals(self.target_replica.parameters()), _locals(self.target_encoder.parameters()))
+            if self.held_fp8_layers():
+                self.quantize_fp8_weights()
+
+    @torch.no_grad()
+    def quantize_fp8_weights(self) -> None:
+        """Every FP8 replica layer's e4m3 weight and scales, quantised from the fp32 target's weight as the EMA
+        (``update_target``) keeps them."""
+        source = dict(zip(map(id, self.target_replica.parameters()), self.target_encoder.parameters(), strict=True))
+        for layer in fp8_layers(self.target_replica):
+            layer.weight_e4m3, layer.weight_scale = quantize_rowwise(source[id(layer.weight)])
 
     def to_masks(self, masks_enc, masks_pred=None) -> Masks:
         """The official lists (or stacked tensors) as one ``Masks`` value; a ``Masks`` passes through."""
@@ -149,7 +162,23 @@ class IJEPA(nn.Module):
         if self.online_target:
             return
         target, online, copy = self.ema_pairs()
-        ema_update(target, online, momentum, copy=copy)
+        held = {id(layer.weight): layer for layer in self.held_fp8_layers()}
+        if not held:
+            ema_update(target, online, momentum, copy=copy)
+            return
+        # the FP8 layers' weights through the EMA that writes their e4m3 rows and scales, the rest as usual
+        fp8 = [i for i, c in enumerate(copy) if id(c) in held]
+        rest = [i for i in range(len(target)) if id(copy[i]) not in held]
+        layers = [held[id(copy[i])] for i in fp8]
+        ema_update_fp8([target[i] for i in fp8], [online[i] for i in fp8], momentum,
+                       [layer.weight_e4m3 for layer in layers], [layer.weight_scale for layer in layers],
+                       copy=[copy[i] for i in fp8])
+        ema_update([target[i] for i in rest], [online[i] for i in rest], momentum, copy=[copy[i] for i in rest])
+
+    def held_fp8_layers(self) -> list:
+        """The FP8 replica's layers whose e4m3 weights the EMA keeps (``hold_fp8_weights``); [] without them."""
+        layers = [] if self.target_replica is None else fp8_layers(self.target_replica)
+        return [layer for layer in layers if layer.weight_e4m3 is not None]
 
     def ema_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter] | None]:
         """(target, online, copy): the EMA's parameter lists, paired in order, and the replica's (or None)."""

@@ -23,6 +23,7 @@ from torch import nn
 from fastjepa.choices import PARALLEL_STRATEGIES as STRATEGIES
 from fastjepa.ijepa import IJEPA
 from fastjepa.models.predictor import predictor_sequences
+from fastjepa.modules.fp8 import release_fp8_weights
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ def apply_fsdp(model: IJEPA, device: torch.device, bf16: bool, reshard_after_for
     nets = [model.encoder, model.predictor] + ([] if model.online_target else [model.target_encoder])
     if model.target_replica is not None:  # sharded as the target, so the EMA pairs up local shards
         nets.append(model.target_replica)
+        release_fp8_weights(model.target_replica)  # sharded rows: the forward quantises gathered weights
     for net in nets:
         for block in net.predictor_blocks if net is model.predictor else net.blocks:
             fully_shard(block, **shard)

@@ -175,12 +175,13 @@ def _scratch_update(optimizer: torch.optim.Optimizer, model: IJEPA, budget: int)
 def resolve_update_impl(impl: str, optimizer: torch.optim.Optimizer, model: IJEPA,
                         budget: int = 1 << 26) -> tuple[str, dict[str, float | str]]:
     """``fastjepa.update_impl`` made concrete, with the timings behind it: ``auto`` times the two-step update
-    against the fused pass on clones of the run's first ``budget`` parameter elements, on its GPU; on CPU, and
-    with an online target (no EMA to fuse), it is ``separate`` without timing."""
+    against the fused pass on clones of the run's first ``budget`` parameter elements, on its GPU; on CPU, with an
+    online target (no EMA to fuse) and with FP8 targets (their EMA writes the e4m3 weights), it is ``separate``
+    without timing."""
     if impl not in UPDATE_IMPLS:
         raise ValueError(f"fastjepa.update_impl={impl!r}: choose one of {UPDATE_IMPLS}")
     first = next(iter(model.encoder.parameters()))
-    if impl != "auto" or _local(first).device.type != "cuda" or model.online_target:
+    if impl != "auto" or _local(first).device.type != "cuda" or model.online_target or model.held_fp8_layers():
         return ("separate" if impl == "auto" else impl), {}
     scratch, target, online, copy = _scratch_update(optimizer, model, budget)
 

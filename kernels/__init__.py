@@ -20,6 +20,7 @@ from fastjepa.kernels._utils import (
 from fastjepa.kernels.adamw_ema import adamw_ema_step, adamw_ema_step_ref
 from fastjepa.kernels.block_ops import add_layer_norm, add_layer_norm_ref, bias_gelu, bias_gelu_ref
 from fastjepa.kernels.ema import ema_update, ema_update_ref
+from fastjepa.kernels.ema_fp8 import ema_update_fp8, ema_update_fp8_ref
 from fastjepa.kernels.masked_gather import masked_gather, masked_gather_ref
 from fastjepa.kernels.predictor_tokens import predictor_tokens, predictor_tokens_ref
 from fastjepa.kernels.target_norm_gather import (
@@ -44,6 +45,8 @@ __all__ = [
     "bias_gelu_ref",
     "ema_update",
     "ema_update_ref",
+    "ema_update_fp8",
+    "ema_update_fp8_ref",
     "masked_gather",
     "masked_gather_ref",
     "predictor_tokens",

@@ -6,7 +6,7 @@ from bench.common import random_masks  # noqa: F401 (re-exported: the tests' I-J
 
 # Relative RMS error that a result in this dtype may always have (rounding of inputs and outputs).
 RMS_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-KERNEL_FILES = ("masked_gather", "target_norm_gather", "predictor_tokens", "ema", "block_ops", "adamw_ema")
+KERNEL_FILES = ("masked_gather", "target_norm_gather", "predictor_tokens", "ema", "ema_fp8", "block_ops", "adamw_ema")
 
 
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:

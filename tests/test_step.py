@@ -60,3 +60,8 @@ def test_update_impl_resolves_without_timing_on_cpu():
     assert resolve_update_impl("fused", optimizer, model) == ("fused", {})
     with pytest.raises(ValueError, match="update_impl='one_pass'"):
         resolve_update_impl("one_pass", optimizer, model)
+
+
+def test_the_fused_update_with_fp8_targets_is_refused_when_the_config_is_read():
+    with pytest.raises(ValueError, match=r"fastjepa.update_impl.*e4m3.*auto or separate"):
+        config.load(ROOT / "configs/test_tiny.yaml", ["fastjepa.update_impl=fused", "fastjepa.target_precision=fp8"])

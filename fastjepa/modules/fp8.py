@@ -9,11 +9,11 @@ its row's absolute maximum over e4m3's largest value (448). A row's extreme valu
 the high-norm tokens ViTs are known to grow do not coarsen every other token's quantisation, as one tensor-wise
 scale would; cuBLASLt runs row-wise scaled matmuls with bf16 outputs on Hopper at the tensor-wise speed.
 
-The weights are quantised in the target forward, which runs once per step, from the bf16 replica the EMA pass
-writes (``IJEPA.enable_target_replica``): under FSDP2 that is the gathered bf16 weight, so FP8 needs no
-full-size buffers outside FSDP2's sharding; the pass moves about 1.9 GB for ViT-H/14 (bf16 in, e4m3 out), under
-a millisecond at HBM speed. Quantising inside the EMA kernel would need each row's maximum before its first
-write. torch.compile fuses the quantisation into the ops around it. torchao's float8 is not used: it is not on
+The weights' e4m3 rows and scales are written by the EMA pass itself, from the fp32 target
+(``fastjepa.kernels.ema_update_fp8``: one program per output row keeps the row in registers between the update
+and its quantisation), so the target forward reads 1 byte per weight and quantises only its activations. Under
+FSDP2 the replica is sharded and the forward quantises the gathered bf16 weight instead (about 1.9 GB moved for
+ViT-H/14, under a millisecond at HBM speed). torchao's float8 is not used: it is not on
 the GPU image, and this no-grad path needs nothing of its training machinery.
 
 Error: e4m3 keeps 3 mantissa bits, so rounding to nearest has a relative error of at most 2^-4, and its RMS is at
@@ -26,8 +26,8 @@ quadrature: n of them bound the output's relative RMS error by 0.051 sqrt(n) (te
 import torch
 from torch import nn
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max  # 448
+from fastjepa.kernels.ema_fp8 import quantize_rowwise
+
 # Relative RMS error of one FP8 matmul output against its exact value (derivation in the module docstring).
 MATMUL_REL_RMS = 2**0.5 * 2**-4 / 3**0.5
 
@@ -43,18 +43,13 @@ def fp8_unsupported(device: torch.device) -> str | None:
     return None
 
 
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[R, C]`` -> (e4m3 ``[R, C]``, fp32 scales ``[R, 1]``) with ``x ~= x_fp8 * scale`` row by row."""
-    amax = x.abs().amax(dim=1, keepdim=True).float()
-    scale = amax.clamp_min(1e-12) / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` with both operands in e4m3 (row-wise dynamic scales), bf16 out."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               weight_e4m3: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with both operands in e4m3 (row-wise dynamic scales), bf16 out; the weight's e4m3
+    rows and scales are ``weight_e4m3`` and ``weight_scale`` when given (the EMA wrote them), else quantised here."""
     rows = x.reshape(-1, x.shape[-1])
     x8, x_scale = quantize_rowwise(rows)
-    w8, w_scale = quantize_rowwise(weight)
+    w8, w_scale = (weight_e4m3, weight_scale) if weight_e4m3 is not None else quantize_rowwise(weight)
     out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
     if bias is not None:
         out = out + bias.to(out.dtype)
@@ -62,10 +57,27 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 class Float8Linear(nn.Linear):
-    """An ``nn.Linear`` whose forward runs in FP8 (no gradient flows through it: the target forward's layers)."""
+    """An ``nn.Linear`` whose forward runs in FP8 (no gradient flows through it: the target forward's layers).
+    ``weight_e4m3`` and ``weight_scale``, when held (``IJEPA.quantize_fp8_weights``), are the weight's e4m3 rows and
+    scales that the EMA writes with the weight (``fastjepa.kernels.ema_update_fp8``): the forward quantises no
+    weight."""
+
+    weight_e4m3: torch.Tensor | None = None
+    weight_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias)
+        return fp8_linear(x, self.weight, self.bias, self.weight_e4m3, self.weight_scale)
+
+
+def fp8_layers(module: nn.Module) -> list[Float8Linear]:
+    return [m for m in module.modules() if isinstance(m, Float8Linear)]
+
+
+def release_fp8_weights(module: nn.Module) -> None:
+    """Drop the e4m3 weights the EMA keeps (``IJEPA.quantize_fp8_weights``): under FSDP2 the replica is sharded,
+    and the forward quantises the gathered bf16 weight instead."""
+    for layer in fp8_layers(module):
+        layer.weight_e4m3 = layer.weight_scale = None
 
 
 def to_float8(module: nn.Module) -> nn.Module:
