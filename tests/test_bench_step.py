@@ -9,7 +9,8 @@ from bench import bench_step
 
 
 def test_flops_match_the_vith14_cost_model():
-    # DESIGN.md §1: ViT-H/14 at 224 px, ~70 context and 4 x 44 target tokens: ~333 / 264 / 61 GFLOP per image.
+    # the cost model (bench/roofline.py): ViT-H/14 at 224 px, ~70 context and 4 x 44 target tokens:
+    # ~333 / 264 / 61 GFLOP per image.
     f = bench_step.step_flops(bench_step.SETUPS["vit_huge_14"], 1, 70, 44, "official")
     assert f["target"] / 1e9 == pytest.approx(333, rel=0.02)
     assert f["context"] / 1e9 == pytest.approx(264, rel=0.02)

@@ -1,6 +1,6 @@
-"""The import directions of DESIGN.md §2: every module imports only from its own layer or the layers below it
-(function-level imports included), so kernels know nothing of models, the objective nothing of processes, and
-nothing imports the demo."""
+"""The import directions (``LAYERS`` below, lowest first; the README's Layout section): every module imports only
+from its own layer or the layers below it (function-level imports included), so kernels know nothing of models,
+the objective nothing of processes, and nothing imports the demo."""
 
 import ast
 from pathlib import Path
