@@ -144,8 +144,8 @@ COMPILE_SPECS = {
 }
 
 
-def target_norm_gather_fwd(h, idx, num_context_blocks: int = 1, eps: float = 1e-5, dtype=None, out=None,
-                           norm_weight=None, norm_bias=None, norm_eps: float = 0.0):
+def target_norm_gather_fwd(h, idx, num_context_blocks: int = 1, eps: float = 1e-5, dtype=None, norm_weight=None,
+                           norm_bias=None, norm_eps: float = 0.0, out=None):
     """``[B, N, D]`` h, checked ``[M, B, K]`` indices -> ``[M*nenc*B, K, D]`` normalised targets in ``dtype``
     (h's by default); with ``norm_weight`` the encoder's final LayerNorm first (bias ``norm_bias``, ``norm_eps``)."""
     h = h.contiguous()
@@ -199,7 +199,7 @@ def target_norm_smooth_l1_grad(pred, h, idx, dloss, num_context_blocks: int, eps
 def _target_norm_gather_op(h: torch.Tensor, idx: torch.Tensor, num_context_blocks: int, eps: float,
                            dtype: torch.dtype, norm_weight: torch.Tensor | None = None,
                            norm_bias: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
-    return target_norm_gather_fwd(h, idx, num_context_blocks, eps, dtype, None, norm_weight, norm_bias, norm_eps)
+    return target_norm_gather_fwd(h, idx, num_context_blocks, eps, dtype, norm_weight, norm_bias, norm_eps)
 
 
 @_target_norm_gather_op.register_fake

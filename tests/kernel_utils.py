@@ -1,5 +1,7 @@
 """Helpers of the kernel tests: a precision-aware comparison and the sm_90 compile check of every kernel."""
 
+import contextlib
+
 import torch
 
 from bench.common import random_masks  # noqa: F401 (re-exported: the tests' I-JEPA-like masks)
@@ -49,3 +51,20 @@ def compile_kernels_for(arch: int = 90) -> dict[str, list[str]]:
             ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
             out[name] = sorted(set(re.findall(r"(?:ld|st)\.global[\w.:]*", ptx)))
     return out
+
+
+@contextlib.contextmanager
+def one_process_mesh():
+    """A one-process gloo group and its 1-D CPU device mesh, for DTensor (FSDP2-like) parameters in one process;
+    the group is destroyed afterwards unless it existed before."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import init_device_mesh
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        if owns_group:
+            dist.destroy_process_group()

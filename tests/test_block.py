@@ -1,20 +1,15 @@
 """The ViT block's two implementations of its memory-bound half (fastjepa.modules.block): the fused kernels
 (Triton interpreter on CPU) compute what the PyTorch ops compute, in every layout, and the choice between them."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from dist_utils import torchrun
 from kernel_utils import rel_rms
 
 from fastjepa import timing
 from fastjepa.kernels._utils import triton_unavailable
 from fastjepa.modules.block import Block
 
-ROOT = Path(__file__).resolve().parents[1]
 DIM, HEADS = 40, 4  # a width that is not a power of two
 
 
@@ -89,11 +84,7 @@ def test_every_rank_runs_rank_zeros_timed_choices(tmp_path):
     """Timings differ between GPUs by noise: two torchrun processes that timed different winners both run rank 0's
     attention backend and block implementation at every call site."""
     out = tmp_path / "choices.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_choices.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun("dist_choices.py", str(out))
     for rank in (0, 1):
         got = torch.load(out.with_suffix(f".rank{rank}.pt"), weights_only=False)
         assert got["ran"] == {s: [("sdpa", "compile")] for s in ("context", "target", "predictor")}, rank

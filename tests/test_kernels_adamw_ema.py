@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from kernel_utils import one_process_mesh
 from torch import nn
 
 import fastjepa.kernels.adamw_ema as adamw_ema
@@ -117,15 +118,20 @@ def assert_runs_match(fused, ref) -> None:
                 assert_close(mine, value, key)
 
 
-@pytest.mark.parametrize("adamw", [{}, {"betas": (0.3, 0.95), "eps": 1e-6}])  # 1 - beta1 >= 0.5: the other lerp
-def test_twenty_steps_match_torch_adamw_then_ema(adamw, kernel_only):
-    fused, ref = setup(**adamw), setup(**adamw)
-    for step in range(STEPS):
+def step_both(fused, ref, steps) -> None:
+    """The same scheduled steps and gradients for both runs: the fused update on one, the two-step one on the other."""
+    for step in steps:
         momentum = schedule(fused, step)
         schedule(ref, step)
         give_grads([fused, ref], step)
         fused_step(fused, momentum)
         reference_step(ref, momentum)
+
+
+@pytest.mark.parametrize("adamw", [{}, {"betas": (0.3, 0.95), "eps": 1e-6}])  # 1 - beta1 >= 0.5: the other lerp
+def test_twenty_steps_match_torch_adamw_then_ema(adamw, kernel_only):
+    fused, ref = setup(**adamw), setup(**adamw)
+    step_both(fused, ref, range(STEPS))
     assert_runs_match(fused, ref)
     assert fused.opt.state[fused.enc.embed.weight]["step"].item() == STEPS
 
@@ -227,12 +233,7 @@ def test_state_dict_loads_into_torch_adamw_and_continues_identically(kernel_only
     torch.save(saved, buffer)
     buffer.seek(0)
     resumed.opt.load_state_dict(torch.load(buffer))
-    for step in range(5, 10):
-        momentum = schedule(fused, step)
-        schedule(resumed, step)
-        give_grads([fused, resumed], step)
-        fused_step(fused, momentum)
-        reference_step(resumed, momentum)
+    step_both(fused, resumed, range(5, 10))
     assert_runs_match(fused, resumed)
 
 
@@ -323,14 +324,9 @@ def test_chunk_table_is_cached_across_steps(kernel_only):
 
 
 def test_dtensor_parameters_update_their_local_shards(kernel_only):
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
+    with one_process_mesh() as mesh:
         shapes = [(13, 7), (5,), (3, 3)]
 
         def make():
@@ -349,9 +345,6 @@ def test_dtensor_parameters_update_their_local_shards(kernel_only):
             adamw_ema_step_ref(opt_ref, target_ref, online_ref, 0.9)
         for a, b in zip(online + target, online_ref + target_ref, strict=True):
             assert_close(a.to_local(), b.to_local(), "dtensor")
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from kernel_utils import assert_matches
+from kernel_utils import assert_matches, one_process_mesh
 
 from fastjepa.kernels import ema_update, ema_update_ref, set_backend
 from fastjepa.kernels.ema import _TABLES, _groups, build_chunk_table, ema_update_fused
@@ -138,14 +138,9 @@ def test_cuda_extension_matches_triton():
 
 
 def test_dtensor_parameters_update_their_local_shards():
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
+    with one_process_mesh() as mesh:
         target_full, online_full = params(torch.float32, 0), params(torch.float32, 1)
         target = [distribute_tensor(t.cpu().clone(), mesh, [Shard(0)]) for t in target_full]
         online = [distribute_tensor(o.cpu(), mesh, [Shard(0)]) for o in online_full]
@@ -153,9 +148,6 @@ def test_dtensor_parameters_update_their_local_shards():
         ema_update_ref(target_full, online_full, 0.99)
         for t, ref in zip(target, target_full, strict=True):
             torch.testing.assert_close(t.to_local(), ref.cpu(), rtol=1e-6, atol=1e-7)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
 
 
 def test_tensors_the_kernel_cannot_take_fall_back_to_the_loop():

@@ -131,6 +131,8 @@ def test_the_encoders_final_norm_fused_on_the_gathered_rows(case, dtype):
                            norm_bias=norm[1], norm_eps=norm[2])
     exact = target_norm_gather_ref(h.double(), masks, nenc, norm=norm64)
     assert_matches(out, target_norm_gather_ref(h, masks, nenc, norm=norm), exact, case)
+    assert_matches(target_norm_gather(h, masks, nenc, norm=norm), target_norm_gather_ref(h, masks, nenc, norm=norm),
+                   exact, case)
     pred.requires_grad_(True)
     loss = target_norm_smooth_l1(pred, h, masks, nenc, norm=norm)
     (grad,) = torch.autograd.grad(loss, pred)

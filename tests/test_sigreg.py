@@ -2,13 +2,12 @@
 behaviour on Gaussian and collapsed embeddings, and the same loss and gradients from 2 processes with half the
 batch each as from 1 process with the whole batch; SIGReg and the online target inside I-JEPA."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import torchrun
 
 from fastjepa.ijepa import IJEPA
 from fastjepa.masks import Masks, MultiBlockMaskCollator
@@ -88,11 +87,7 @@ def test_two_processes_with_half_the_batch_give_one_processs_loss_and_gradients(
     """FSDP2 over 2 gloo processes, each with half of the images: the loss on every rank and the (averaged,
     gathered) gradients equal one unsharded process's on the whole batch."""
     out = tmp_path / "dist.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_sigreg.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun("dist_sigreg.py", str(out))
     sys.path.insert(0, str(ROOT / "tests"))
     from dist_sigreg import sigreg_loss_and_grads
 
