@@ -127,3 +127,31 @@ def test_fake_implementations_match_the_kernels():
     }
     for op, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.fastjepa, op), args, test_utils=("test_schema", "test_faketensor"))
+
+
+def under_autocast(fn, inputs, upstream):
+    with torch.autocast("cuda", torch.bfloat16):
+        return grads(fn, inputs, upstream)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 71, 1280), (16, 115, 384)])  # ViT-H/14 context and predictor widths
+def test_bf16_under_autocast_on_gpu(shape):
+    """As the step runs them: bf16 activations, fp32 parameters, autocast. Outputs in bf16 (what the next GEMM
+    reads) and every gradient as close to fp64 as PyTorch's own ops under autocast are."""
+    d = shape[-1]
+    x, y = tensors(shape, torch.bfloat16, 8, shape, shape)
+    w, b = tensors(shape, torch.float32, 9, (d,), (d,))
+    (h,), (hb,) = tensors(shape, torch.bfloat16, 10, (*shape[:-1], 4 * d)), tensors(shape, torch.float32, 11, (4 * d,))
+    for fused, ref, inputs in ((add_layer_norm, add_layer_norm_ref, [x, y, w, b]), (bias_gelu, bias_gelu_ref, [h, hb])):
+        n_out = 2 if fused is add_layer_norm else 1
+        upstream = [torch.randn(inputs[0].shape, device=DEVICE, dtype=torch.bfloat16) for _ in range(n_out)]
+        outs, got = under_autocast(fused, inputs, upstream)
+        plain_outs, plain = under_autocast(ref, inputs, upstream)
+        exact_outs, exact = grads(ref, [t.detach().double().requires_grad_() for t in inputs],
+                                  [u.double() for u in upstream])
+        assert all(o.dtype == torch.bfloat16 for o in outs), [o.dtype for o in outs]
+        for o, p, e in zip(outs, plain_outs, exact_outs, strict=True):
+            assert_matches(o, p.to(o.dtype), e, f"{fused.__name__} output")
+        for o, p, e in zip(got, plain, exact, strict=True):
+            assert_matches(o, p, e, f"{fused.__name__} gradient")
