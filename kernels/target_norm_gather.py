@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from fastjepa.kernels._utils import (
     cdiv,
+    get_backend,
+    interpreting,
     mask_index,
     op_or_launcher,
     repeat_interleave_batch,
@@ -250,6 +252,15 @@ class TargetNormSmoothL1Function(torch.autograd.Function):
         return (dpred,) + (None,) * 8
 
 
+def _measured_path(h: torch.Tensor, norm):
+    """(h, norm) for the fused ops: under ``auto`` on a GPU the final norm runs as its own op first and the kernel
+    measured without it (``MEASURED_WINNERS``) runs as measured; the kernel with the norm inside is not measured on a
+    GPU yet and runs under the ``triton`` backend and the interpreter."""
+    if norm is None or interpreting() or get_backend() == "triton" or not h.is_cuda:
+        return h, norm
+    return F.layer_norm(h, (h.shape[-1],), *norm), None
+
+
 def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1, eps: float = 1e-5,
                        norm: tuple[torch.Tensor, torch.Tensor, float] | None = None):
     """Normalised (no affine) target features at every target block, in the order of the predictor's outputs.
@@ -271,6 +282,7 @@ def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1,
         return _targets_ref(h, idx, num_context_blocks, eps, norm)
     # CUDA autocast runs F.layer_norm in fp32, so the reference's targets are fp32 there: keep that dtype.
     dtype = torch.float32 if h.is_cuda and torch.is_autocast_enabled("cuda") else h.dtype
+    h, norm = _measured_path(h, norm)
     return op_or_launcher(_target_norm_gather_op, target_norm_gather_fwd)(h, idx, num_context_blocks, eps, dtype,
                                                                           *(norm or (None, None, 0.0)))
 
@@ -298,6 +310,7 @@ def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_c
     # Autocast (CPU and CUDA) runs smooth_l1_loss in fp32: the reference's loss is fp32 there.
     autocast = torch.is_autocast_enabled(pred.device.type)
     loss_dtype = torch.float32 if autocast else torch.promote_types(pred.dtype, h.dtype)
+    h, norm = _measured_path(h.detach(), norm)
     weight, bias, norm_eps = norm or (None, None, 0.0)
     return TargetNormSmoothL1Function.apply(pred, h.detach(), idx, num_context_blocks, eps, loss_dtype,
                                             None if weight is None else weight.detach(),
