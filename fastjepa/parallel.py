@@ -70,8 +70,12 @@ def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> DistEnv:
     return DistEnv(rank, world_size, local_rank, dev, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(finished: bool = False) -> None:
+    """Tear the process group down; after a run every rank ``finished``, wait for all of them first: a rank that
+    tears gloo down while another is still exporting aborts ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -153,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except (fj_config.ConfigError, FileNotFoundError) as e:
         print(f"fastjepa train: config error: {e}", file=sys.stderr)
         return 2
+    finished = False
     try:
         run(cfg, resume=args.resume, official_checkpoint=args.official_checkpoint)
+        finished = True
     except (SetupError, fj_config.ConfigError, CheckpointError) as e:
         print(f"fastjepa train: {e}", file=sys.stderr)
         return 2
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastjepa train: {e}", file=sys.stderr)
         return 5
     finally:
-        destroy_distributed()
+        destroy_distributed(finished)
     return 0
 
 
