@@ -8,7 +8,8 @@ from bench.common import random_masks  # noqa: F401 (re-exported: the tests' I-J
 
 # Relative RMS error that a result in this dtype may always have (rounding of inputs and outputs).
 RMS_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-KERNEL_FILES = ("masked_gather", "target_norm_gather", "predictor_tokens", "ema", "ema_fp8", "block_ops", "adamw_ema")
+KERNEL_FILES = ("masked_gather", "target_norm_gather", "predictor_tokens", "ema", "ema_fp8", "block_ops",
+                "block_ops_fp8", "adamw_ema")
 
 
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -26,6 +27,27 @@ def assert_matches(fused: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor
     assert err <= bound, (
         f"{name}: relative RMS error {err:.3e} > {bound:.3e} (PyTorch in {fused.dtype}: {plain_err:.3e})"
     )
+
+
+def triton_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """``v`` (fp32) cast to e4m3 by Triton on ``v``'s device: the expected codes of a kernel that computes ``v``
+    and casts it. On a GPU that is the hardware's round-to-nearest (``v.to(e4m3)``); the Triton interpreter's cast
+    differs (it loses the carry of a mantissa that rounds up: 127.99 -> 64, and a unit of subnormals), so CPU tests
+    compare a kernel's codes with the same cast of the reference's values."""
+    if v.is_cuda:
+        return v.to(torch.float8_e4m3fn)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(x, q, N, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(q + o, tl.load(x + o, mask=o < N).to(q.dtype.element_ty), mask=o < N)
+
+    flat = v.float().contiguous().reshape(-1)
+    q = torch.empty(flat.shape, dtype=torch.float8_e4m3fn)
+    cast[(triton.cdiv(flat.numel(), 1 << 16),)](flat, q, flat.numel(), BLOCK=1 << 16)
+    return q.view(v.shape)
 
 
 def compile_kernels_for(arch: int = 90) -> dict[str, list[str]]:
