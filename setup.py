@@ -81,12 +81,14 @@ setup(
     ],
     extras_require={
         "gpu": [TRITON],
-        "test": ["pytest>=7", "pytest-benchmark", "matplotlib", TRITON],
+        "test": ["pytest>=7", "pytest-benchmark", "matplotlib", TRITON, "torchao"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "demo": ["mlxtend", "matplotlib"],
+        # fastjepa.fp8=all trains the context encoder and predictor through torchao.float8
+        "fp8": ["torchao"],
         # flash-attn builds from source against the installed torch: pip install flash-attn --no-build-isolation
         "flash": ["flash-attn"],
-        "full": [TRITON, "matplotlib", "tensorboard", "simplejpeg", "mlxtend", "pytest-benchmark"],
+        "full": [TRITON, "matplotlib", "tensorboard", "simplejpeg", "mlxtend", "pytest-benchmark", "torchao"],
     },
     entry_points={"console_scripts": [
         "fastjepa=fastjepa.cli:main",

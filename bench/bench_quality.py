@@ -2,7 +2,7 @@
 config, steps and data), then linear-probe each target encoder as the demo does. The variants of a comparison are
 config overrides: a named comparison below, or ad hoc with ``--variant``.
 
-    python -m bench.bench_quality --compare target_precision --seeds 0 1 --test  # fp32/bf16 targets vs FP8
+    python -m bench.bench_quality --compare fp8 --seeds 0 1 --test  # no FP8, FP8 targets, every GEMM in FP8
     python -m bench.bench_quality --compare layout --steps 234                   # repeat vs shared layout
     python -m bench.bench_quality --compare try --variant w05="fastjepa.sigreg.weight=0.05"  # a search step
 
@@ -33,8 +33,8 @@ from .common import RESULTS, device_dir, git_commit
 COMPARISONS = {
     # the predictor's attention layout: the official method vs the context computed once
     "layout": {"repeat": ["fastjepa.predictor_layout=repeat"], "shared": ["fastjepa.predictor_layout=shared"]},
-    # the target encoder's matmuls: the run's precision (fp32 on CPU, bf16 on a GPU) vs e4m3
-    "target_precision": {"default": [], "fp8": ["fastjepa.target_precision=fp8"]},
+    # FP8 matmuls: none (the run's precision: fp32 on CPU, bf16 on a GPU), the target forward's, every GEMM's
+    "fp8": {"none": ["fastjepa.fp8=none"], "target": ["fastjepa.fp8=target"], "all": ["fastjepa.fp8=all"]},
 }
 NONE = float("nan")  # a probe that was not run (the test split without --test)
 

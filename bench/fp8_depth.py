@@ -1,5 +1,5 @@
 """How the FP8 target forward's error grows with depth: the relative RMS error of every block's output and of the
-normalised targets, FP8 (``fastjepa.target_precision: fp8``) and bf16 against fp32, through one target encoder.
+normalised targets, FP8 (``fastjepa.fp8: target``) and bf16 against fp32, through one target encoder.
 
     python -m bench.fp8_depth                                      # ViT-H/14 at 224 px, random init, batch 2 (CPU)
     python -m bench.fp8_depth --model vit_mini --patch 4 --img 28 --in-chans 1 --weights RUN/target_encoder.pt

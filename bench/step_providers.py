@@ -32,6 +32,7 @@ from fastjepa.config import Config
 from fastjepa.ijepa import IJEPA, objective_options
 from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
+from fastjepa.modules.fp8 import Float8Linear, to_float8_training
 from fastjepa.parallel import DistEnv
 from fastjepa.step import Stepper
 
@@ -108,7 +109,7 @@ def initial_model(s: Setup, device, layout: str, backend: str = "sdpa", seed: in
 
 
 def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: bool, act_ckpt: bool,
-                 target_precision: str = "bf16", sigreg_weight: float = 0.0) -> Config:
+                 fp8: str = "none", sigreg_weight: float = 0.0) -> Config:
     """The trainer's config for a setup, with a constant lr and momentum like the other providers' steps."""
     return Config.from_dict({
         "data": {"batch_size": batch, "crop_size": s.img},
@@ -120,7 +121,7 @@ def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: 
         "optimization": {"lr": 1e-3, "start_lr": 1e-3, "final_lr": 1e-3, "warmup": 0, "weight_decay": 0.01,
                          "final_weight_decay": 0.01, "ema": [0.996, 0.996]},
         "fastjepa": {"predictor_layout": layout, "in_chans": s.in_chans,
-                     "target_precision": target_precision, "sigreg": {"weight": sigreg_weight}},
+                     "fp8": fp8, "sigreg": {"weight": sigreg_weight}},
         "train": {"compile": compile_blocks, "activation_checkpointing": act_ckpt},
     })
 
@@ -227,13 +228,13 @@ class FastJepaStep:
     """The trainer's default step (``Stepper.build``), on masks handed off as one ``Masks`` value."""
 
     layout = "repeat"
-    target_precision = "bf16"
+    fp8 = "none"
     sigreg_weight = 0.0
     takes_masks_value = True
 
     def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
         cfg = setup_config(s, batch, self.layout, amp_dtype is not None, compile_backend is not None, act_ckpt,
-                           self.target_precision, self.sigreg_weight)
+                           self.fp8, self.sigreg_weight)
         model = initial_model(s, device, self.layout, "auto", **objective_options(cfg))
         env = DistEnv(0, 1, 0, torch.device(device))
         self.stepper = Stepper.build(cfg, env, "none", model, schedules.build(cfg.optimization, 1000),
@@ -260,9 +261,31 @@ class FastJepaSharedStep(FastJepaStep):
 
 
 class FastJepaFp8Step(FastJepaStep):
-    """The default step with FP8 targets (``fastjepa.target_precision: fp8``)."""
+    """The default step with FP8 targets (``fastjepa.fp8: target``)."""
 
-    target_precision = "fp8"
+    fp8 = "target"
+
+
+class FastJepaFp8AllStep(FastJepaStep):
+    """The default step with every GEMM in FP8 (``fastjepa.fp8: all``: torchao's float8 training for the context
+    encoder and the predictor, fastjepa's FP8 targets)."""
+
+    fp8 = "all"
+
+
+class FastJepaTorchaoFp8Step(FastJepaStep):
+    """The FP8-target step with its target forward through torchao's float8 layers (row-wise scales, as fastjepa's)
+    instead of fastjepa's: the library a user would reach for, measured against the hand-written path."""
+
+    fp8 = "target"  # builds the low-precision replica, whose FP8 layers then become torchao's
+
+    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
+        super().__init__(s, device, amp_dtype, compile_backend, act_ckpt, batch)
+        replica = self.stepper.model.target_replica  # nothing has run it yet: the blocks compile on first use
+        if not to_float8_training(replica, source=Float8Linear):  # the EMA then writes the weights torchao reads
+            raise RuntimeError("fastjepa_torchao_fp8: the target replica has no FP8 layer to hand to torchao")
+        for block in replica.blocks:
+            block.impl = "compile"  # the fused MLP runs fc1 through fastjepa's kernels, outside torchao's layers
 
 
 class FastJepaSigRegStep(FastJepaStep):
@@ -272,4 +295,5 @@ class FastJepaSigRegStep(FastJepaStep):
 
 
 STEPS = {"official": OfficialStep, "pytorch": PyTorchStep, "fastjepa": FastJepaStep,
-         "fastjepa_shared": FastJepaSharedStep, "fastjepa_fp8": FastJepaFp8Step, "fastjepa_sigreg": FastJepaSigRegStep}
+         "fastjepa_shared": FastJepaSharedStep, "fastjepa_fp8": FastJepaFp8Step, "fastjepa_fp8_all": FastJepaFp8AllStep,
+         "fastjepa_torchao_fp8": FastJepaTorchaoFp8Step, "fastjepa_sigreg": FastJepaSigRegStep}

@@ -37,7 +37,10 @@ UPDATE_IMPLS = ("auto", "separate", "fused")
 # The EMA's fused kernel: Triton, or the CUDA C++ twin from csrc/ (built with FASTJEPA_BUILD_CUDA=1).
 EMA_BACKENDS = ("triton", "cuda")
 
-# Precision of the target encoder's matmuls (fastjepa.modules.fp8): bf16, or fp8 (e4m3, row-wise dynamic scales).
+# Which matmuls run in FP8 (e4m3, row-wise dynamic scales; fastjepa.modules.fp8): none, the target encoder's forward,
+# or all (also the context encoder's and the predictor's forward and backward, through torchao.float8).
+FP8_SCOPES = ("none", "target", "all")
+# The former setting of the target forward's precision, kept as an alias: fp8 means fastjepa.fp8=target.
 TARGET_PRECISIONS = ("bf16", "fp8")
 
 # Where the targets come from: "ema" (the official momentum target encoder) or "online" (the context encoder itself

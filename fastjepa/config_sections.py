@@ -17,6 +17,7 @@ from fastjepa.choices import (
     ATTENTION_BACKENDS,
     BLOCK_IMPLS,
     DATA_SOURCES,
+    FP8_SCOPES,
     KERNEL_BACKENDS,
     MASK_MODES,
     PARALLEL_STRATEGIES,
@@ -366,8 +367,11 @@ class FastJepa(_Section):
     # fixed mode, opt-in: keep every image's whole context (no cut to the batch minimum), packed sequences with
     # cumulative lengths through varlen attention (fastjepa.masks.PackedContext); the loss weighting is unchanged
     varlen_context: bool = False
-    # the target encoder's Linear layers: "bf16" (under meta.use_bfloat16), or "fp8" (e4m3 matmuls with row-wise
-    # dynamic scales: twice the bf16 rate on Hopper; the rest of the step keeps its precision)
+    # FP8 matmuls (e4m3, row-wise dynamic scales: twice the bf16 rate on Hopper): "none"; "target" the target
+    # encoder's forward (half the step's FLOPs, no gradient); "all" also the context encoder's and the predictor's
+    # forward and backward GEMMs (torchao.float8). fp32 master weights, optimizer and checkpoints are unchanged.
+    fp8: str = "none"
+    # the former name of fp8=target, kept working: "fp8" here sets fastjepa.fp8=target ("bf16" changes nothing)
     target_precision: str = "bf16"
     # "ema": the official momentum target encoder; "online": targets from the context encoder itself under no_grad
     # (teacher-free, as LeJEPA: no target copy in memory, no EMA step; pair it with SIGReg against collapse)
@@ -383,14 +387,21 @@ class FastJepa(_Section):
         _choice("fastjepa.block_impl", self.block_impl, BLOCK_IMPLS)
         _choice("fastjepa.update_impl", self.update_impl, UPDATE_IMPLS)
         _choice("fastjepa.predictor_layout", self.predictor_layout, PREDICTOR_LAYOUTS)
+        _choice("fastjepa.fp8", self.fp8, FP8_SCOPES)
         _choice("fastjepa.target_precision", self.target_precision, TARGET_PRECISIONS)
+        if self.target_precision == "fp8" and self.fp8 == "none":
+            self.fp8 = "target"
         _choice("fastjepa.target_encoder", self.target_encoder, TARGET_ENCODERS)
-        if self.target_encoder == "online" and self.target_precision == "fp8":
-            _fail("fastjepa.target_precision", "fp8", "FP8 targets read the EMA target's low-precision replica, "
-                  "which fastjepa.target_encoder=online does not keep", "set fastjepa.target_precision=bf16")
-        if self.update_impl == "fused" and self.target_precision == "fp8":
+        if self.target_encoder == "online" and self.fp8 != "none":
+            _fail("fastjepa.fp8", self.fp8, "FP8 targets read the EMA target's low-precision replica, which "
+                  "fastjepa.target_encoder=online does not keep", "set fastjepa.fp8=none")
+        if self.update_impl == "fused" and self.fp8 != "none":
             _fail("fastjepa.update_impl", "fused", "the one-pass AdamW + EMA update does not write the FP8 target's "
-                  "e4m3 weights (the EMA of target_precision=fp8 does)", "set fastjepa.update_impl=auto or separate")
+                  f"e4m3 weights (the EMA of fastjepa.fp8={self.fp8} does)",
+                  "set fastjepa.update_impl=auto or separate")
+        if self.block_impl == "fused" and self.fp8 == "all":
+            _fail("fastjepa.block_impl", "fused", "the fused MLP runs fc1 without its bias through its own kernels, "
+                  "outside torchao's FP8 layers (fastjepa.fp8=all)", "set fastjepa.block_impl=auto or compile")
         if self.varlen_context and self.mode != "fixed":
             _fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
                   "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")

@@ -2,7 +2,8 @@
 trainer and for the step benchmark (``bench/bench_step.py``), so the benchmark times exactly the trainer's step.
 
 ``prepare_model`` applies, in order: the bf16 target replica (the EMA pass writes it; the target forward reads 2
-bytes per weight and nothing re-casts; its matmuls in FP8 with ``fastjepa.target_precision: fp8``), ``auto``
+bytes per weight and nothing re-casts; its matmuls in FP8 with ``fastjepa.fp8: target``), torchao's FP8 training
+layers in the context encoder and the predictor (``fastjepa.fp8: all``), ``auto``
 attention and ``auto`` block implementations resolved by timing at each call site's shapes (rank 0's choice on
 every rank, logged once), then activation checkpointing, ``torch.compile`` of
 every block (by default on CUDA) and DDP/FSDP2.
@@ -21,6 +22,7 @@ from fastjepa.ijepa import IJEPA
 from fastjepa.kernels import adamw_ema_step, ema_update
 from fastjepa.kernels.ema import _local
 from fastjepa.masks import Masks
+from fastjepa.modules.fp8 import to_float8_training
 from fastjepa.optim import build_optimizer
 from fastjepa.parallel import DistEnv, agree_on_choices, parallelize, resolve_attention, resolve_block_impl
 from fastjepa.schedules import Schedules
@@ -45,9 +47,14 @@ def prepare_model(cfg, env: DistEnv, strategy: str, model: IJEPA,
     the loss, whether the step runs in bf16). ``model`` stays the handle for the EMA and checkpoints."""
     model.to(env.device)
     bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
-    fp8 = cfg.fastjepa.target_precision == "fp8"
-    if (bf16 or fp8) and not model.online_target:  # an online target reads the encoder itself
-        model.enable_target_replica(torch.bfloat16, fp8=fp8)
+    fp8 = cfg.fastjepa.fp8
+    if (bf16 or fp8 != "none") and not model.online_target:  # an online target reads the encoder itself
+        model.enable_target_replica(torch.bfloat16, fp8=fp8 != "none")
+    if fp8 == "all":
+        converted = to_float8_training(model.encoder) + to_float8_training(model.predictor)
+        if env.is_main:
+            logger.info(f"fastjepa.fp8=all: {converted} Linear layers of the encoder and predictor train in FP8 "
+                        "(torchao.float8, row-wise)")
     dtype = torch.bfloat16 if bf16 else torch.float32
     compile_blocks = cfg.train.compile if cfg.train.compile is not None else env.device.type == "cuda"
     choices = {"attention": resolve_attention(model, cfg, dtype),

@@ -45,7 +45,7 @@ from fastjepa.metrics import (
     estimate_training_memory,
     peak_flops,
 )
-from fastjepa.modules.fp8 import fp8_unsupported
+from fastjepa.modules.fp8 import fp8_unsupported, torchao_unavailable
 from fastjepa.parallel import DistEnv, init_distributed, resolve_strategy
 from fastjepa.resume import check_resume_compatible, names_one_checkpoint, recorded_settings, resolve_resume
 from fastjepa.step import StepOutput, Stepper
@@ -503,10 +503,12 @@ def lock_folder(cfg, env: DistEnv) -> RunLock | None:
 
 
 def check_precision(cfg, env: DistEnv) -> None:
-    """FP8 targets need a GPU with FP8 tensor cores; fastjepa's fused blocks and update need triton on a GPU."""
-    problem = fp8_unsupported(env.device) if cfg.fastjepa.target_precision == "fp8" else None
+    """FP8 needs a GPU with FP8 tensor cores (and torchao to train in it); fastjepa's fused blocks and update need
+    triton on a GPU."""
+    fp8 = cfg.fastjepa.fp8
+    problem = None if fp8 == "none" else fp8_unsupported(env.device) or (fp8 == "all" and torchao_unavailable())
     if problem:
-        raise SetupError(f"fastjepa.target_precision=fp8: {problem}; set fastjepa.target_precision=bf16 here")
+        raise SetupError(f"fastjepa.fp8={fp8}: {problem}; set fastjepa.fp8=none here")
     for key, value, instead in (("block_impl", cfg.fastjepa.block_impl, "compile"),
                                 ("update_impl", cfg.fastjepa.update_impl, "separate")):
         problem = triton_unavailable(env.device, cfg.fastjepa.kernel_backend) if value == "fused" else None

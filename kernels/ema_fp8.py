@@ -1,5 +1,5 @@
 """The EMA of the target encoder's Linear weights writing their e4m3 copy and per-output-channel scales in the same
-pass, for the FP8 target forward (``fastjepa.target_precision: fp8``): the forward then reads 1 byte per weight and
+pass, for the FP8 target forward (``fastjepa.fp8: target``): the forward then reads 1 byte per weight and
 quantises no weight itself.
 
 One program per output row: the row's new fp32 target (``m * t + (1 - m) * o``), its bf16 copy when asked, its

@@ -9,11 +9,11 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]             # OUT_DIR defaults to $OUT, else ./gpu_check_out
 #   bash scripts/gpu_check.sh --dry-run [OUT_DIR]   # every stage's command at tiny sizes, on the CPU (CI runs it)
 #
-# It runs from the source tree, without an install, and installs nothing from the network. Pure-Python packages
-# the GPU machine lacks (webdataset and braceexpand on the lent H200 image) travel as wheels in .whl/ (ignored by
-# git), fetched once on a networked machine:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl webdataset braceexpand
-# and installed here into /tmp/site when they are missing.
+# It runs from the source tree, without an install, and installs nothing from the network. Packages the GPU
+# machine lacks (webdataset, braceexpand and torchao on the lent H200 image; torchao's float8 is Python, its
+# compiled extras need not load) travel as wheels in .whl/ (ignored by git), fetched once on a networked machine:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl webdataset braceexpand torchao
+# and installed here into /tmp/site when one of them is missing.
 #
 # What it writes to OUT_DIR (at most 8 files, as the device tool brings back): summary.md (the headline table and
 # each stage's status, rewritten after every stage), gpu_check.log (every stage's output) and results.tar.gz (the
@@ -38,7 +38,7 @@ SUMMARY="$OUT_DIR/summary.md"
 : >"$LOG"
 declare -a STATUS=()
 
-if ! "$PY" -c "import webdataset" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! "$PY" -c "import webdataset, torchao" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
@@ -59,7 +59,8 @@ write_summary() {
         echo "|---|---|---|"
         printf '%s\n' "${STATUS[@]}"
         echo
-        [[ -f "$WORK/step/train_step.md" ]] && sed -n '/^| model | fastjepa img/,/^$/p' "$WORK/step/train_step.md"
+        [[ -f "$WORK/step/train_step.md" ]] && sed -n '/^| model | fastjepa img/,/^$/p; /^| model | FP8 provider/,/^$/p' \
+            "$WORK/step/train_step.md"
         [[ -f "$WORK/train/train_check.md" ]] && { echo; sed -n '/^| model/,/^$/p' "$WORK/train/train_check.md"; }
         [[ -f "$WORK/profile/profile.md" ]] && { echo; sed -n '1,/^| top kernels/p' "$WORK/profile/profile.md" | head -n -1;
             sed -n '/^# Roofline/,$p' "$WORK/profile/profile.md"; }
@@ -136,7 +137,9 @@ if [[ $DRY == 1 ]]; then
     stage blocks 60 "$PY" -m bench --suite kernels --quick --ops block_ops,update --out "$WORK/blocks"
     stage kernels 120 "$PY" -m bench --suite kernels --quick --ops "$GLUE_OPS" --out "$WORK/kernels"
     stage attention 60 "$PY" -m bench --suite attention --quick --out "$WORK/attention"
-    step_provider fastjepa_fp8 60 --quick --compile eager
+    for provider in fastjepa_fp8 fastjepa_torchao_fp8 fastjepa_fp8_all; do
+        step_provider "$provider" 60 --quick --compile eager
+    done
 else
     # In order of importance; each budget is a ceiling, what a stage leaves goes to the next ones.
     STEP=(--models vit_huge_14 --batch 128 --warmup 3 --steps 8)
@@ -152,7 +155,8 @@ else
     stage tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${XDIST[@]}" --junitxml="$WORK/tests.xml" tests
     stage kernels 100 "$PY" -m bench --suite kernels --ops "$GLUE_OPS" --out "$WORK/kernels"
     stage attention 45 "$PY" -m bench --suite attention --out "$WORK/attention"
-    step_provider fastjepa_fp8 70 "${STEP[@]}"
+    # FP8: fastjepa's targets, the same through torchao's layers, and every GEMM (torchao's training layers)
+    for provider in fastjepa_fp8 fastjepa_torchao_fp8 fastjepa_fp8_all; do step_provider "$provider" 70 "${STEP[@]}"; done
 fi
 stage step_report 10 "$PY" -m bench.bench_step --report --out "$WORK/step"  # again, with the late providers
 # the compiled providers' recompiles and graph breaks, from the step stages' dynamo logs and rows

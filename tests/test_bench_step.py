@@ -60,10 +60,12 @@ def test_quick_run_writes_results_and_providers_agree(tmp_path, one_thread):
 
 def test_the_fp8_and_sigreg_providers_report_against_the_default_step(tmp_path, one_thread):
     rows = bench_step.main(["--quick", "--compile", "eager", "--providers", "fastjepa", "fastjepa_fp8",
-                            "fastjepa_sigreg", "--out", str(tmp_path)])
+                            "fastjepa_torchao_fp8", "fastjepa_fp8_all", "fastjepa_sigreg", "--out", str(tmp_path)])
     loss = {r["provider"]: r["loss"] for r in rows}
-    assert loss["fastjepa_fp8"] == pytest.approx(loss["fastjepa"], rel=0.05)
-    assert loss["fastjepa_fp8"] != loss["fastjepa"]
+    for fp8 in ("fastjepa_fp8", "fastjepa_torchao_fp8", "fastjepa_fp8_all"):
+        assert loss[fp8] == pytest.approx(loss["fastjepa"], rel=0.05)
+        assert loss[fp8] != loss["fastjepa"]
     assert loss["fastjepa_sigreg"] != pytest.approx(loss["fastjepa"], rel=0.01)  # the regulariser is in the loss
     md = (tmp_path / "train_step.md").read_text()
-    assert "| FP8 targets img/s | / bf16 targets |" in md and "| with SIGReg img/s | / without |" in md
+    assert "| FP8 provider | img/s | / bf16 step | target forward ms |" in md and "| with SIGReg img/s |" in md
+    assert all(f"| quick | {scope} |" in md for scope in ("fp8=target", "fp8=target, torchao's layers", "fp8=all"))

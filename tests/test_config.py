@@ -234,7 +234,10 @@ def test_wrong_type_in_file_says_to_quote_strings(tmp_path):
     (["fastjepa.sigreg.samples=patches"], ["fastjepa.sigreg.samples='patches'", "valid: pooled, tokens"]),
     (["fastjepa.target_encoder=teacher"], ["fastjepa.target_encoder='teacher'", "valid: ema, online"]),
     (["fastjepa.target_encoder=online", "fastjepa.target_precision=fp8"],
-     ["fastjepa.target_precision='fp8'", "fastjepa.target_encoder=online does not keep"]),
+     ["fastjepa.fp8='target'", "fastjepa.target_encoder=online does not keep", "set fastjepa.fp8=none"]),
+    (["fastjepa.fp8=half"], ["fastjepa.fp8='half'", "valid: none, target, all"]),
+    (["fastjepa.fp8=all", "fastjepa.update_impl=fused"], ["fastjepa.update_impl='fused'", "fastjepa.fp8=all"]),
+    (["fastjepa.fp8=all", "fastjepa.block_impl=fused"], ["fastjepa.block_impl='fused'", "torchao"]),
 ])
 def test_impossible_setting(overrides, fragments):
     message = error_of(*overrides)

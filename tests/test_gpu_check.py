@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "step_fastjepa", "step_pytorch", "step_official", "step_report", "train", "profile", "tests",
-          "blocks", "kernels", "attention", "step_fastjepa_fp8", "cuda_ext")
+          "blocks", "kernels", "attention", "step_fastjepa_fp8", "step_fastjepa_torchao_fp8", "step_fastjepa_fp8_all",
+          "cuda_ext")
 
 
 @pytest.mark.slow
@@ -37,9 +38,11 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
         train = tar.extractfile("./train/train_check.md").read().decode()
     assert {"./step/train_step.md", "./step/train_step.png", "./profile/profile.md", "./kernels/kernels.md",
             "./attention/attention.md", "./env.txt", "./tests.log", "./train/train_check.log"} <= names
-    # one process per step provider, one table with the ratios of all of them (the late fp8 provider included)
-    assert [r["provider"] for r in steps] == ["fastjepa", "pytorch", "official", "fastjepa_fp8"]
-    assert "| quick | fastjepa_fp8 |" in report and "| quick | official | " in report
+    # one process per step provider, one table with the ratios of all of them (the late fp8 providers included)
+    assert [r["provider"] for r in steps] == ["fastjepa", "pytorch", "official", "fastjepa_fp8",
+                                              "fastjepa_torchao_fp8", "fastjepa_fp8_all"]
+    assert "| quick | fastjepa_fp8_all |" in report and "| quick | official | " in report
+    assert "| quick | fp8=target, torchao's layers |" in summary
     # the real trainer on shards made on the spot, resumed from its checkpoint by a second run
     assert "(resumed) |" in train and "resumed to step" in summary
     assert "step_fastjepa: " in summary and "0 graphs left eager after a compile failure" in summary

@@ -64,4 +64,4 @@ def test_update_impl_resolves_without_timing_on_cpu():
 
 def test_the_fused_update_with_fp8_targets_is_refused_when_the_config_is_read():
     with pytest.raises(ValueError, match=r"fastjepa.update_impl.*e4m3.*auto or separate"):
-        config.load(ROOT / "configs/test_tiny.yaml", ["fastjepa.update_impl=fused", "fastjepa.target_precision=fp8"])
+        config.load(ROOT / "configs/test_tiny.yaml", ["fastjepa.update_impl=fused", "fastjepa.fp8=target"])

@@ -181,10 +181,12 @@ def test_a_renumbered_resume_killed_before_its_first_save_resumes_the_same_check
     assert "step_00000006 at step 3 (epoch 0, batch 3 of 8)" in rerun.stdout
 
 
-def test_fp8_targets_under_fsdp2_track_the_fp32_run(fsdp_run, tmp_path):
-    """The FP8 target replica sharded like the target: two ranks train, and the first loss (same weights, same
-    data) differs from the fp32 run's by what the targets' FP8 error allows."""
-    run = torchrun(tmp_path, "fastjepa.target_precision=fp8", "train.max_steps=2")
+@pytest.mark.parametrize("scope", ["target", "all"])
+def test_fp8_under_fsdp2_tracks_the_fp32_run(fsdp_run, tmp_path, scope):
+    """The FP8 target replica sharded like the target (and with ``all`` torchao's FP8 layers on sharded weights):
+    two ranks train, and the first loss (same weights, same data) differs from the fp32 run's by what FP8's error
+    allows."""
+    run = torchrun(tmp_path, f"fastjepa.fp8={scope}", "train.max_steps=2")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     fp8 = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("kind", "train") == "train"]
     fp32 = [r["loss"] for r in read_jsonl(fsdp_run[0] / "metrics.jsonl") if r.get("kind", "train") == "train"]

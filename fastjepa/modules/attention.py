@@ -62,10 +62,14 @@ class Attention(nn.Module):
             return self.forward_queries_from(x, queries_from)
         if num_target_blocks:
             return self.forward_block_structured(x, context_len, num_target_blocks)
-        batch, seq_len, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.forward_qkv(self.qkv(x))
+
+    def forward_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The dense layout from its ``[B, N, 3C]`` qkv projection (an FP8 block computes it from e4m3 rows)."""
+        batch, seq_len, width = qkv.shape
+        q, k, v = qkv.reshape(batch, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v, self.scale, self.backend)
-        return self.proj(out.transpose(1, 2).reshape(batch, seq_len, dim))
+        return self.proj(out.transpose(1, 2).reshape(batch, seq_len, width // 3))
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """Packed sequences ``[T, C]`` that attend only within themselves (``fastjepa.masks.PackedContext``)."""
