@@ -4,13 +4,22 @@ LayerNorm), ``bias_gelu`` (fc1's bias + exact GELU) and the whole ``residual_mlp
 ``fastjepa.block_impl`` chooses between). Providers: ``reference`` (eager PyTorch), ``compile`` (inductor, what
 the default step runs), ``max_autotune`` (inductor's ``max-autotune-no-cudagraphs``, GPU only, the two fused ops
 alone) and ``triton``
-(fastjepa's kernels). Bytes are the memory-bound ops' ideal traffic (the whole half's GEMMs are not counted)."""
+(fastjepa's kernels). Bytes are the memory-bound ops' ideal traffic (the whole half's GEMMs are not counted).
+
+At the target call site (forward only) the FP8 target's variants too (``fastjepa.fp8: target``): ``layer_norm_fp8``
+and ``gelu_fp8`` (the norm and the GELU emitting the next GEMM's e4m3 rows and scales) against compiling their
+references (the op, then ``quantize_rowwise``), and ``residual_mlp_fp8``, the FP8 block's half both ways."""
+
+import copy
 
 import torch
 
 from fastjepa.kernels import add_layer_norm, add_layer_norm_ref, bias_gelu, bias_gelu_ref
 from fastjepa.kernels._utils import forced_triton
+from fastjepa.kernels.block_ops_fp8 import gelu_fp8, gelu_fp8_ref, layer_norm_fp8, layer_norm_fp8_ref
+from fastjepa.kernels.ema_fp8 import quantize_rowwise
 from fastjepa.modules.block import Block
+from fastjepa.modules.fp8 import Float8Linear, fp8_unsupported, to_float8
 
 from .common import BenchConfig, Case, compiled, fused_available, grad_fn, run_cases
 
@@ -80,7 +89,34 @@ def shape_cases(cfg: BenchConfig, name, rows, tokens, dim, heads, grad) -> list[
                                 lambda a, b: block.residual_mlp(a, b, "fused"), cfg, autotune=False),
                    [x, attn], grad, cfg)),
     ]
+    if not grad or cfg.quick:
+        cases += fp8_cases(cfg, block, shape, x.detach(), attn.detach(), h.detach(), act, wide)
     return cases
+
+
+def fp8_cases(cfg: BenchConfig, block: Block, shape: str, x, attn, h, act: int, wide: int) -> list[Case]:
+    """The FP8 target block's memory-bound half (forward only), where FP8 matmuls run (the CPU emulates them)."""
+    if fp8_unsupported(torch.device(cfg.device)):
+        return []
+    e, dtype = x.element_size(), x.dtype
+    replica = to_float8(copy.deepcopy(block).requires_grad_(False).to(dtype))
+    for layer in replica.modules():
+        if isinstance(layer, Float8Linear):  # the e4m3 weights the EMA keeps
+            layer.weight_e4m3, layer.weight_scale = quantize_rowwise(layer.weight.float())
+    norm = (replica.norm2.weight, replica.norm2.bias, replica.norm2.eps)
+    # ideal traffic: read x and attn, write s and the e4m3 rows (1 byte each); read h, write its e4m3 rows
+    ln_bytes, gelu_bytes = 3 * act + act // e, wide + wide // e
+    return [
+        Case("layer_norm_fp8", shape, dtype, {"fwd": ln_bytes},
+             timed(providers_of(lambda a, b: layer_norm_fp8_ref(a, *norm, y=b),
+                                lambda a, b: layer_norm_fp8(a, *norm, y=b), cfg), [x, attn], False, cfg)),
+        Case("gelu_fp8", shape, dtype, {"fwd": gelu_bytes},
+             timed(providers_of(gelu_fp8_ref, gelu_fp8, cfg), [h], False, cfg)),
+        Case("residual_mlp_fp8", shape, dtype, {"fwd": ln_bytes + gelu_bytes},
+             timed(providers_of(lambda a, b: replica.residual_mlp(a, b, "compile"),
+                                lambda a, b: replica.residual_mlp(a, b, "fused"), cfg, autotune=False),
+                   [x, attn], False, cfg)),
+    ]
 
 
 def run(cfg: BenchConfig) -> list[dict]:

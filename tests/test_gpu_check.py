@@ -56,5 +56,6 @@ def test_dry_run_runs_every_stage_and_writes_the_summary(tmp_path):
     assert {f"./kernels/kernels_{op}.png" for op in ops} <= names
     # the block_impl and update_impl candidates, each against the PyTorch ops (and their compiled fusion)
     assert {(r["op"], r["provider"]) for r in blocks} >= {
-        (op, p) for op in ("add_layer_norm", "bias_gelu", "residual_mlp") for p in ("reference", "compile", "triton")
+        (op, p) for op in ("add_layer_norm", "bias_gelu", "residual_mlp", "layer_norm_fp8", "gelu_fp8",
+                           "residual_mlp_fp8") for p in ("reference", "compile", "triton")
     } | {("adamw_ema", p) for p in ("reference", "separate", "triton")}
