@@ -34,6 +34,7 @@ from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.modules.fp8 import Float8Linear, to_float8_training
 from fastjepa.parallel import DistEnv
+from fastjepa.spec import ModelSpec, StepOptions
 from fastjepa.step import Stepper
 
 from . import plain_ijepa as plain
@@ -237,8 +238,8 @@ class FastJepaStep:
                            self.fp8, self.sigreg_weight)
         model = initial_model(s, device, self.layout, "auto", **objective_options(cfg))
         env = DistEnv(0, 1, 0, torch.device(device))
-        self.stepper = Stepper.build(cfg, env, "none", model, schedules.build(cfg.optimization, 1000),
-                                     compile_backend or "inductor")
+        self.stepper = Stepper.build(ModelSpec.from_config(cfg), StepOptions.from_config(cfg), env, "none", model,
+                                     schedules.build(cfg.optimization, 1000), compile_backend or "inductor")
 
     def step(self, images, masks: Masks, _, timer: PhaseTimer, momentum: float, index: int):
         return self.stepper(images, masks, index, mark=timer.mark).loss

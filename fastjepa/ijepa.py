@@ -19,6 +19,7 @@ from fastjepa.masks import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
 from fastjepa.modules.fp8 import fp8_layers, to_float8
 from fastjepa.modules.sigreg import SIGReg
+from fastjepa.spec import ModelSpec
 
 
 class IJEPA(nn.Module):
@@ -200,5 +201,5 @@ def objective_options(cfg) -> dict:
 
 
 def build_ijepa(cfg) -> IJEPA:
-    encoder, predictor = build_models(cfg)
+    encoder, predictor = build_models(ModelSpec.from_config(cfg))
     return IJEPA(encoder, predictor, varlen_context=cfg.fastjepa.varlen_context, **objective_options(cfg))

@@ -113,11 +113,12 @@ def export_encoder(cfg, model: IJEPA, folder: Path, env: DistEnv) -> None:
     """Write the final target encoder as a full state dict (``encoder.pt``) and a timm-named file (rank 0)."""
     from fastjepa.compat.ijepa import export_timm
     from fastjepa.models import build_models
+    from fastjepa.spec import ModelSpec
 
     state = full_model_state(model.target_encoder)
     if env.is_main:
         torch.save(state, folder / "target_encoder.pt")
-        encoder, _ = build_models(cfg)
+        encoder, _ = build_models(ModelSpec.from_config(cfg))
         encoder.load_state_dict(state)
         path = export_timm(encoder, folder / "target_encoder_timm")
         logger.info(f"exported the target encoder: {folder / 'target_encoder.pt'}, {path}")

@@ -48,6 +48,7 @@ from fastjepa.metrics import (
 from fastjepa.modules.fp8 import fp8_unsupported, torchao_unavailable
 from fastjepa.parallel import DistEnv, init_distributed, resolve_strategy
 from fastjepa.resume import check_resume_compatible, names_one_checkpoint, recorded_settings, resolve_resume
+from fastjepa.spec import ModelSpec, StepOptions
 from fastjepa.step import StepOutput, Stepper
 
 logger = logging.getLogger("fastjepa")
@@ -149,7 +150,8 @@ class Trainer:
         plan = plan_run(cfg, env, strategy, resume, official_checkpoint)
         model, official_opt, start_epoch = build_model(cfg, plan.official)
         flops = FlopModel.from_model(model)
-        stepper = Stepper.build(cfg, env, strategy, model, plan.sched)
+        stepper = Stepper.build(ModelSpec.from_config(cfg), StepOptions.from_config(cfg), env, strategy, model,
+                                plan.sched)
         if official_opt is not None:
             if strategy in SHARDED_STRATEGIES:
                 logger.warning("official optimizer state is not loaded under FSDP2 (weights are); AdamW restarts")
@@ -522,7 +524,8 @@ def check_memory(cfg, env: DistEnv, strategy: str) -> None:
         return
     bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
     shards = {"fsdp": env.world_size, "hsdp": cfg.train.shard_size or env.local_world_size}.get(strategy, 1)
-    need = estimate_training_memory(cfg, shards, bf16)
+    need = estimate_training_memory(ModelSpec.from_config(cfg), shards, bf16, cfg.train.activation_checkpointing,
+                                    cfg.fastjepa.target_encoder == "online")
     have = device_memory_bytes(env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     detail = (f"about {need['total'] / 2**30:.1f} GiB per rank (weights, gradients and AdamW "
               f"{need['weights_and_optimizer'] / 2**30:.1f} GiB, activations {need['activations'] / 2**30:.1f} GiB) "

@@ -229,6 +229,7 @@ def test_auto_attention_is_resolved_before_anything_is_compiled(tmp_path, monkey
 def test_blocks_are_compiled_by_default_only_with_cuda(tmp_path, monkeypatch, setting, device, want):
     from fastjepa import config
     from fastjepa.parallel import DistEnv
+    from fastjepa.spec import ModelSpec, StepOptions
 
     assert config.load(ROOT / "configs/test_tiny.yaml").train.compile is None  # shipped: null, the device decides
     calls = []
@@ -237,5 +238,6 @@ def test_blocks_are_compiled_by_default_only_with_cuda(tmp_path, monkeypatch, se
     model = IJEPA(VisionTransformer(32, 8, 3, 32, 1, 2), VisionTransformerPredictor((4, 4), 32, 16, 1, 2))
     model.to = lambda device: model  # no CUDA here: only the decision is under test
     cfg = tiny_cfg(tmp_path, f"train.compile={'null' if setting is None else str(setting).lower()}")
-    fj_step.prepare_model(cfg, DistEnv(0, 1, 0, torch.device(device)), "none", model)
+    env = DistEnv(0, 1, 0, torch.device(device))
+    fj_step.prepare_model(ModelSpec.from_config(cfg), StepOptions.from_config(cfg), env, "none", model)
     assert calls == [want]

@@ -33,16 +33,6 @@ from fastjepa.models.vit import init_official_
 from fastjepa.modules.block import Block
 
 
-def predictor_sequences(layout: str, contexts, context_len, target_len, num_target_blocks: int):
-    """The predictor's attention sequences for ``contexts`` (nenc*B) context blocks of ``context_len`` tokens and M
-    target blocks of ``target_len``: ``(sequences, tokens per sequence)``. ``shared``: one per context block,
-    ``[context; block 1; ...; block M]``; the other layouts (and the packed path): M per context block,
-    ``[context; block m]``. Works elementwise on arrays of token counts."""
-    if layout == "shared":
-        return contexts, context_len + num_target_blocks * target_len
-    return contexts * num_target_blocks, context_len + target_len
-
-
 class VisionTransformerPredictor(nn.Module):
     def __init__(self, num_patches: int | tuple[int, int], embed_dim: int = 768, predictor_embed_dim: int = 384,
                  depth: int = 6, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
