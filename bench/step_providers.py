@@ -30,7 +30,7 @@ from fastjepa.choices import VIT_SIZES
 from fastjepa.compat import official_style as off
 from fastjepa.config import Config
 from fastjepa.ijepa import IJEPA, objective_options
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.modules.fp8 import Float8Linear, to_float8_training
 from fastjepa.parallel import DistEnv

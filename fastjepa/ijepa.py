@@ -15,7 +15,7 @@ from torch import nn
 
 from fastjepa.kernels import ema_update, ema_update_fp8, target_norm_gather, target_norm_smooth_l1
 from fastjepa.kernels.ema_fp8 import quantize_rowwise
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
 from fastjepa.modules.fp8 import fp8_layers, to_float8
 from fastjepa.modules.sigreg import SIGReg

@@ -104,7 +104,7 @@ class FlopModel:
         return {"target": target, "context": context, "predictor": 3 * (float(pred.sum()) + io)}
 
     def masks_step(self, masks) -> float:
-        """Total FLOPs of a step with these ``fastjepa.masks.Masks`` (on the CPU: no device read)."""
+        """Total FLOPs of a step with these ``fastjepa.mask_batch.Masks`` (on the CPU: no device read)."""
         enc, pred = masks.enc, masks.pred
         lengths = np.diff(masks.packed.cu_seqlens.numpy()) if masks.packed is not None else enc.shape[2]
         parts = self.step(enc.shape[1], lengths, pred.shape[2], pred.shape[0], enc.shape[0], masks.packed is not None)

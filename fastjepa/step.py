@@ -21,7 +21,7 @@ from fastjepa.choices import SHARDED_STRATEGIES, UPDATE_IMPLS
 from fastjepa.ijepa import IJEPA
 from fastjepa.kernels import adamw_ema_step, ema_update
 from fastjepa.kernels.ema import _local
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.modules.fp8 import to_float8_training
 from fastjepa.optim import build_optimizer
 from fastjepa.parallel import DistEnv, agree_on_choices, parallelize, resolve_attention, resolve_block_impl

@@ -36,7 +36,7 @@ from fastjepa.eval.online import OnlineProbe
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.kernels import set_backend
 from fastjepa.kernels._utils import triton_unavailable
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.metrics import (
     FlopModel,
     MetricsSink,

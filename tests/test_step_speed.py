@@ -34,7 +34,7 @@ def test_every_block_compiles_once_per_variant_without_graph_breaks(tmp_path, mo
     graph per (grad mode, block variant), all made by step 2 (automatic dynamic shapes), none after."""
     extra = ["fastjepa.mode=fixed", "fastjepa.varlen_context=true"] if varlen else []
     cfg = tiny_cfg(tmp_path, "train.max_steps=6", "train.compile=true", *FAST, *extra)
-    sizes = {(m.masks_enc[0].shape[1], m.masks_pred[0].shape[1]) for m in masks_per_step(cfg, 6)}
+    sizes = {(m.enc[0].shape[1], m.pred[0].shape[1]) for m in masks_per_step(cfg, 6)}
     assert len(sizes) >= 4  # the token counts really change from step to step
     graphs = []
     real_step = fj_step.Stepper.__call__
@@ -59,7 +59,7 @@ def tiny_model(seed=0):
 def tiny_batch(seed=1):
     collator = MultiBlockMaskCollator(32, 4, (0.85, 1.0), (0.15, 0.2), (0.75, 1.5), 1, 2, 4)
     masks = collator.sample(4, seed)
-    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), masks.masks_enc, masks.masks_pred
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), list(masks.enc), list(masks.pred)
 
 
 def test_block_activations_are_bf16_under_bf16_autocast(reference_ops):

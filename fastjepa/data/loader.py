@@ -180,7 +180,7 @@ class _EpochStream(IterableDataset):
         targets = torch.tensor(labels, dtype=torch.int64)
         if hasattr(self.collator, "sample"):
             masks = self.collator.sample(len(images), step, worker=0)
-            return (batch, targets), masks.masks_enc, masks.masks_pred
+            return (batch, targets), list(masks.enc), list(masks.pred)
         samples = list(zip(batch.unbind(0), targets.unbind(0), strict=True))
         return self.collator(samples)
 
