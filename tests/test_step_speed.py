@@ -182,7 +182,7 @@ def test_no_host_synchronisation_outside_logging_steps(tmp_path, monkeypatch, va
     cfg = tiny_cfg(tmp_path, "train.max_steps=6", "train.log_every=3", *FAST, *extra)
     guard = NoHostSync(monkeypatch)
     guarded_steps = []
-    real_one = fj_train._train_one
+    real_one = fj_train.stopped_after_step
 
     def one_step(tr, result, *batch):
         log_step = (tr.state.step + 1) % tr.cfg.train.log_every == 0 or tr.state.step + 1 == tr.total_steps
@@ -195,7 +195,7 @@ def test_no_host_synchronisation_outside_logging_steps(tmp_path, monkeypatch, va
             guard.active = False
             guarded_steps.append(tr.state.step)
 
-    monkeypatch.setattr(fj_train, "_train_one", one_step)
+    monkeypatch.setattr(fj_train, "stopped_after_step", one_step)
     result = fj_train.run(cfg)
     assert guarded_steps == [1, 2, 4, 5] and sorted(result.losses) == [1, 2, 3, 4, 5, 6]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
