@@ -18,7 +18,7 @@ GB/s counts the ideal traffic (q, k, v read, out written; backward adds dout, ou
 import torch
 
 from fastjepa.kernels.block_attention import block_attention
-from fastjepa.modules import attention_backends as ab
+from fastjepa.modules import attention_backends as backends
 
 from .common import BenchConfig, Case, fused_available, grad_fn, run_cases
 
@@ -50,14 +50,14 @@ def backend_case(cfg: BenchConfig, dtype, name: str, seqs: int, heads: int, toke
     scale = dim**-0.5
     providers = {}
     # the reference first: run_cases computes speed-ups against it in provider order
-    for backend in ["math"] + [b for b in ab.available_backends(cfg.device, dtype, dim) if b != "math"]:
+    for backend in ["math"] + [b for b in backends.available_backends(cfg.device, dtype, dim) if b != "math"]:
         try:  # a pinned kernel may refuse this shape or dtype: leave it out, as auto does
-            ab.attention(q, k, v, scale, backend)
+            backends.attention(q, k, v, scale, backend)
         except RuntimeError as err:
             print(f"attention backend {backend} skipped at {name}: {str(err).splitlines()[0][:100]}")
             continue
         providers["reference" if backend == "math" else backend] = _modes(
-            lambda b=backend: ab.attention(q, k, v, scale, b), [q, k, v])
+            lambda b=backend: backends.attention(q, k, v, scale, b), [q, k, v])
     return Case("vit_attention", name, dtype, _bytes(q.numel(), q.element_size()), providers)
 
 
@@ -69,7 +69,7 @@ def shared_case(cfg: BenchConfig, dtype, name: str, batch: int, heads: int, ctx:
     # Official layout: the same tokens, the context copied into each block's sequence.
     rep = [torch.randn(blocks * batch, heads, ctx + tgt, dim, device=cfg.device, dtype=dtype, requires_grad=True)
            for _ in range(3)]
-    providers = {"reference": _modes(lambda: ab.attention(*rep, dim**-0.5, "sdpa"), rep)}
+    providers = {"reference": _modes(lambda: backends.attention(*rep, dim**-0.5, "sdpa"), rep)}
     shared = ["reference"] + (["flex"] if cfg.device.startswith("cuda") else [])  # FlexAttention: no CPU backward
     shared += ["triton"] if fused_available(cfg) else []
     for backend in shared:

@@ -29,7 +29,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from fastjepa.kernels import set_backend
-from fastjepa.masks import Masks, MultiBlockMaskCollator
+from fastjepa.mask_batch import Masks
+from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.metrics import FlopModel, peak_flops
 
 from .common import RESULTS, BenchConfig, device_dir, git_commit, triton_version
@@ -88,7 +89,7 @@ def make_inputs(s: Setup, batch: int, device, rotations: int, seed: int = 0):
     masks = []
     for step in range(rotations):
         m = collator.sample(batch, step)
-        masks.append(([t.to(device) for t in m.masks_enc], [t.to(device) for t in m.masks_pred]))
+        masks.append(([t.to(device) for t in m.enc], [t.to(device) for t in m.pred]))
     return images, masks
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 
 from . import roofline
 from .bench_step import QUICK, SETUPS, make_inputs, matmul_rate

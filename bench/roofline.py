@@ -17,7 +17,8 @@ import argparse
 from collections import defaultdict
 from dataclasses import dataclass
 
-from fastjepa.metrics import block_matmuls, expected_tokens
+from fastjepa.metrics import block_matmuls
+from fastjepa.spec import ModelSpec
 
 from .bench_step import SETUPS
 from .step_providers import Setup, setup_config
@@ -148,8 +149,8 @@ def floors(ops: list[Op], tflops: float, tbps: float) -> dict[str, float]:
 
 
 def setup_tokens(s: Setup, batch: int) -> tuple[int, int]:
-    """The context and target tokens per block the step typically has (``fastjepa.metrics.expected_tokens``)."""
-    return expected_tokens(setup_config(s, batch, "repeat", True, False, False))
+    """The context and target tokens per block the step typically has (``ModelSpec.expected_tokens``)."""
+    return ModelSpec.from_config(setup_config(s, batch, "repeat", True, False, False)).expected_tokens()
 
 
 def report(s: Setup, batch: int, tflops: float = H200_TFLOPS, tbps: float = H200_TBPS,

@@ -1,7 +1,7 @@
 """The providers of the step benchmark (``bench/bench_step.py``): one training step each, from the same initial
 weights, marking its phases on a ``PhaseTimer``.
 
-- ``official``: what facebookresearch/ijepa does (``fastjepa.compat.official_style``): naive attention with the
+- ``official``: what facebookresearch/ijepa does (``bench/official_style.py``): naive attention with the
   softmax in fp32, ``apply_masks`` with a repeated int64 index, ``repeat_interleave_batch`` copies, bf16 autocast
   with a GradScaler, default AdamW, a per-parameter EMA loop, the per-step ``grad_logger`` norms and
   ``float(loss)`` host syncs (their own phase, ``logging``), no compile.
@@ -27,15 +27,16 @@ import torch.nn.functional as F
 
 from fastjepa import schedules
 from fastjepa.choices import VIT_SIZES
-from fastjepa.compat import official_style as off
 from fastjepa.config import Config
 from fastjepa.ijepa import IJEPA, objective_options
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.modules.fp8 import Float8Linear, to_float8_training
 from fastjepa.parallel import DistEnv
+from fastjepa.spec import ModelSpec, StepOptions
 from fastjepa.step import Stepper
 
+from . import official_style as official
 from . import plain_ijepa as plain
 
 PHASES = ("target_fwd", "context_fwd", "predictor_fwd", "backward", "fwd_bwd", "optimizer", "ema", "logging")
@@ -147,13 +148,13 @@ class OfficialStep:
     def step(self, images, masks_enc, masks_pred, timer: PhaseTimer, momentum: float, index: int):
         with torch.autocast(images.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             with torch.no_grad():
-                h = off.encoder_forward(self.tgt, images, self.heads)
+                h = official.encoder_forward(self.tgt, images, self.heads)
                 h = F.layer_norm(h, (h.size(-1),))
-                h = off.repeat_interleave_batch(off.apply_masks(h, masks_pred), len(h), repeat=len(masks_enc))
+                h = official.repeat_interleave_batch(official.apply_masks(h, masks_pred), len(h), repeat=len(masks_enc))
             timer.mark("target_fwd")
-            z = off.encoder_forward(self.enc, images, self.heads, masks_enc)
+            z = official.encoder_forward(self.enc, images, self.heads, masks_enc)
             timer.mark("context_fwd")
-            z = off.predictor_forward(self.pred, z, masks_enc, masks_pred, self.heads)
+            z = official.predictor_forward(self.pred, z, masks_enc, masks_pred, self.heads)
             loss = F.smooth_l1_loss(z, h)
         timer.mark("predictor_fwd")
         self.scaler.scale(loss).backward()
@@ -167,7 +168,7 @@ class OfficialStep:
                 float(torch.norm(p.grad))
         self.opt.zero_grad()
         timer.mark("logging")
-        off.ema_update(self.target, self.online, momentum)
+        official.ema_update(self.target, self.online, momentum)
         timer.mark("ema")
         return loss.item()
 
@@ -237,8 +238,8 @@ class FastJepaStep:
                            self.fp8, self.sigreg_weight)
         model = initial_model(s, device, self.layout, "auto", **objective_options(cfg))
         env = DistEnv(0, 1, 0, torch.device(device))
-        self.stepper = Stepper.build(cfg, env, "none", model, schedules.build(cfg.optimization, 1000),
-                                     compile_backend or "inductor")
+        self.stepper = Stepper.build(ModelSpec.from_config(cfg), StepOptions.from_config(cfg), env, "none", model,
+                                     schedules.build(cfg.optimization, 1000), compile_backend or "inductor")
 
     def step(self, images, masks: Masks, _, timer: PhaseTimer, momentum: float, index: int):
         return self.stepper(images, masks, index, mark=timer.mark).loss

@@ -365,7 +365,7 @@ class FastJepa(_Section):
     # block (same results), "official" = every block on every token, "shared" = opt-in, context computed once
     predictor_layout: str = "repeat"
     # fixed mode, opt-in: keep every image's whole context (no cut to the batch minimum), packed sequences with
-    # cumulative lengths through varlen attention (fastjepa.masks.PackedContext); the loss weighting is unchanged
+    # cumulative lengths through varlen attention (fastjepa.mask_batch.PackedContext); the loss weighting is unchanged
     varlen_context: bool = False
     # FP8 matmuls (e4m3, row-wise dynamic scales: twice the bf16 rate on Hopper): "none"; "target" the target
     # encoder's forward (half the step's FLOPs, no gradient); "all" also the context encoder's and the predictor's

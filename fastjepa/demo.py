@@ -41,11 +41,12 @@ def probe_all(cfg, trained_encoder: torch.nn.Module, device: torch.device) -> di
     from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
     from fastjepa.models import build_models
     from fastjepa.progress import counted
+    from fastjepa.spec import ModelSpec
 
     data = mnist_split()
     mean, std = mean_std(cfg)
     torch.manual_seed(cfg.fastjepa.seed)
-    random_encoder = build_models(cfg)[0].to(device)
+    random_encoder = build_models(ModelSpec.from_config(cfg))[0].to(device)
     def at_crop_size(x: torch.Tensor) -> torch.Tensor:
         # the encoders see the digits at the pretraining resolution (bilinear, as the training crops are resized)
         return resized(to_float_images(x, mean, std), cfg.data.crop_size)

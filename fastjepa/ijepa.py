@@ -15,10 +15,11 @@ from torch import nn
 
 from fastjepa.kernels import ema_update, ema_update_fp8, target_norm_gather, target_norm_smooth_l1
 from fastjepa.kernels.ema_fp8 import quantize_rowwise
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
 from fastjepa.modules.fp8 import fp8_layers, to_float8
 from fastjepa.modules.sigreg import SIGReg
+from fastjepa.spec import ModelSpec
 
 
 class IJEPA(nn.Module):
@@ -200,5 +201,5 @@ def objective_options(cfg) -> dict:
 
 
 def build_ijepa(cfg) -> IJEPA:
-    encoder, predictor = build_models(cfg)
+    encoder, predictor = build_models(ModelSpec.from_config(cfg))
     return IJEPA(encoder, predictor, varlen_context=cfg.fastjepa.varlen_context, **objective_options(cfg))

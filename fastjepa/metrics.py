@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastjepa.models.predictor import predictor_sequences
+from fastjepa.spec import ModelSpec, predictor_sequences
 
 logger = logging.getLogger("fastjepa")
 
@@ -104,55 +104,38 @@ class FlopModel:
         return {"target": target, "context": context, "predictor": 3 * (float(pred.sum()) + io)}
 
     def masks_step(self, masks) -> float:
-        """Total FLOPs of a step with these ``fastjepa.masks.Masks`` (on the CPU: no device read)."""
+        """Total FLOPs of a step with these ``fastjepa.mask_batch.Masks`` (on the CPU: no device read)."""
         enc, pred = masks.enc, masks.pred
         lengths = np.diff(masks.packed.cu_seqlens.numpy()) if masks.packed is not None else enc.shape[2]
         parts = self.step(enc.shape[1], lengths, pred.shape[2], pred.shape[0], enc.shape[0], masks.packed is not None)
         return sum(parts.values())
 
-def expected_tokens(cfg) -> tuple[int, int]:
-    """(context, target) tokens per block a step typically has: the middle of the mask scales, the context cut by
-    the M target blocks it must avoid (ViT-H/14: about 70 and 44)."""
-    grid = (cfg.data.crop_size // cfg.mask.patch_size) ** 2
-    target = grid * sum(cfg.mask.pred_mask_scale) / 2
-    context = grid * sum(cfg.mask.enc_mask_scale) / 2
-    if not cfg.mask.allow_overlap:
-        context *= max(0.0, 1 - cfg.mask.num_pred_masks * target / grid)
-    return max(int(context), cfg.mask.min_keep + 1), max(int(target), 1)
-
-
-def estimate_training_memory(cfg, shards: int = 1, bf16: bool = False) -> dict[str, float]:
-    """Bytes one rank needs to train ``cfg``: weights, gradients and AdamW moments (sharded over ``shards`` ranks
+def estimate_training_memory(spec: ModelSpec, shards: int = 1, bf16: bool = False,
+                             activation_checkpointing: bool = False, online_target: bool = False) -> dict[str, float]:
+    """Bytes one rank needs to train ``spec``: weights, gradients and AdamW moments (sharded over ``shards`` ranks
     under FSDP2/HSDP) plus the activations the backward keeps (Korthikanti et al.'s per-layer count,
     34*s*h + 5*a*s^2 bytes in 16-bit, doubled in fp32; the scores term only with the ``math`` attention backend;
     one block's worth with activation checkpointing). An estimate to refuse hopeless runs early, not a
     measurement."""
-    from fastjepa.choices import VIT_SIZES
-
-    dim, depth, heads, _ = VIT_SIZES[cfg.meta.model_name]
-    pred_dim, pred_depth = cfg.meta.pred_emb_dim, cfg.meta.pred_depth
-    with torch.device("meta"):
-        from fastjepa.ijepa import build_ijepa
-
-        model = build_ijepa(cfg)
-    trained = sum(p.numel() for p in [*model.encoder.parameters(), *model.predictor.parameters()] if p.requires_grad)
-    target = 0 if model.online_target else sum(p.numel() for p in model.target_encoder.parameters())
+    trained, target = spec.parameter_counts()
+    target = 0 if online_target else target
     states = (trained * (4 + 4 + 8) + target * (4 + 2 * bf16)) / shards
     unit = 1 if bf16 else 2  # the count is in 16-bit bytes
-    ctx, tgt = expected_tokens(cfg)
-    batch, nenc, m = cfg.data.batch_size, cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
-    scores = cfg.fastjepa.attn_backend == "math"
+    ctx, tgt = spec.expected_tokens()
+    scores = spec.attn_backend == "math"
 
     def layers(seqs: int, tokens: int, width: int, num: int) -> float:
-        per_layer = seqs * (34 * tokens * width + 5 * heads * tokens**2 * scores) * unit
-        if cfg.train.activation_checkpointing:
+        per_layer = seqs * (34 * tokens * width + 5 * spec.num_heads * tokens**2 * scores) * unit
+        if activation_checkpointing:
             return seqs * tokens * width * 2 * unit * num + per_layer
         return per_layer * num
 
-    pred_seqs, pred_tokens = predictor_sequences(cfg.fastjepa.predictor_layout, batch * nenc, ctx, tgt, m)
-    grid = (cfg.data.crop_size // cfg.mask.patch_size) ** 2
-    activations = (layers(batch * nenc, ctx, dim, depth) + layers(pred_seqs, pred_tokens, pred_dim, pred_depth)
-                   + batch * grid * 4 * dim * 2 * unit)  # the target encoder's widest transient (the MLP hidden)
+    pred_seqs, pred_tokens = spec.predictor_sequences(ctx, tgt)
+    contexts = spec.batch_size * spec.num_enc_masks
+    activations = (layers(contexts, ctx, spec.embed_dim, spec.depth)
+                   + layers(pred_seqs, pred_tokens, spec.pred_dim, spec.pred_depth)
+                   # the target encoder's widest transient (the MLP hidden)
+                   + spec.batch_size * spec.num_patches * 4 * spec.embed_dim * 2 * unit)
     return {"weights_and_optimizer": states, "activations": activations, "total": states + activations}
 
 

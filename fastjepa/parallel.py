@@ -22,8 +22,8 @@ from torch import nn
 
 from fastjepa.choices import PARALLEL_STRATEGIES as STRATEGIES
 from fastjepa.ijepa import IJEPA
-from fastjepa.models.predictor import predictor_sequences
 from fastjepa.modules.fp8 import release_fp8_weights
+from fastjepa.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -97,48 +97,49 @@ def _block_lists(model: IJEPA) -> list[nn.ModuleList]:
     return [model.encoder.blocks, model.target_forward_encoder.blocks, model.predictor.predictor_blocks]
 
 
-def call_sites(model: IJEPA, cfg) -> list[tuple[str, nn.ModuleList, int, int, bool]]:
+def call_sites(model: IJEPA, spec: ModelSpec) -> list[tuple[str, nn.ModuleList, int, int, bool]]:
     """Where a step runs blocks: ``(name, blocks, sequences, tokens per sequence, with backward)`` for the context
     encoder, the target forward (the replica when there is one) and the predictor, at the expected token counts of
-    the config's masks."""
-    from fastjepa.metrics import expected_tokens
-
-    context, target = expected_tokens(cfg)
-    batch, nenc, m = cfg.data.batch_size, cfg.mask.num_enc_masks, cfg.mask.num_pred_masks
-    pred_rows, pred_len = predictor_sequences(model.predictor.layout, batch * nenc, context, target, m)
-    return [("context", model.encoder.blocks, batch * nenc, context, True),
-            ("target", model.target_forward_encoder.blocks, batch, model.encoder.num_patches, False),
+    the spec's masks."""
+    context, target = spec.expected_tokens()
+    pred_rows, pred_len = spec.predictor_sequences(context, target)
+    return [("context", model.encoder.blocks, spec.batch_size * spec.num_enc_masks, context, True),
+            ("target", model.target_forward_encoder.blocks, spec.batch_size, model.encoder.num_patches, False),
             ("predictor", model.predictor.predictor_blocks, pred_rows, pred_len, True)]
 
 
-def resolve_attention(model: IJEPA, cfg, dtype: torch.dtype) -> dict[str, tuple[str, dict]]:
+def resolve_attention(model: IJEPA, spec: ModelSpec, dtype: torch.dtype) -> dict[str, tuple[str, dict]]:
     """Every ``auto`` attention of the step resolved to a concrete backend at its call site's shapes, before
     anything is compiled; returns ``{call site: (backend, timings)}``."""
     device = next(model.parameters()).device
     choices = {}
-    for site, blocks, rows, seq_len, grad in call_sites(model, cfg):
+    for site, blocks, rows, seq_len, grad in call_sites(model, spec):
         for block in blocks:
             choices[site] = block.attn.resolve_backend(rows, seq_len, device, dtype, grad)
     return choices
 
 
-def resolve_block_impl(model: IJEPA, cfg, dtype: torch.dtype, compile_backend: str | None) -> dict[str, tuple]:
-    """``fastjepa.block_impl`` set on every block, ``auto`` timed once per call site (its first block's weights, at
-    its shapes; the ``compile`` candidate through the blocks' compile backend); returns ``{call site: (impl,
-    timings)}``. A ``fused`` that cannot run here (no triton, no GPU) was refused by the trainer's set-up."""
+def resolve_block_impl(model: IJEPA, spec: ModelSpec, impl: str, dtype: torch.dtype,
+                       compile_backend: str | None) -> dict[str, tuple]:
+    """``impl`` (``fastjepa.block_impl``) set on every block, ``auto`` timed once per call site (its first block's
+    weights, at its shapes; the ``compile`` candidate through the blocks' compile backend); returns ``{call site:
+    (impl, timings)}``. A ``fused`` that cannot run here (no triton, no GPU) was refused by the trainer's set-up."""
     compiler = EagerOnCompileFailure(compile_backend) if compile_backend is not None else None
     choices = {}
-    for site, blocks, rows, seq_len, grad in call_sites(model, cfg):
+    for site, blocks, rows, seq_len, grad in call_sites(model, spec):
         if not len(blocks):
             continue
-        impl, times = blocks[0].resolve_impl(cfg.fastjepa.block_impl, rows, seq_len, dtype, grad, compiler)
+        impl_here, times = blocks[0].resolve_impl(impl, rows, seq_len, dtype, grad, compiler)
         for block in blocks:
-            block.impl = impl
-        choices[site] = (impl, times)
+            block.impl = impl_here
+        choices[site] = (impl_here, times)
     return choices
 
 
-def agree_on_choices(model: IJEPA, cfg, choices: dict[str, dict[str, tuple]]) -> dict[str, dict[str, tuple]]:
+Choices = dict[str, dict[str, tuple]]  # {setting: {call site: (name, timings)}}
+
+
+def agree_on_choices(model: IJEPA, spec: ModelSpec, choices: Choices) -> Choices:
     """Every rank adopts rank 0's timed choices (``{"attention" | "block_impl": {call site: (name, timings)}}``):
     timings differ between GPUs by noise, and all ranks must run the same numerics."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -146,7 +147,7 @@ def agree_on_choices(model: IJEPA, cfg, choices: dict[str, dict[str, tuple]]) ->
     box = [choices]
     dist.broadcast_object_list(box, src=0)
     choices = box[0]
-    for site, blocks, *_ in call_sites(model, cfg):
+    for site, blocks, *_ in call_sites(model, spec):
         for block in blocks:
             if site in choices.get("attention", {}):
                 block.attn.backend = choices["attention"][site][0]

@@ -21,11 +21,12 @@ from fastjepa.choices import SHARDED_STRATEGIES, UPDATE_IMPLS
 from fastjepa.ijepa import IJEPA
 from fastjepa.kernels import adamw_ema_step, ema_update
 from fastjepa.kernels.ema import _local
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.modules.fp8 import to_float8_training
 from fastjepa.optim import build_optimizer
 from fastjepa.parallel import DistEnv, agree_on_choices, parallelize, resolve_attention, resolve_block_impl
 from fastjepa.schedules import Schedules
+from fastjepa.spec import ModelSpec, StepOptions
 from fastjepa.timing import describe, fastest
 
 logger = logging.getLogger("fastjepa")
@@ -41,13 +42,13 @@ class StepOutput:
     terms: tuple[torch.Tensor, torch.Tensor] | None = None  # with SIGReg: (I-JEPA loss, SIGReg statistic)
 
 
-def prepare_model(cfg, env: DistEnv, strategy: str, model: IJEPA,
+def prepare_model(spec: ModelSpec, options: StepOptions, env: DistEnv, strategy: str, model: IJEPA,
                   compile_backend: str = "inductor") -> tuple[torch.nn.Module, bool]:
-    """Move, prepare and wrap ``model`` for training as the config asks; returns (the module whose forward gives
+    """Move, prepare and wrap ``model`` for training as the options ask; returns (the module whose forward gives
     the loss, whether the step runs in bf16). ``model`` stays the handle for the EMA and checkpoints."""
     model.to(env.device)
-    bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
-    fp8 = cfg.fastjepa.fp8
+    bf16 = options.bf16 and env.device.type == "cuda"
+    fp8 = options.fp8
     if (bf16 or fp8 != "none") and not model.online_target:  # an online target reads the encoder itself
         model.enable_target_replica(torch.bfloat16, fp8=fp8 != "none")
     if fp8 == "all":
@@ -56,13 +57,13 @@ def prepare_model(cfg, env: DistEnv, strategy: str, model: IJEPA,
             logger.info(f"fastjepa.fp8=all: {converted} Linear layers of the encoder and predictor train in FP8 "
                         "(torchao.float8, row-wise)")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    compile_blocks = cfg.train.compile if cfg.train.compile is not None else env.device.type == "cuda"
-    choices = {"attention": resolve_attention(model, cfg, dtype),
-               "block_impl": resolve_block_impl(model, cfg, dtype, compile_backend if compile_blocks else None)}
-    log_choices(agree_on_choices(model, cfg, choices), env)
-    train_module = parallelize(model, env, strategy, bf16=bf16,
-                               activation_checkpointing=cfg.train.activation_checkpointing,
-                               compile=compile_backend if compile_blocks else None, shard_size=cfg.train.shard_size)
+    compile_blocks = options.compile if options.compile is not None else env.device.type == "cuda"
+    backend = compile_backend if compile_blocks else None
+    choices = {"attention": resolve_attention(model, spec, dtype),
+               "block_impl": resolve_block_impl(model, spec, options.block_impl, dtype, backend)}
+    log_choices(agree_on_choices(model, spec, choices), env)
+    train_module = parallelize(model, env, strategy, bf16=bf16, compile=backend, shard_size=options.shard_size,
+                               activation_checkpointing=options.activation_checkpointing)
     return train_module, bf16
 
 
@@ -94,17 +95,17 @@ class Stepper:
     last_loss: torch.Tensor | None = None  # on the device
 
     @classmethod
-    def build(cls, cfg, env: DistEnv, strategy: str, model: IJEPA, sched: Schedules,
-              compile_backend: str = "inductor") -> "Stepper":
-        train_module, bf16 = prepare_model(cfg, env, strategy, model, compile_backend)
+    def build(cls, spec: ModelSpec, options: StepOptions, env: DistEnv, strategy: str, model: IJEPA,
+              sched: Schedules, compile_backend: str = "inductor") -> "Stepper":
+        train_module, bf16 = prepare_model(spec, options, env, strategy, model, compile_backend)
         # FSDP2's mixed-precision policy casts the parameters itself; autocast would cast them again.
         sharded = strategy in SHARDED_STRATEGIES
         autocast = {"device_type": env.device.type, "dtype": torch.bfloat16, "enabled": bf16 and not sharded}
         optimizer = build_optimizer(model.encoder, model.predictor)
-        choices = {"update_impl": {"parameters": resolve_update_impl(cfg.fastjepa.update_impl, optimizer, model)}}
-        choices = agree_on_choices(model, cfg, choices)
+        choices = {"update_impl": {"parameters": resolve_update_impl(options.update_impl, optimizer, model)}}
+        choices = agree_on_choices(model, spec, choices)
         log_choices(choices, env)
-        stepper = cls(model, train_module, optimizer, sched, bf16, autocast, cfg.train.clip_grad,
+        stepper = cls(model, train_module, optimizer, sched, bf16, autocast, options.clip_grad,
                       choices["update_impl"]["parameters"][0])
         stepper.consecutive_bad = torch.zeros((), dtype=torch.int64, device=env.device)
         return stepper

@@ -56,11 +56,11 @@ def run(cfg, *, resume: str | None = None, official_checkpoint: str | None = Non
     try:
         while tr.state.step < tr.total_steps:
             for images, masks, flops, waited in tr.epoch_batches():
-                if _train_one(tr, result, images, masks, flops, waited):
+                if stopped_after_step(tr, result, images, masks, flops, waited):
                     return result
                 if tr.state.step >= tr.total_steps:
                     break
-            if tr.state.batch_in_epoch >= tr.ipe:
+            if tr.state.batch_in_epoch >= tr.steps_per_epoch:
                 tr.end_epoch()
                 if tr.online_probe is not None and (tr.state.epoch + 1) % cfg.eval.every_epochs == 0:
                     tr.online_eval()
@@ -79,9 +79,9 @@ def run(cfg, *, resume: str | None = None, official_checkpoint: str | None = Non
     return result
 
 
-def _train_one(tr: Trainer, result: TrainResult, images, masks, flops: float, waited: float) -> bool:
-    """One step and what follows it (logging, divergence check, RankMe, checkpoints); True when a preemption
-    signal ended the run (after its checkpoint)."""
+def stopped_after_step(tr: Trainer, result: TrainResult, images, masks, flops: float, waited: float) -> bool:
+    """One step and what follows it (logging, divergence check, RankMe, checkpoints); whether a preemption signal
+    stopped the run (after its checkpoint)."""
     s, t = tr.state, tr.cfg.train
     lr, wd, momentum = tr.sched.lr(s.step), tr.sched.weight_decay(s.step), tr.sched.momentum(s.step)
     try:
@@ -113,11 +113,12 @@ def export_encoder(cfg, model: IJEPA, folder: Path, env: DistEnv) -> None:
     """Write the final target encoder as a full state dict (``encoder.pt``) and a timm-named file (rank 0)."""
     from fastjepa.compat.ijepa import export_timm
     from fastjepa.models import build_models
+    from fastjepa.spec import ModelSpec
 
     state = full_model_state(model.target_encoder)
     if env.is_main:
         torch.save(state, folder / "target_encoder.pt")
-        encoder, _ = build_models(cfg)
+        encoder, _ = build_models(ModelSpec.from_config(cfg))
         encoder.load_state_dict(state)
         path = export_timm(encoder, folder / "target_encoder_timm")
         logger.info(f"exported the target encoder: {folder / 'target_encoder.pt'}, {path}")

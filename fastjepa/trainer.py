@@ -36,7 +36,7 @@ from fastjepa.eval.online import OnlineProbe
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.kernels import set_backend
 from fastjepa.kernels._utils import triton_unavailable
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.metrics import (
     FlopModel,
     MetricsSink,
@@ -48,6 +48,7 @@ from fastjepa.metrics import (
 from fastjepa.modules.fp8 import fp8_unsupported, torchao_unavailable
 from fastjepa.parallel import DistEnv, init_distributed, resolve_strategy
 from fastjepa.resume import check_resume_compatible, names_one_checkpoint, recorded_settings, resolve_resume
+from fastjepa.spec import ModelSpec, StepOptions
 from fastjepa.step import StepOutput, Stepper
 
 logger = logging.getLogger("fastjepa")
@@ -114,7 +115,7 @@ class Trainer:
     total_steps: int
     model: IJEPA
     stepper: Stepper
-    flops: FlopModel
+    flop_model: FlopModel
     state: TrainState
     sink: MetricsSink | None = None
     stop: StopSignal = field(default_factory=StopSignal)
@@ -134,7 +135,7 @@ class Trainer:
         return self.stepper.optimizer
 
     @property
-    def ipe(self) -> int:
+    def steps_per_epoch(self) -> int:
         return len(self.loader)
 
     @classmethod
@@ -148,8 +149,9 @@ class Trainer:
             raise SetupError(str(e)) from e
         plan = plan_run(cfg, env, strategy, resume, official_checkpoint)
         model, official_opt, start_epoch = build_model(cfg, plan.official)
-        flops = FlopModel.from_model(model)
-        stepper = Stepper.build(cfg, env, strategy, model, plan.sched)
+        flop_model = FlopModel.from_model(model)
+        stepper = Stepper.build(ModelSpec.from_config(cfg), StepOptions.from_config(cfg), env, strategy, model,
+                                plan.sched)
         if official_opt is not None:
             if strategy in SHARDED_STRATEGIES:
                 logger.warning("official optimizer state is not loaded under FSDP2 (weights are); AdamW restarts")
@@ -157,8 +159,8 @@ class Trainer:
                 stepper.optimizer.load_state_dict(official_opt)
         state = TrainState(step=start_epoch * len(plan.loader), epoch=start_epoch)
         trainer = cls(cfg, env, strategy, plan.loader, plan.sched, plan.manager, plan.total_steps, model, stepper,
-                      flops, state, lock=plan.lock, online_probe=plan.online_probe)
-        trainer.normalize = Normalize(*mean_std(cfg), env.device)
+                      flop_model, state, lock=plan.lock, online_probe=plan.online_probe,
+                      normalize=Normalize(*mean_std(cfg), env.device))
         plan.manager.remove_partial_saves()
         if plan.resume_from is not None:
             trainer.resume(plan.resume_from, fall_back=not names_one_checkpoint(cfg, resume))
@@ -175,8 +177,8 @@ class Trainer:
         if cfg.train.rankme_every > 0:
             self.rankme_images = rankme_images(cfg, env, cfg.train.rankme_samples)
         self.stop.install()
-        self.sink.message(f"training {self.total_steps} steps ({self.ipe} per epoch) on {env.world_size} x "
-                          f"{env.device.type}, parallel={self.strategy}, bf16={self.stepper.bf16}, "
+        self.sink.message(f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) on "
+                          f"{env.world_size} x {env.device.type}, parallel={self.strategy}, bf16={self.stepper.bf16}, "
                           f"from step {self.state.step}")
 
     def close(self) -> None:
@@ -234,17 +236,17 @@ class Trainer:
             exact = self.loader.load_state_dict(saved["loader"]) and exact
             batch = self.loader.consumed
         # The step counts this run's batches: another world size changes the batches per epoch.
-        step = saved["step"] if exact else epoch * self.ipe + batch
+        step = saved["step"] if exact else epoch * self.steps_per_epoch + batch
         if step < saved["step"]:  # renumbered: the saves ahead of this step belong to the old numbering
             self.manager.start_timeline(step, keep=path)
         self.state = TrainState(step=step, epoch=epoch, batch_in_epoch=batch, skipped_steps=saved["skipped_steps"])
         set_rng_state(saved["rng"])
         self.model.sync_target_replica()
-        logger.info(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch} of {self.ipe})"
+        logger.info(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch} of {self.steps_per_epoch})"
                     + ("" if exact else "; written by another number of ranks or data workers: the data position "
                        "in this epoch and the RNG are approximate"))
 
-    def healthy(self) -> str | None:
+    def save_blocker(self) -> str | None:
         """None when the current state may be checkpointed, else why not: the last step was not finite, or a
         weight is not finite (a host read: called at saves only)."""
         bad = int(self.stepper.consecutive_bad)
@@ -260,15 +262,16 @@ class Trainer:
         """Checkpoint the current step (every rank calls it), unless the state is not healthy: a state reached
         through non-finite steps is never saved, so the newest checkpoint is always a healthy one. ``background``
         (with ``train.async_checkpoint``): written while training goes on, ``latest`` once complete."""
-        problem = self.healthy()
+        problem = self.save_blocker()
         if problem is not None:
             logger.warning(f"not checkpointing step {self.state.step}: {problem}; the newest healthy checkpoint "
                            f"stays {self.manager.latest()}")
             return None
         s = self.state
         # Position of the next batch: an epoch just finished resumes at the start of the next one.
-        next_epoch, next_batch = (s.epoch + 1, 0) if s.batch_in_epoch >= self.ipe else (s.epoch, s.batch_in_epoch)
-        meta = {"epoch": next_epoch, "ipe": self.ipe, **recorded_settings(self.cfg),
+        epoch_done = s.batch_in_epoch >= self.steps_per_epoch
+        next_epoch, next_batch = (s.epoch + 1, 0) if epoch_done else (s.epoch, s.batch_in_epoch)
+        meta = {"epoch": next_epoch, "ipe": self.steps_per_epoch, **recorded_settings(self.cfg),
                 "num_workers": self.cfg.data.num_workers, "loss": None if self.stepper.last_loss is None
                 else float(self.stepper.last_loss)}
         path = self.manager.save(s.step, self.model, self.optimizer, {
@@ -304,12 +307,12 @@ class Trainer:
         self.loader.set_epoch(self.state.epoch)
         packed = self.model.encoder.num_patches if self.model.varlen_context else None
         batches = iter(self.loader)
-        while self.state.batch_in_epoch < self.ipe:
+        while self.state.batch_in_epoch < self.steps_per_epoch:
             tic = time.perf_counter()
             (images, _), masks_enc, masks_pred = next(batches)
             waited = time.perf_counter() - tic
             masks = Masks.from_lists(masks_enc, masks_pred, packed)
-            yield images, masks, self.flops.masks_step(masks), waited
+            yield images, masks, self.flop_model.masks_step(masks), waited
 
     def to_device(self, images: torch.Tensor, masks: Masks) -> tuple[torch.Tensor, Masks]:
         """One batch to the device, normalised there (asynchronous copies, constants already on the device)."""
@@ -522,7 +525,8 @@ def check_memory(cfg, env: DistEnv, strategy: str) -> None:
         return
     bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
     shards = {"fsdp": env.world_size, "hsdp": cfg.train.shard_size or env.local_world_size}.get(strategy, 1)
-    need = estimate_training_memory(cfg, shards, bf16)
+    need = estimate_training_memory(ModelSpec.from_config(cfg), shards, bf16, cfg.train.activation_checkpointing,
+                                    cfg.fastjepa.target_encoder == "online")
     have = device_memory_bytes(env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     detail = (f"about {need['total'] / 2**30:.1f} GiB per rank (weights, gradients and AdamW "
               f"{need['weights_and_optimizer'] / 2**30:.1f} GiB, activations {need['activations'] / 2**30:.1f} GiB) "

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from fastjepa import config
 from fastjepa.ijepa import build_ijepa
 from fastjepa.parallel import agree_on_choices, call_sites
+from fastjepa.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,13 +20,13 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     cfg = config.load(ROOT / "configs/test_tiny.yaml", ["meta.model_name=vit_micro", "meta.pred_emb_dim=32"])
-    model = build_ijepa(cfg)
+    model, spec = build_ijepa(cfg), ModelSpec.from_config(cfg)
     backend, impl = ("sdpa", "compile") if rank == 0 else ("math", "fused")
-    sites = [site for site, *_ in call_sites(model, cfg)]
+    sites = [site for site, *_ in call_sites(model, spec)]
     choices = {"attention": {s: (backend, {backend: float(rank)}) for s in sites},
                "block_impl": {s: (impl, {impl: float(rank)}) for s in sites}}
-    agreed = agree_on_choices(model, cfg, choices)
-    ran = {site: sorted({(b.attn.backend, b.impl) for b in blocks}) for site, blocks, *_ in call_sites(model, cfg)}
+    agreed = agree_on_choices(model, spec, choices)
+    ran = {site: sorted({(b.attn.backend, b.impl) for b in blocks}) for site, blocks, *_ in call_sites(model, spec)}
     torch.save({"agreed": agreed, "ran": ran}, out.with_suffix(f".rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastjepa.ijepa import IJEPA
-from fastjepa.masks import Masks
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.modules import attention_backends as ab
 

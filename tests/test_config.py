@@ -407,10 +407,11 @@ def test_every_choice_the_config_accepts_is_accepted_where_it_is_used():
     from fastjepa.kernels import set_backend
     from fastjepa.models import VisionTransformerPredictor, build_models
     from fastjepa.modules import Attention
+    from fastjepa.spec import ModelSpec
 
     for name in choices.VIT_SIZES:
         with torch.device("meta"):
-            build_models(load("test_tiny", [f"meta.model_name={name}"]))
+            build_models(ModelSpec.from_config(load("test_tiny", [f"meta.model_name={name}"])))
     for backend in choices.ATTENTION_BACKENDS:
         Attention(8, 2, backend=load("test_tiny", [f"fastjepa.attn_backend={backend}"]).fastjepa.attn_backend)
     for layout in choices.PREDICTOR_LAYOUTS:

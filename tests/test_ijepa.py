@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from fastjepa.compat import official_style
+from bench import official_style
 from fastjepa.ijepa import IJEPA
 from fastjepa.models import VisionTransformerPredictor, vit_tiny
 from fastjepa.optim import build_optimizer, param_groups

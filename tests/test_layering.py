@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module belongs to the first layer that names it or a package above it.
 LAYERS = [
     ("fastjepa", "fastjepa.choices", "fastjepa.mask_geometry", "fastjepa.config_sections", "fastjepa.config",
-     "fastjepa.schedules"),
-    ("fastjepa.kernels", "fastjepa.masks"),
+     "fastjepa.schedules", "fastjepa.spec"),
+    ("fastjepa.kernels", "fastjepa.mask_batch", "fastjepa.masks"),
     ("fastjepa.modules",),
     ("fastjepa.models",),
     ("fastjepa.ijepa",),

@@ -10,7 +10,8 @@ import torch
 from dist_utils import torchrun
 
 from fastjepa.ijepa import IJEPA
-from fastjepa.masks import Masks, MultiBlockMaskCollator
+from fastjepa.mask_batch import Masks
+from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.modules.sigreg import SIGReg
 

@@ -34,7 +34,7 @@ def test_every_block_compiles_once_per_variant_without_graph_breaks(tmp_path, mo
     graph per (grad mode, block variant), all made by step 2 (automatic dynamic shapes), none after."""
     extra = ["fastjepa.mode=fixed", "fastjepa.varlen_context=true"] if varlen else []
     cfg = tiny_cfg(tmp_path, "train.max_steps=6", "train.compile=true", *FAST, *extra)
-    sizes = {(m.masks_enc[0].shape[1], m.masks_pred[0].shape[1]) for m in masks_per_step(cfg, 6)}
+    sizes = {(m.enc[0].shape[1], m.pred[0].shape[1]) for m in masks_per_step(cfg, 6)}
     assert len(sizes) >= 4  # the token counts really change from step to step
     graphs = []
     real_step = fj_step.Stepper.__call__
@@ -59,7 +59,7 @@ def tiny_model(seed=0):
 def tiny_batch(seed=1):
     collator = MultiBlockMaskCollator(32, 4, (0.85, 1.0), (0.15, 0.2), (0.75, 1.5), 1, 2, 4)
     masks = collator.sample(4, seed)
-    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), masks.masks_enc, masks.masks_pred
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), list(masks.enc), list(masks.pred)
 
 
 def test_block_activations_are_bf16_under_bf16_autocast(reference_ops):
@@ -182,7 +182,7 @@ def test_no_host_synchronisation_outside_logging_steps(tmp_path, monkeypatch, va
     cfg = tiny_cfg(tmp_path, "train.max_steps=6", "train.log_every=3", *FAST, *extra)
     guard = NoHostSync(monkeypatch)
     guarded_steps = []
-    real_one = fj_train._train_one
+    real_one = fj_train.stopped_after_step
 
     def one_step(tr, result, *batch):
         log_step = (tr.state.step + 1) % tr.cfg.train.log_every == 0 or tr.state.step + 1 == tr.total_steps
@@ -195,7 +195,7 @@ def test_no_host_synchronisation_outside_logging_steps(tmp_path, monkeypatch, va
             guard.active = False
             guarded_steps.append(tr.state.step)
 
-    monkeypatch.setattr(fj_train, "_train_one", one_step)
+    monkeypatch.setattr(fj_train, "stopped_after_step", one_step)
     result = fj_train.run(cfg)
     assert guarded_steps == [1, 2, 4, 5] and sorted(result.losses) == [1, 2, 3, 4, 5, 6]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -229,6 +229,7 @@ def test_auto_attention_is_resolved_before_anything_is_compiled(tmp_path, monkey
 def test_blocks_are_compiled_by_default_only_with_cuda(tmp_path, monkeypatch, setting, device, want):
     from fastjepa import config
     from fastjepa.parallel import DistEnv
+    from fastjepa.spec import ModelSpec, StepOptions
 
     assert config.load(ROOT / "configs/test_tiny.yaml").train.compile is None  # shipped: null, the device decides
     calls = []
@@ -237,5 +238,6 @@ def test_blocks_are_compiled_by_default_only_with_cuda(tmp_path, monkeypatch, se
     model = IJEPA(VisionTransformer(32, 8, 3, 32, 1, 2), VisionTransformerPredictor((4, 4), 32, 16, 1, 2))
     model.to = lambda device: model  # no CUDA here: only the decision is under test
     cfg = tiny_cfg(tmp_path, f"train.compile={'null' if setting is None else str(setting).lower()}")
-    fj_step.prepare_model(cfg, DistEnv(0, 1, 0, torch.device(device)), "none", model)
+    env = DistEnv(0, 1, 0, torch.device(device))
+    fj_step.prepare_model(ModelSpec.from_config(cfg), StepOptions.from_config(cfg), env, "none", model)
     assert calls == [want]

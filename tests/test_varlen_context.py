@@ -23,10 +23,10 @@ pytestmark = pytest.mark.usefixtures("reference_ops")
 def test_untruncated_context_keeps_every_token_padded_with_minus_one():
     truncated = MultiBlockMaskCollator(**CROWDED).sample(16, step=3)
     full = MultiBlockMaskCollator(**CROWDED, truncate_context=False).sample(16, step=3)
-    assert all(torch.equal(a, b) for a, b in zip(truncated.masks_pred, full.masks_pred, strict=True))
-    lengths = torch.stack([(whole >= 0).sum(1) for whole in full.masks_enc])  # [nenc, B]
+    assert all(torch.equal(a, b) for a, b in zip(truncated.pred, full.pred, strict=True))
+    lengths = torch.stack([(whole >= 0).sum(1) for whole in full.enc])  # [nenc, B]
     assert torch.equal(lengths, torch.as_tensor(full.context_counts))  # every kept token, not the batch minimum
-    for cut, whole in zip(truncated.masks_enc, full.masks_enc, strict=True):
+    for cut, whole in zip(truncated.enc, full.enc, strict=True):
         assert whole.shape[1] == lengths.max() > cut.shape[1] == lengths.min()
         assert torch.equal(whole[:, : cut.shape[1]], cut)  # same tokens, same row-major order, then padding
         assert all((row[n:] == -1).all() and (row[:n].diff() > 0).all()
@@ -50,12 +50,12 @@ def test_varlen_loss_weighs_every_image_as_the_official_loss_does():
     model = IJEPA(enc, VisionTransformerPredictor(enc.grid, 64, 32, depth=2, num_heads=4), varlen_context=True)
     model = model.double()
     masks = MultiBlockMaskCollator(**{**CROWDED, "nenc": 1}, truncate_context=False).sample(4, step=0)
-    assert len({int((m >= 0).sum()) for m in masks.masks_enc[0]}) > 1  # the images' contexts differ in length
+    assert len({int((m >= 0).sum()) for m in masks.enc[0]}) > 1  # the images' contexts differ in length
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    loss = model(images, masks.masks_enc, masks.masks_pred)
+    loss = model(images, list(masks.enc), list(masks.pred))
     model.varlen_context = False
-    per_image = [model(images[b:b + 1], [m[b:b + 1, : int((m[b] >= 0).sum())] for m in masks.masks_enc],
-                       [m[b:b + 1] for m in masks.masks_pred]) for b in range(4)]
+    per_image = [model(images[b:b + 1], [m[b:b + 1, : int((m[b] >= 0).sum())] for m in masks.enc],
+                       [m[b:b + 1] for m in masks.pred]) for b in range(4)]
     torch.testing.assert_close(loss, torch.stack(per_image).mean())
 
 

@@ -4,8 +4,8 @@ Plan of an epoch (all ranks compute it alone, from (seed, epoch), no communicati
 - the source's global order for the epoch (a permutation of samples, or of shards);
 - `per_rank = (N // (world_size * B)) * B` samples per rank, rank r taking positions [r * per_rank, ...): every
   rank has exactly `len(loader)` batches, and the < world_size * B samples left over are the epoch's drop_last;
-- inside a rank, DataLoader worker w takes a contiguous run of whole batches, the first `nb % K` workers one
-  batch more. The DataLoader visits workers round-robin, so after c batches worker w has produced
+- inside a rank, DataLoader worker w takes a contiguous run of whole batches, the first `batches_per_rank % K`
+  workers one batch more. The DataLoader visits workers round-robin, so after c batches worker w has produced
   ceil((c - w) / K) of them: that is what makes the position resumable.
 
 Why not webdataset's split_by_node / split_by_worker / WebDataset pipeline: they split whole shards, so ranks get
@@ -90,7 +90,7 @@ class _EpochStream(IterableDataset):
         self.world_size = world_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
-        self.nb, self.worker_batches = rank_plan(source.num_samples, batch_size, world_size, num_workers)
+        self.batches_per_rank, self.worker_batches = rank_plan(source.num_samples, batch_size, world_size, num_workers)
         self.epoch = 0
         self.start_batch = 0  # batches already consumed this epoch (resume)
         self.start_positions = {}  # logical worker -> raw position to continue from
@@ -98,7 +98,7 @@ class _EpochStream(IterableDataset):
     def _positions(self, logical):
         """[lo, hi) of this worker in the epoch's global order."""
         b = self.batch_size
-        lo = self.rank * self.nb * b + sum(self.worker_batches[:logical]) * b
+        lo = self.rank * self.batches_per_rank * b + sum(self.worker_batches[:logical]) * b
         return lo, lo + self.worker_batches[logical] * b
 
     def _raw_items(self, logical, start):
@@ -162,7 +162,7 @@ class _EpochStream(IterableDataset):
             labels.append(item.label)
             if len(images) == self.batch_size:
                 batch_index = done * k + logical
-                step = self.epoch * self.nb + batch_index
+                step = self.epoch * self.batches_per_rank + batch_index
                 yield self._collate(images, labels, step), {
                     "worker": logical, "batch": batch_index, "position": position + 1, "seen": seen,
                     "bad": dict(bad)}
@@ -180,7 +180,7 @@ class _EpochStream(IterableDataset):
         targets = torch.tensor(labels, dtype=torch.int64)
         if hasattr(self.collator, "sample"):
             masks = self.collator.sample(len(images), step, worker=0)
-            return (batch, targets), masks.masks_enc, masks.masks_pred
+            return (batch, targets), list(masks.enc), list(masks.pred)
         samples = list(zip(batch.unbind(0), targets.unbind(0), strict=True))
         return self.collator(samples)
 
@@ -208,7 +208,7 @@ class PretrainLoader:
         empty = [w for w, n in enumerate(self.stream.worker_batches) if n == 0]
         if empty:
             logger.warning("rank %d: %d batches per epoch for %d workers: workers %s stay idle; use fewer "
-                           "data.num_workers", rank, self.stream.nb, num_workers, empty)
+                           "data.num_workers", rank, self.stream.batches_per_rank, num_workers, empty)
         self._loader_kwargs = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                    multiprocessing_context=multiprocessing_context if num_workers else None,
                                    prefetch_factor=prefetch_factor if num_workers else None)
@@ -219,7 +219,7 @@ class PretrainLoader:
         self.seen = 0
 
     def __len__(self):
-        return self.stream.nb
+        return self.stream.batches_per_rank
 
     def set_epoch(self, epoch):
         if epoch != self.epoch:

@@ -32,8 +32,9 @@ from fastjepa.progress import counted
 
 def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
     from fastjepa.models import build_models
+    from fastjepa.spec import ModelSpec
 
-    encoder = build_models(cfg)[0]
+    encoder = build_models(ModelSpec.from_config(cfg))[0]
     if checkpoint.is_file():
         encoder.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         return encoder

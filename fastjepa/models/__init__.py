@@ -13,19 +13,19 @@ from fastjepa.models.vit import (
     vit_small,
     vit_tiny,
 )
+from fastjepa.spec import ModelSpec
 
 
-def build_models(cfg) -> tuple[VisionTransformer, VisionTransformerPredictor]:
-    """Encoder and predictor for a (validated) config, as the official ``init_model`` builds them."""
-    dim, depth, heads, mlp_ratio = VIT_SIZES[cfg.meta.model_name]
-    backend = cfg.fastjepa.attn_backend
+def build_models(spec: ModelSpec) -> tuple[VisionTransformer, VisionTransformerPredictor]:
+    """Encoder and predictor of a run's spec (``ModelSpec.from_config``), as the official ``init_model`` builds
+    them."""
     encoder = VisionTransformer(
-        img_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, in_chans=cfg.fastjepa.in_chans,
-        embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, attn_backend=backend,
+        img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans, embed_dim=spec.embed_dim,
+        depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, attn_backend=spec.attn_backend,
     )
     predictor = VisionTransformerPredictor(
-        encoder.grid, embed_dim=dim, predictor_embed_dim=cfg.meta.pred_emb_dim, depth=cfg.meta.pred_depth,
-        num_heads=heads, attn_backend=backend, layout=cfg.fastjepa.predictor_layout,
+        encoder.grid, embed_dim=spec.embed_dim, predictor_embed_dim=spec.pred_dim, depth=spec.pred_depth,
+        num_heads=spec.num_heads, attn_backend=spec.attn_backend, layout=spec.layout,
     )
     return encoder, predictor
 

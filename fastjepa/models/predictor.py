@@ -16,7 +16,7 @@ per-block FSDP2 cover all of them):
   both layouts give the same predictions; deeper, the official context tokens also see block m's mask tokens,
   which here they do not. The loss is unchanged.
 
-``forward_packed`` runs the variable-length context (``fastjepa.masks.PackedContext``): for every target block m
+``forward_packed`` runs the variable-length context (``fastjepa.mask_batch.PackedContext``): for every target block m
 and image, ``[that image's whole context; block m's mask tokens]`` as one packed sequence (the official layout
 without a common context length). Loss weighting is unchanged: target blocks keep one size per batch, so every
 image and target block weighs the same as in the official loss.
@@ -27,20 +27,10 @@ from torch import nn
 
 from fastjepa.choices import PREDICTOR_LAYOUTS
 from fastjepa.kernels import mask_index, predictor_tokens, stack_masks
-from fastjepa.masks import PackedContext
+from fastjepa.mask_batch import PackedContext
 from fastjepa.models.pos_embed import sincos_2d
 from fastjepa.models.vit import init_official_
 from fastjepa.modules.block import Block
-
-
-def predictor_sequences(layout: str, contexts, context_len, target_len, num_target_blocks: int):
-    """The predictor's attention sequences for ``contexts`` (nenc*B) context blocks of ``context_len`` tokens and M
-    target blocks of ``target_len``: ``(sequences, tokens per sequence)``. ``shared``: one per context block,
-    ``[context; block 1; ...; block M]``; the other layouts (and the packed path): M per context block,
-    ``[context; block m]``. Works elementwise on arrays of token counts."""
-    if layout == "shared":
-        return contexts, context_len + num_target_blocks * target_len
-    return contexts * num_target_blocks, context_len + target_len
 
 
 class VisionTransformerPredictor(nn.Module):

@@ -5,7 +5,7 @@ from torch import nn
 
 from fastjepa.choices import VIT_SIZES
 from fastjepa.kernels import masked_gather
-from fastjepa.masks import PackedContext
+from fastjepa.mask_batch import PackedContext
 from fastjepa.models.pos_embed import sincos_2d
 from fastjepa.modules.block import Block
 

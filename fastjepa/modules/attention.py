@@ -72,7 +72,7 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, seq_len, width // 3))
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """Packed sequences ``[T, C]`` that attend only within themselves (``fastjepa.masks.PackedContext``)."""
+        """Packed sequences ``[T, C]`` that attend only within themselves (``fastjepa.mask_batch.PackedContext``)."""
         total, dim = x.shape
         q, k, v = self.qkv(x).reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
         backend = "math" if self.backend == "math" else "auto"

@@ -289,7 +289,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if backend not in VARLEN_BACKENDS:
         raise ValueError(f"unknown varlen attention backend {backend!r}; choose one of {VARLEN_BACKENDS}")
     # Shapes only: reading cu_seqlens' values would synchronise with the host at every layer. Its values are
-    # checked where it is built (fastjepa.masks.PackedContext, on the CPU).
+    # checked where it is built (fastjepa.mask_batch.PackedContext, on the CPU).
     if q.dim() != 3 or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"varlen_attention: q must be packed [T, H, D] and cu_seqlens an int [S + 1] tensor running "
                          f"from 0 to T; got q {tuple(q.shape)}, cu_seqlens {cu_seqlens.dtype} "
