@@ -18,6 +18,7 @@ Writes ``train_step.csv`` (appended), ``train_step.md`` and ``train_step.png`` (
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import gc
 import logging
@@ -32,10 +33,11 @@ from fastjepa.kernels import set_backend
 from fastjepa.mask_batch import Masks
 from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.metrics import FlopModel, peak_flops
+from fastjepa.spec import ModelSpec
 
 from .common import RESULTS, BenchConfig, device_dir, git_commit, triton_version
 from .plots import phase_chart
-from .step_providers import PHASES, STEPS, PhaseTimer, Setup
+from .step_providers import PHASES, STEPS, PhaseTimer
 
 IMAGENET_1K_IMAGES = 1_281_167
 EPOCHS = 300
@@ -43,22 +45,21 @@ A100_BF16_PEAK = 312e12
 PROVIDERS = tuple(STEPS)
 FP8_PROVIDERS = {"fastjepa_fp8": "fp8=target", "fastjepa_torchao_fp8": "fp8=target, torchao's layers",
                  "fastjepa_fp8_all": "fp8=all"}
+# The benchmark's models with the official in1k recipe's predictor (width 384, depth 12) and masks.
 SETUPS = {
-    "vit_huge_14": Setup("vit_huge_14", "vit_huge", 14, 224),
-    "vit_large_16": Setup("vit_large_16", "vit_large", 16, 224),
-    "vit_base_16": Setup("vit_base_16", "vit_base", 16, 224),
+    "vit_huge_14": ModelSpec("vit_huge", 224, 14, 3, 384, 12),
+    "vit_large_16": ModelSpec("vit_large", 224, 16, 3, 384, 12),
+    "vit_base_16": ModelSpec("vit_base", 224, 16, 3, 384, 12),
     # CPU smoke test only: 6x6 patches, head dims 16 (encoder) and 8 (predictor).
-    "quick": Setup("quick", "vit_micro", 8, 48, pred_dim=32, pred_depth=2, min_keep=2),
+    "quick": ModelSpec("vit_micro", 48, 8, 3, 32, 2, min_keep=2),
 }
 
 
-def step_flops(s: Setup, batch: int, ctx_len: int, tgt_len: int, layout: str) -> dict[str, float]:
+def step_flops(s: ModelSpec, batch: int, ctx_len: int, tgt_len: int, layout: str) -> dict[str, float]:
     """Matmul FLOPs of one training step by part (the trainer's FLOP model), official masks (one context length
     per batch), credited for what the layout executes."""
-    dim, depth, _, mlp_ratio = s.dims
-    model = FlopModel(dim, depth, int(dim * mlp_ratio), s.grid**2, s.in_chans * s.patch**2, s.pred_dim,
-                      s.pred_depth, int(s.pred_dim * mlp_ratio), layout)
-    return model.step(batch, ctx_len, tgt_len, s.npred, s.nenc)
+    model = FlopModel.from_spec(dataclasses.replace(s, layout=layout))
+    return model.step(batch, ctx_len, tgt_len, s.num_pred_masks, s.num_enc_masks)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -80,12 +81,14 @@ def matmul_rate(device: torch.device) -> float:
     return 5 * 2 * 512**3 / (time.perf_counter() - tic)
 
 
-def make_inputs(s: Setup, batch: int, device, rotations: int, seed: int = 0):
+def make_inputs(s: ModelSpec, batch: int, device, rotations: int, seed: int = 0):
     """Normalised random images and official-recipe masks (parity mode), a few batches to rotate through."""
-    collator = MultiBlockMaskCollator((s.img, s.img), s.patch, s.enc_mask_scale, s.pred_mask_scale, s.aspect_ratio,
-                                      s.nenc, s.npred, s.min_keep, allow_overlap=False, mode="parity", seed=seed)
+    collator = MultiBlockMaskCollator((s.img_size, s.img_size), s.patch_size, s.enc_mask_scale, s.pred_mask_scale,
+                                      s.aspect_ratio, s.num_enc_masks, s.num_pred_masks, s.min_keep,
+                                      allow_overlap=False, mode="parity", seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    images = [torch.randn(batch, s.in_chans, s.img, s.img, generator=gen).to(device) for _ in range(min(rotations, 2))]
+    images = [torch.randn(batch, s.in_chans, s.img_size, s.img_size, generator=gen).to(device)
+              for _ in range(min(rotations, 2))]
     masks = []
     for step in range(rotations):
         m = collator.sample(batch, step)
@@ -93,7 +96,7 @@ def make_inputs(s: Setup, batch: int, device, rotations: int, seed: int = 0):
     return images, masks
 
 
-def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_backend, warmup: int, steps: int,
+def run_provider(name: str, s: ModelSpec, batch: int, device, amp_dtype, compile_backend, warmup: int, steps: int,
                  inputs, act_ckpt: bool = False) -> dict:
     images, masks = inputs
     gc.collect()  # what the previous provider left must not count against this one
@@ -143,14 +146,14 @@ def run_provider(name: str, s: Setup, batch: int, device, amp_dtype, compile_bac
     }
 
 
-def finish_row(row: dict, s: Setup, batch: int, device_name: str, peak: float | None, measured: float,
+def finish_row(row: dict, name: str, s: ModelSpec, batch: int, device_name: str, peak: float | None, measured: float,
                dtype: str, compile_backend, act_ckpt: bool) -> dict:
     mfu = row["achieved_flops"] / peak if peak else float("nan")
     gpu_hours = IMAGENET_1K_IMAGES * EPOCHS / row["images_per_s"] / 3600
     a100_hours = (IMAGENET_1K_IMAGES * EPOCHS * row["flops_per_image"] / (mfu * A100_BF16_PEAK) / 3600
                   if peak else float("nan"))
     return {
-        "op": "step", "model": s.name, "batch": batch, "img": s.img, "dtype": dtype,
+        "op": "step", "model": name, "batch": batch, "img": s.img_size, "dtype": dtype,
         "compile": "off" if row["provider"] == "official" else (compile_backend or "off"),
         "act_ckpt": act_ckpt and row["provider"] != "official",
         **row,
@@ -261,8 +264,8 @@ def benchmark(models, providers, batch: int, warmup: int, steps: int, compile_ba
         for provider in providers:
             row = run_provider(provider, s, batch, device, amp_dtype, compile_backend, warmup, steps, inputs,
                                act_ckpt)
-            row = finish_row(row, s, batch, device_name, peak, measured, "bf16-autocast" if amp_dtype else "fp32",
-                             compile_backend, act_ckpt)
+            dtype = "bf16-autocast" if amp_dtype else "fp32"
+            row = finish_row(row, model, s, batch, device_name, peak, measured, dtype, compile_backend, act_ckpt)
             rows.append(row)
             print(f"{model:13s} {provider:16s} {row['images_per_s']:9.1f} img/s  step {row['step_ms']:8.1f} ms  "
                   f"MFU {row['mfu_peak']:.1%} (of measured matmul rate {row['mfu_measured']:.1%})  "

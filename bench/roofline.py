@@ -14,6 +14,7 @@ autocast casting the trained fp32 weights once per forward, fused AdamW and the 
 """
 
 import argparse
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -21,7 +22,6 @@ from fastjepa.metrics import block_matmuls
 from fastjepa.spec import ModelSpec
 
 from .bench_step import SETUPS
-from .step_providers import Setup, setup_config
 
 ACT = 2  # bytes per bf16 activation or GEMM weight element
 FP32 = 4  # bytes per master weight, gradient or AdamW moment element
@@ -93,17 +93,11 @@ def block_ops(name: str, rows: float, tokens: float, dim: int, hidden: int, coun
     return ops
 
 
-def vit_params(dim: int, depth: int, hidden: int, patch_dim: int, extra: int = 0) -> int:
-    """Parameters of a ViT encoder (blocks, patch embedding, final norm) plus ``extra``."""
-    block = 4 * dim * dim + 2 * dim * hidden + 9 * dim + hidden
-    return depth * block + patch_dim * dim + dim + 2 * dim + extra
-
-
-def step_ops(s: Setup, batch: int, context: int, target: int) -> list[Op]:
-    """Every op of one default training step for setup ``s`` at ``context`` and ``target`` tokens per block."""
-    dim, depth, _, ratio = s.dims
+def step_ops(s: ModelSpec, batch: int, context: int, target: int) -> list[Op]:
+    """Every op of one default training step of ``s`` at ``context`` and ``target`` tokens per block."""
+    dim, depth, ratio = s.embed_dim, s.depth, s.mlp_ratio
     hidden, pd, ph = int(dim * ratio), s.pred_dim, int(s.pred_dim * ratio)
-    n, m, nenc, patch_dim = s.grid**2, s.npred, s.nenc, s.in_chans * s.patch**2
+    n, m, nenc, patch_dim = s.num_patches, s.num_pred_masks, s.num_enc_masks, s.in_chans * s.patch_size**2
     rows, pred_rows, pred_tokens = nenc * batch, m * nenc * batch, context + target
     patch_flops = 2.0 * batch * n * patch_dim * dim
     ops = [
@@ -126,8 +120,7 @@ def step_ops(s: Setup, batch: int, context: int, target: int) -> list[Op]:
         # target LayerNorm + gather + smooth-L1 (reads the targets' rows and the predictions, writes their grads)
         Op("target_norm_smooth_l1", "fastjepa kernels", 0.0, 3 * pred_rows * target * dim * ACT),
     ]
-    encoder = vit_params(dim, depth, hidden, patch_dim)
-    trained = encoder + vit_params(pd, s.pred_depth, ph, 0, extra=dim * pd + pd + pd * dim + dim + pd)
+    trained, encoder = s.parameter_counts()
     ops += [
         # bf16 autocast casts each trained fp32 weight once per forward (the target reads its bf16 replica)
         Op("autocast weight casts", "elementwise/norm", 0.0, trained * (FP32 + ACT)),
@@ -148,19 +141,20 @@ def floors(ops: list[Op], tflops: float, tbps: float) -> dict[str, float]:
     return dict(out)
 
 
-def setup_tokens(s: Setup, batch: int) -> tuple[int, int]:
+def setup_tokens(s: ModelSpec, batch: int) -> tuple[int, int]:
     """The context and target tokens per block the step typically has (``ModelSpec.expected_tokens``)."""
-    return ModelSpec.from_config(setup_config(s, batch, "repeat", True, False, False)).expected_tokens()
+    return dataclasses.replace(s, batch_size=batch).expected_tokens()
 
 
-def report(s: Setup, batch: int, tflops: float = H200_TFLOPS, tbps: float = H200_TBPS,
+def report(s: ModelSpec, batch: int, tflops: float = H200_TFLOPS, tbps: float = H200_TBPS,
            measured: dict[str, float] | None = None) -> list[str]:
     """Markdown lines: the floors by category at these ceilings, beside ``measured`` ms per category if given."""
     context, target = setup_tokens(s, batch)
     ops = step_ops(s, batch, context, target)
     cats = floors(ops, tflops, tbps)
     total_flops = sum(op.flops * op.count for op in ops)
-    lines = [f"# Roofline of one step ({s.name}, batch {batch}, {context} context and {target} target tokens per "
+    model = f"{s.model_name}/{s.patch_size} at {s.img_size} px"
+    lines = [f"# Roofline of one step ({model}, batch {batch}, {context} context and {target} target tokens per "
              f"block; ceilings {tflops:g} TFLOP/s, {tbps:g} TB/s)", "",
              f"{total_flops / 1e12:.1f} TFLOP, floor {sum(cats.values()):.1f} ms", ""]
     head = "| category | floor ms |" + (" measured ms | measured / floor |" if measured is not None else "")

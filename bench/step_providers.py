@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from fastjepa import schedules
-from fastjepa.choices import VIT_SIZES
 from fastjepa.config import Config
 from fastjepa.ijepa import IJEPA, objective_options
 from fastjepa.mask_batch import Masks
-from fastjepa.models import VisionTransformer, VisionTransformerPredictor
+from fastjepa.models import build_models
 from fastjepa.modules.fp8 import Float8Linear, to_float8_training
 from fastjepa.parallel import DistEnv
 from fastjepa.spec import ModelSpec, StepOptions
@@ -40,33 +39,6 @@ from . import official_style as official
 from . import plain_ijepa as plain
 
 PHASES = ("target_fwd", "context_fwd", "predictor_fwd", "backward", "fwd_bwd", "optimizer", "ema", "logging")
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """A model size and its recipe: encoder, predictor (official: width 384, depth 12), images, official masks."""
-
-    name: str
-    model: str  # a fastjepa.choices.VIT_SIZES name
-    patch: int
-    img: int
-    pred_dim: int = 384
-    pred_depth: int = 12
-    in_chans: int = 3
-    enc_mask_scale: tuple = (0.85, 1.0)
-    pred_mask_scale: tuple = (0.15, 0.2)
-    aspect_ratio: tuple = (0.75, 1.5)
-    nenc: int = 1
-    npred: int = 4
-    min_keep: int = 10
-
-    @property
-    def dims(self) -> tuple[int, int, int, float]:
-        return VIT_SIZES[self.model]
-
-    @property
-    def grid(self) -> int:
-        return self.img // self.patch
 
 
 class PhaseTimer:
@@ -98,26 +70,24 @@ class PhaseTimer:
         return out
 
 
-def initial_model(s: Setup, device, layout: str, backend: str = "sdpa", seed: int = 0, **options) -> IJEPA:
+def initial_model(s: ModelSpec, device, layout: str, backend: str = "sdpa", seed: int = 0, **options) -> IJEPA:
     """fastjepa's model at the official initialisation from ``seed``: every provider starts from its weights.
     ``options``: IJEPA's keyword options (SIGReg)."""
-    dim, depth, heads, mlp_ratio = s.dims
     torch.manual_seed(seed)
-    enc = VisionTransformer(s.img, s.patch, s.in_chans, dim, depth, heads, mlp_ratio, attn_backend=backend)
-    pred = VisionTransformerPredictor((s.grid, s.grid), dim, s.pred_dim, s.pred_depth, heads, mlp_ratio,
-                                      attn_backend=backend, layout=layout)
+    enc, pred = build_models(dataclasses.replace(s, layout=layout, attn_backend=backend))
     return IJEPA(enc, pred, **options).to(device)
 
 
-def setup_config(s: Setup, batch: int, layout: str, bf16: bool, compile_blocks: bool, act_ckpt: bool,
+def setup_config(s: ModelSpec, batch: int, layout: str, bf16: bool, compile_blocks: bool, act_ckpt: bool,
                  fp8: str = "none", sigreg_weight: float = 0.0) -> Config:
-    """The trainer's config for a setup, with a constant lr and momentum like the other providers' steps."""
+    """The trainer's config for a benchmark model, with a constant lr and momentum like the other providers'
+    steps."""
     return Config.from_dict({
-        "data": {"batch_size": batch, "crop_size": s.img},
-        "mask": {"patch_size": s.patch, "enc_mask_scale": list(s.enc_mask_scale), "min_keep": s.min_keep,
+        "data": {"batch_size": batch, "crop_size": s.img_size},
+        "mask": {"patch_size": s.patch_size, "enc_mask_scale": list(s.enc_mask_scale), "min_keep": s.min_keep,
                  "pred_mask_scale": list(s.pred_mask_scale), "aspect_ratio": list(s.aspect_ratio),
-                 "num_enc_masks": s.nenc, "num_pred_masks": s.npred},
-        "meta": {"model_name": s.model, "pred_emb_dim": s.pred_dim, "pred_depth": s.pred_depth,
+                 "num_enc_masks": s.num_enc_masks, "num_pred_masks": s.num_pred_masks},
+        "meta": {"model_name": s.model_name, "pred_emb_dim": s.pred_dim, "pred_depth": s.pred_depth,
                  "use_bfloat16": bf16},
         "optimization": {"lr": 1e-3, "start_lr": 1e-3, "final_lr": 1e-3, "warmup": 0, "weight_decay": 0.01,
                          "final_weight_decay": 0.01, "ema": [0.996, 0.996]},
@@ -131,11 +101,11 @@ class OfficialStep:
     layout = "official"
     takes_masks_value = False
 
-    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
+    def __init__(self, s: ModelSpec, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
         if act_ckpt:
             raise ValueError("the official-style provider has no activation checkpointing (the official code has none)")
         model = initial_model(s, device, self.layout, "math")
-        self.heads = s.dims[2]
+        self.heads = s.num_heads
         self.enc, self.pred, self.tgt = (dict(m.named_parameters())
                                          for m in (model.encoder, model.predictor, model.target_encoder))
         self.online, self.target = list(model.encoder.parameters()), list(model.target_encoder.parameters())
@@ -179,14 +149,13 @@ class PyTorchStep:
     layout = "official"
     takes_masks_value = False
 
-    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
+    def __init__(self, s: ModelSpec, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         model = initial_model(s, "cpu", self.layout)  # only its weights: copied to the device below
-        dim, depth, heads, mlp_ratio = s.dims
         self.encoder, self.target, self.predictor = (
-            m.to(device) for m in plain.build(dim, depth, heads, mlp_ratio, s.patch, s.grid**2, s.pred_dim,
-                                              s.pred_depth, s.in_chans))
+            m.to(device) for m in plain.build(s.embed_dim, s.depth, s.num_heads, s.mlp_ratio, s.patch_size,
+                                              s.num_patches, s.pred_dim, s.pred_depth, s.in_chans))
         for mine, theirs in ((self.encoder, model.encoder), (self.target, model.target_encoder),
                              (self.predictor, model.predictor)):
             mine.load_state_dict(theirs.state_dict())
@@ -233,7 +202,7 @@ class FastJepaStep:
     sigreg_weight = 0.0
     takes_masks_value = True
 
-    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
+    def __init__(self, s: ModelSpec, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
         cfg = setup_config(s, batch, self.layout, amp_dtype is not None, compile_backend is not None, act_ckpt,
                            self.fp8, self.sigreg_weight)
         model = initial_model(s, device, self.layout, "auto", **objective_options(cfg))
@@ -280,7 +249,7 @@ class FastJepaTorchaoFp8Step(FastJepaStep):
 
     fp8 = "target"  # builds the low-precision replica, whose FP8 layers then become torchao's
 
-    def __init__(self, s: Setup, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
+    def __init__(self, s: ModelSpec, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
         super().__init__(s, device, amp_dtype, compile_backend, act_ckpt, batch)
         replica = self.stepper.model.target_replica  # nothing has run it yet: the blocks compile on first use
         if not to_float8_training(replica, source=Float8Linear):  # the EMA then writes the weights torchao reads

@@ -75,6 +75,13 @@ class FlopModel:
             pred_mlp_hidden=pred.predictor_blocks[0].mlp.fc1.out_features, layout=pred.layout,
         )
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "FlopModel":
+        """From a run's spec, without building its model."""
+        return cls(embed_dim=spec.embed_dim, depth=spec.depth, mlp_hidden=int(spec.embed_dim * spec.mlp_ratio),
+                   num_patches=spec.num_patches, patch_dim=spec.in_chans * spec.patch_size**2, pred_dim=spec.pred_dim,
+                   pred_depth=spec.pred_depth, pred_mlp_hidden=int(spec.pred_dim * spec.mlp_ratio), layout=spec.layout)
+
     def step(self, batch: int, context_lengths, target_len: int, num_target_blocks: int,
              num_context_blocks: int = 1, packed: bool = False) -> dict[str, float]:
         """FLOPs by part (``target``, ``context``, ``predictor``) of a step on ``batch`` images whose nenc*B context

@@ -39,6 +39,7 @@ class ModelSpec:
     num_pred_masks: int = 4
     enc_mask_scale: tuple[float, float] = (0.85, 1.0)
     pred_mask_scale: tuple[float, float] = (0.15, 0.2)
+    aspect_ratio: tuple[float, float] = (0.75, 1.5)  # of the target blocks
     min_keep: int = 10
     allow_overlap: bool = False
 
@@ -51,7 +52,7 @@ class ModelSpec:
                    layout=cfg.fastjepa.predictor_layout, attn_backend=cfg.fastjepa.attn_backend,
                    batch_size=cfg.data.batch_size, num_enc_masks=mask.num_enc_masks, num_pred_masks=mask.num_pred_masks,
                    enc_mask_scale=tuple(mask.enc_mask_scale), pred_mask_scale=tuple(mask.pred_mask_scale),
-                   min_keep=mask.min_keep, allow_overlap=mask.allow_overlap)
+                   aspect_ratio=tuple(mask.aspect_ratio), min_keep=mask.min_keep, allow_overlap=mask.allow_overlap)
 
     @property
     def embed_dim(self) -> int:
@@ -70,8 +71,13 @@ class ModelSpec:
         return VIT_SIZES[self.model_name][3]
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid (rows, columns)."""
+        return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        return self.grid[0] * self.grid[1]
 
     def expected_tokens(self) -> tuple[int, int]:
         """(context, target) tokens per block a step typically has: the middle of the mask scales, the context cut

@@ -10,7 +10,7 @@ from test_train import tiny_cfg
 
 from fastjepa import config
 from fastjepa.ijepa import build_ijepa
-from fastjepa.metrics import estimate_training_memory
+from fastjepa.metrics import FlopModel, estimate_training_memory
 from fastjepa.spec import ModelSpec, StepOptions, predictor_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +58,11 @@ def test_step_options_are_the_configs():
     options = StepOptions.from_config(cfg)
     assert (options.fp8, options.clip_grad, options.block_impl, options.update_impl) == ("target", 1.0, "compile",
                                                                                          "auto")
+
+
+@pytest.mark.parametrize("layout", ["repeat", "shared", "official"])
+def test_the_flop_model_of_a_spec_is_the_flop_model_of_its_models(tmp_path, layout):
+    cfg = tiny_cfg(tmp_path, f"fastjepa.predictor_layout={layout}")
+    with torch.device("meta"):
+        model = build_ijepa(cfg)
+    assert FlopModel.from_spec(ModelSpec.from_config(cfg)) == FlopModel.from_model(model)
