@@ -40,8 +40,7 @@ class IJEPA(nn.Module):
         if online_target:
             if target_encoder is not None:
                 raise ValueError("online_target: the targets come from the encoder; pass no target_encoder")
-            self.__dict__["target_encoder"] = encoder
-        else:
+        else:  # a registered submodule: its weights are in state dicts and checkpoints
             self.target_encoder = copy.deepcopy(encoder) if target_encoder is None else target_encoder
             self.target_encoder.requires_grad_(False)
         self.sigreg = sigreg if sigreg_weight > 0 else None
@@ -49,8 +48,9 @@ class IJEPA(nn.Module):
         # (I-JEPA loss, SIGReg) of the last forward, detached, on the device: logged without a host sync
         self.loss_terms: tuple[torch.Tensor, torch.Tensor] | None = None
         # The low-precision replica the target forward reads (enable_target_replica): derived from the fp32
-        # target, written by the EMA pass, never checkpointed, so it is kept out of the module tree.
-        self.__dict__["target_replica"] = None
+        # target, written by the EMA pass, never checkpointed. A tuple, not a module attribute, keeps it out of
+        # the module tree (state dicts, .to(), DDP's parameters); () without one.
+        self._replica: tuple[VisionTransformer, ...] = ()
 
     def enable_target_replica(self, dtype: torch.dtype = torch.bfloat16, fp8: bool = False) -> None:
         """Run the target forward on a ``dtype`` copy of the target encoder that the EMA pass writes (the fused
@@ -61,13 +61,23 @@ class IJEPA(nn.Module):
             raise ValueError("an online target has no EMA pass to write a replica; run it without one")
         replica = copy.deepcopy(self.target_encoder).to(dtype)
         replica.requires_grad_(False)
-        self.__dict__["target_replica"] = to_float8(replica) if fp8 else replica
+        self._replica = (to_float8(replica) if fp8 else replica,)
         if fp8:
             self.quantize_fp8_weights()  # then kept by update_target's EMA
 
     @property
     def online_target(self) -> bool:
         return "target_encoder" not in self._modules
+
+    @property
+    def target_encoder(self) -> VisionTransformer:
+        """The EMA target encoder, or with an online target the context encoder itself."""
+        return self._modules.get("target_encoder", self.encoder)
+
+    @property
+    def target_replica(self) -> VisionTransformer | None:
+        """The low-precision replica the target forward reads (``enable_target_replica``), or None."""
+        return self._replica[0] if self._replica else None
 
     @property
     def target_forward_encoder(self) -> VisionTransformer:
