@@ -31,11 +31,12 @@ import torch
 
 from fastjepa.config import load as load_config
 from fastjepa.masks import MultiBlockMaskCollator, official_kwargs
+from fastjepa.spec import ModelSpec
 
 from .common import RESULTS, device_dir, device_name, git_commit
 
 # the official ViT-H/14 recipe
-H14 = official_kwargs(load_config("in1k_vith14_ep300"))
+H14 = official_kwargs(ModelSpec.from_config(load_config("in1k_vith14_ep300")))
 CSV_COLUMNS = [
     "op",
     "provider",

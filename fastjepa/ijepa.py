@@ -211,5 +211,6 @@ def objective_options(cfg) -> dict:
 
 
 def build_ijepa(cfg) -> IJEPA:
-    encoder, predictor = build_models(ModelSpec.from_config(cfg))
-    return IJEPA(encoder, predictor, varlen_context=cfg.fastjepa.varlen_context, **objective_options(cfg))
+    spec = ModelSpec.from_config(cfg)
+    encoder, predictor = build_models(spec)
+    return IJEPA(encoder, predictor, varlen_context=spec.varlen_context, **objective_options(cfg))

@@ -52,6 +52,7 @@ from torch.utils.data import default_collate, get_worker_info
 from fastjepa.choices import MASK_MODES
 from fastjepa.mask_batch import Masks, PackedContext  # noqa: F401 (the sampler's output type, re-exported)
 from fastjepa.mask_geometry import smallest_blocks
+from fastjepa.spec import ModelSpec
 
 TRIES_PER_LEVEL = 20  # official timeout: failed context draws before one more target constraint is dropped
 
@@ -64,20 +65,12 @@ def _pair(value, name, cast):
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
 
 
-def official_kwargs(cfg) -> dict:
-    """The official collator's constructor arguments, as the official ``train.py`` reads them from a config."""
-    mask = cfg.mask
-    return dict(
-        input_size=cfg.data.crop_size,
-        patch_size=mask.patch_size,
-        enc_mask_scale=mask.enc_mask_scale,
-        pred_mask_scale=mask.pred_mask_scale,
-        aspect_ratio=mask.aspect_ratio,
-        nenc=mask.num_enc_masks,
-        npred=mask.num_pred_masks,
-        min_keep=mask.min_keep,
-        allow_overlap=mask.allow_overlap,
-    )
+def official_kwargs(spec: ModelSpec) -> dict:
+    """The official collator's constructor arguments for a run's spec (what the official ``train.py`` reads from
+    its config)."""
+    return dict(input_size=spec.img_size, patch_size=spec.patch_size, enc_mask_scale=spec.enc_mask_scale,
+                pred_mask_scale=spec.pred_mask_scale, aspect_ratio=spec.aspect_ratio, nenc=spec.num_enc_masks,
+                npred=spec.num_pred_masks, min_keep=spec.min_keep, allow_overlap=spec.allow_overlap)
 
 
 class MultiBlockMaskCollator:
@@ -167,11 +160,10 @@ class MultiBlockMaskCollator:
                 )
 
     @classmethod
-    def from_config(cls, cfg, rank=0):
-        """Build from a fastjepa Config (or anything with the same attributes: cfg.mask.*, cfg.data.crop_size,
-        cfg.fastjepa.mode, cfg.fastjepa.seed)."""
-        return cls(**official_kwargs(cfg), mode=cfg.fastjepa.mode, seed=cfg.fastjepa.seed, rank=rank,
-                   truncate_context=not cfg.fastjepa.varlen_context)
+    def from_spec(cls, spec: ModelSpec, seed: int = 0, rank: int = 0) -> "MultiBlockMaskCollator":
+        """The sampler of a run's spec (``ModelSpec.from_config``): its mask recipe, mode and context format."""
+        return cls(**official_kwargs(spec), mode=spec.mask_mode, seed=seed, rank=rank,
+                   truncate_context=not spec.varlen_context)
 
     def step(self):
         """Advance the shared step counter and return the new step (0 on the first call)."""

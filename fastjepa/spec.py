@@ -42,6 +42,8 @@ class ModelSpec:
     aspect_ratio: tuple[float, float] = (0.75, 1.5)  # of the target blocks
     min_keep: int = 10
     allow_overlap: bool = False
+    mask_mode: str = "parity"  # the sampler's distribution: the official one, quirks included, or "fixed"
+    varlen_context: bool = False  # every image keeps its whole context (packed), not cut to the batch minimum
 
     @classmethod
     def from_config(cls, cfg) -> "ModelSpec":
@@ -52,7 +54,8 @@ class ModelSpec:
                    layout=cfg.fastjepa.predictor_layout, attn_backend=cfg.fastjepa.attn_backend,
                    batch_size=cfg.data.batch_size, num_enc_masks=mask.num_enc_masks, num_pred_masks=mask.num_pred_masks,
                    enc_mask_scale=tuple(mask.enc_mask_scale), pred_mask_scale=tuple(mask.pred_mask_scale),
-                   aspect_ratio=tuple(mask.aspect_ratio), min_keep=mask.min_keep, allow_overlap=mask.allow_overlap)
+                   aspect_ratio=tuple(mask.aspect_ratio), min_keep=mask.min_keep, allow_overlap=mask.allow_overlap,
+                   mask_mode=cfg.fastjepa.mode, varlen_context=cfg.fastjepa.varlen_context)
 
     @property
     def embed_dim(self) -> int:

@@ -544,7 +544,7 @@ def build_data(cfg, env: DistEnv):
     from fastjepa.data import build_pretrain_loader
     from fastjepa.masks import MultiBlockMaskCollator
 
-    collator = MultiBlockMaskCollator.from_config(cfg, rank=env.rank)
+    collator = MultiBlockMaskCollator.from_spec(ModelSpec.from_config(cfg), seed=cfg.fastjepa.seed, rank=env.rank)
     loader = build_pretrain_loader(cfg, rank=env.rank, world_size=env.world_size, collator=collator)
     if len(loader) < 1:
         raise SetupError(f"the data source gives no full batch of data.batch_size={cfg.data.batch_size} per rank "

@@ -285,9 +285,10 @@ def test_block_sizes_cover_what_the_collator_draws(mode):
     import numpy as np
 
     from fastjepa.masks import MultiBlockMaskCollator
+    from fastjepa.spec import ModelSpec
 
     cfg = load("test_tiny", [f"fastjepa.mode={mode}"])
-    collator = MultiBlockMaskCollator.from_config(cfg)
+    collator = MultiBlockMaskCollator.from_spec(ModelSpec.from_config(cfg))
     grid = cfg.data.crop_size // cfg.mask.patch_size
     targets = block_sizes(grid, cfg.mask.pred_mask_scale, cfg.mask.aspect_ratio, mode)
     contexts = block_sizes(grid, cfg.mask.enc_mask_scale, (1.0, 1.0), mode)

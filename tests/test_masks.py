@@ -2,9 +2,9 @@
 mode (checked against its documented definition, not its code), the corrections of fixed mode, seeding, resume
 and input validation."""
 
+import dataclasses
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,9 +13,11 @@ from torch.utils.data import default_collate
 
 from fastjepa.config import load as load_config
 from fastjepa.masks import MultiBlockMaskCollator, official_kwargs
+from fastjepa.spec import ModelSpec
 
 # the official ViT-H/14 recipe
-H14 = official_kwargs(load_config(Path(__file__).resolve().parents[1] / "configs" / "in1k_vith14_ep300.yaml"))
+H14 = official_kwargs(ModelSpec.from_config(load_config(Path(__file__).resolve().parents[1] / "configs"
+                                                        / "in1k_vith14_ep300.yaml")))
 GRID = 16
 OFFICIAL_TRIES_PER_LEVEL = 20  # failed context draws before the official drops one more target constraint
 # an 8x8 grid where four 4x4-ish targets often leave a 6x6 context block with only a few (or no) corners
@@ -314,22 +316,9 @@ def test_step_counter_and_resume():
         resumed.load_state_dict({})
 
 
-def test_from_config_reads_official_keys():
-    cfg = SimpleNamespace(
-        mask=SimpleNamespace(
-            patch_size=14,
-            enc_mask_scale=[0.85, 1.0],
-            pred_mask_scale=[0.15, 0.2],
-            aspect_ratio=[0.75, 1.5],
-            num_enc_masks=1,
-            num_pred_masks=4,
-            min_keep=10,
-            allow_overlap=False,
-        ),
-        data=SimpleNamespace(crop_size=224),
-        fastjepa=SimpleNamespace(mode="fixed", seed=7, varlen_context=False),
-    )
-    collator = MultiBlockMaskCollator.from_config(cfg, rank=3)
+def test_the_collator_of_a_spec_reads_its_mask_recipe():
+    cfg = load_config("in1k_vith14_ep300", ["fastjepa.mode=fixed"])
+    collator = MultiBlockMaskCollator.from_spec(ModelSpec.from_config(cfg), seed=7, rank=3)
     assert (collator.height, collator.width, collator.npred, collator.nenc) == (16, 16, 4, 1)
     assert (collator.mode, collator.seed, collator.rank, collator.min_keep) == ("fixed", 7, 3, 10)
     assert collator.pred_mask_scale == (0.15, 0.2)
@@ -398,10 +387,10 @@ def test_step_counter_shared_by_dataloader_workers_across_epochs():
 def test_config_and_collator_agree_at_the_min_keep_boundary(mode, smallest):
     from fastjepa.config import ConfigError, load
 
-    cfg = load("configs/test_tiny.yaml", [f"fastjepa.mode={mode}", f"mask.min_keep={smallest - 1}"])
-    MultiBlockMaskCollator.from_config(cfg)
+    spec = ModelSpec.from_config(load("configs/test_tiny.yaml", [f"fastjepa.mode={mode}",
+                                                                 f"mask.min_keep={smallest - 1}"]))
+    MultiBlockMaskCollator.from_spec(spec)
     with pytest.raises(ConfigError, match="min_keep"):
         load("configs/test_tiny.yaml", [f"fastjepa.mode={mode}", f"mask.min_keep={smallest}"])
-    too_large = SimpleNamespace(**{**vars(cfg), "mask": SimpleNamespace(**{**vars(cfg.mask), "min_keep": smallest})})
     with pytest.raises(ValueError, match=f"min_keep={smallest} is too large"):
-        MultiBlockMaskCollator.from_config(too_large)
+        MultiBlockMaskCollator.from_spec(dataclasses.replace(spec, min_keep=smallest))

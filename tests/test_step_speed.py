@@ -17,13 +17,14 @@ from fastjepa.ijepa import IJEPA
 from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.modules.block import Block
+from fastjepa.spec import ModelSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 FAST = ["meta.pred_depth=2", "fastjepa.kernel_backend=reference", "fastjepa.attn_backend=auto"]
 
 
 def masks_per_step(cfg, steps):
-    collator = MultiBlockMaskCollator.from_config(cfg)
+    collator = MultiBlockMaskCollator.from_spec(ModelSpec.from_config(cfg), seed=cfg.fastjepa.seed)
     return [collator.sample(cfg.data.batch_size, step) for step in range(steps)]
 
 
@@ -229,7 +230,7 @@ def test_auto_attention_is_resolved_before_anything_is_compiled(tmp_path, monkey
 def test_blocks_are_compiled_by_default_only_with_cuda(tmp_path, monkeypatch, setting, device, want):
     from fastjepa import config
     from fastjepa.parallel import DistEnv
-    from fastjepa.spec import ModelSpec, StepOptions
+    from fastjepa.spec import StepOptions
 
     assert config.load(ROOT / "configs/test_tiny.yaml").train.compile is None  # shipped: null, the device decides
     calls = []

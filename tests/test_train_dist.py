@@ -21,6 +21,7 @@ from fastjepa.ijepa import build_ijepa
 from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.metrics import read_jsonl
 from fastjepa.optim import build_optimizer
+from fastjepa.spec import ModelSpec
 
 pytestmark = [pytest.mark.dist, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
@@ -49,7 +50,9 @@ def reference_virtual_ranks(cfg, ranks: int = 2, steps: int = STEPS):
     """One process, one model: each step computes the loss on every rank's batch (their own loaders and mask
     collators, as the trainer builds them) and averages them (FSDP2 and HSDP average gradients over ranks); with
     SIGReg, its statistic is computed once over all ranks' samples together."""
-    loaders = [build_pretrain_loader(cfg, rank=r, world_size=ranks, collator=MultiBlockMaskCollator.from_config(cfg, r))
+    spec = ModelSpec.from_config(cfg)
+    loaders = [build_pretrain_loader(cfg, rank=r, world_size=ranks,
+                                     collator=MultiBlockMaskCollator.from_spec(spec, seed=cfg.fastjepa.seed, rank=r))
                for r in range(ranks)]
     torch.manual_seed(cfg.fastjepa.seed)
     model = build_ijepa(cfg)

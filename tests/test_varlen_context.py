@@ -13,6 +13,7 @@ from fastjepa.ijepa import IJEPA
 from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.models import VisionTransformerPredictor
 from fastjepa.models.vit import vit_micro
+from fastjepa.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CROWDED = dict(input_size=32, patch_size=4, enc_mask_scale=(0.5, 0.7), pred_mask_scale=(0.15, 0.2),
@@ -39,7 +40,7 @@ def test_untruncated_context_is_a_fixed_mode_option():
     with pytest.raises(ConfigError, match="fastjepa.mode=fixed"):
         load(ROOT / "configs/test_tiny.yaml", ["fastjepa.varlen_context=true"])
     cfg = load(ROOT / "configs/test_tiny.yaml", ["fastjepa.varlen_context=true", "fastjepa.mode=fixed"])
-    assert not MultiBlockMaskCollator.from_config(cfg).truncate_context
+    assert not MultiBlockMaskCollator.from_spec(ModelSpec.from_config(cfg)).truncate_context
 
 
 def test_varlen_loss_weighs_every_image_as_the_official_loss_does():

@@ -46,8 +46,9 @@ def build_pretrain_loader(cfg, *, rank=0, world_size=1, collator=None):
     masks_enc, masks_pred); see fastjepa.data.loader for the epoch plan, resume and bad-data handling."""
     if collator is None:
         from fastjepa.masks import MultiBlockMaskCollator
+        from fastjepa.spec import ModelSpec
 
-        collator = MultiBlockMaskCollator.from_config(cfg, rank=rank)
+        collator = MultiBlockMaskCollator.from_spec(ModelSpec.from_config(cfg), seed=cfg.fastjepa.seed, rank=rank)
     d = cfg.data
     source = build_source(cfg)
     shards = getattr(source, "urls", None)
