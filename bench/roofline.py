@@ -14,7 +14,6 @@ autocast casting the trained fp32 weights once per forward, fused AdamW and the 
 """
 
 import argparse
-import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -141,15 +140,10 @@ def floors(ops: list[Op], tflops: float, tbps: float) -> dict[str, float]:
     return dict(out)
 
 
-def setup_tokens(s: ModelSpec, batch: int) -> tuple[int, int]:
-    """The context and target tokens per block the step typically has (``ModelSpec.expected_tokens``)."""
-    return dataclasses.replace(s, batch_size=batch).expected_tokens()
-
-
 def report(s: ModelSpec, batch: int, tflops: float = H200_TFLOPS, tbps: float = H200_TBPS,
            measured: dict[str, float] | None = None) -> list[str]:
     """Markdown lines: the floors by category at these ceilings, beside ``measured`` ms per category if given."""
-    context, target = setup_tokens(s, batch)
+    context, target = s.expected_tokens()
     ops = step_ops(s, batch, context, target)
     cats = floors(ops, tflops, tbps)
     total_flops = sum(op.flops * op.count for op in ops)

@@ -224,3 +224,17 @@ def test_fp8_error_by_depth_at_vit_huge(tmp_path):
     rows = run_depth_measurement(tmp_path)  # ViT-H/14, 224 px, batch 2
     assert len(rows) == 33
     assert all(r["fp8"] <= r["bound"] for r in rows), rows
+
+
+@pytest.mark.gpu
+def test_auto_times_the_whole_fp8_block_both_ways_on_gpu():
+    """An FP8 block's fused path also quantises norm1 for qkv: ``auto`` times the whole block in both
+    implementations and keeps one of them."""
+    if fp8_unsupported(torch.device("cuda")):
+        pytest.skip(fp8_unsupported(torch.device("cuda")))
+    block = to_float8(Block(1280, 16).cuda().bfloat16().requires_grad_(False))
+    for layer in block.modules():
+        if isinstance(layer, Float8Linear):
+            layer.weight_e4m3, layer.weight_scale = quantize_rowwise(layer.weight.float())
+    impl, times = block.resolve_impl("auto", 8, 256, torch.bfloat16, grad=False, compiler="inductor")
+    assert impl in ("compile", "fused") and set(times) == {"compile", "fused"}, times

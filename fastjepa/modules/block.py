@@ -95,7 +95,8 @@ class Block(nn.Module):
         implementations on ``rows`` sequences of ``seq_len`` random tokens (forward, and backward when ``grad``),
         ``"compile"`` through ``torch.compile(backend=compiler)`` when the blocks are compiled, on this block's
         CUDA device; elsewhere (CPU), or when fc1 trains through torchao's FP8 layers, it is ``"compile"`` without
-        timing."""
+        timing. An FP8 block's fused implementation also quantises norm1's output for qkv, so there the whole block
+        is timed."""
         if impl not in BLOCK_IMPLS:
             raise ValueError(f"fastjepa.block_impl={impl!r}: choose one of {BLOCK_IMPLS}")
         device = self.norm2.weight.device
@@ -106,10 +107,15 @@ class Block(nn.Module):
         x, attn = (torch.randn(shape, device=device, dtype=dtype, requires_grad=grad) for _ in range(2))
         # the weight gradients are timed but returned, not accumulated into the block's .grad (the first step's)
         wrt = [x, attn, *(p for p in self.parameters() if p.requires_grad)]
+        whole = isinstance(self.mlp.fc1, Float8Linear)
         candidates = {}
         for name in BLOCK_IMPLS[1:]:
             def probe(x, attn, name=name):
-                return self.residual_mlp(x, attn, name)
+                if not whole:
+                    return self.residual_mlp(x, attn, name)
+                if name == "fused":  # the whole FP8 block computes its own attention
+                    return self.forward_fp8(x)
+                return self.residual_mlp(x, self.attn(self.norm1(x)), "compile")
 
             run = torch.compile(probe, backend=compiler) if compiler is not None and name == "compile" else probe
 
