@@ -150,8 +150,7 @@ class Trainer:
         plan = plan_run(cfg, env, strategy, resume, official_checkpoint)
         model, official_opt, start_epoch = build_model(cfg, plan.official)
         flop_model = FlopModel.from_model(model)
-        stepper = Stepper.build(ModelSpec.from_config(cfg), StepOptions.from_config(cfg), env, strategy, model,
-                                plan.sched)
+        stepper = Stepper.build(plan.spec, StepOptions.from_config(cfg), env, strategy, model, plan.sched)
         if official_opt is not None:
             if strategy in SHARDED_STRATEGIES:
                 logger.warning("official optimizer state is not loaded under FSDP2 (weights are); AdamW restarts")
@@ -425,6 +424,7 @@ class RunPlan:
     resume_from: Path | None
     official: Path | None
     online_probe: OnlineProbe | None
+    spec: ModelSpec  # the run's models and masks, derived from the config once
 
 
 def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_checkpoint: str | None) -> RunPlan:
@@ -432,13 +432,14 @@ def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_chec
     paths, a writable and unlocked run folder, the data, the checkpoint to resume (verified; its batch size), the
     official checkpoint, and whether the run fits in memory."""
     lock = None
+    spec = ModelSpec.from_config(cfg)
     created = absent_folders(Path(cfg.logging.folder)) if cfg.logging.folder else []
     try:
         cfg.require_paths(("logging.folder", "data.root_path") if cfg.data.source == "imagefolder"
                           else ("logging.folder",))
         check_writable(Path(cfg.logging.folder))
         lock = lock_folder(cfg, env)
-        loader = build_data(cfg, env)
+        loader = build_data(cfg, env, spec)
         sched = schedules.build(cfg.optimization, len(loader))
         manager = CheckpointManager(cfg.logging.folder, keep_last=cfg.train.keep_last)
         resume_from = resolve_resume(cfg, manager, resume)
@@ -446,7 +447,7 @@ def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_chec
         check_resume_compatible(cfg, resume_from)
         online_probe = OnlineProbe.from_config(cfg)
         check_precision(cfg, env)
-        check_memory(cfg, env, strategy)
+        check_memory(cfg, env, strategy, spec)
     except (ValueError, OSError, CheckpointError, SetupError) as e:
         if lock is not None:
             lock.release()
@@ -458,7 +459,7 @@ def plan_run(cfg, env: DistEnv, strategy: str, resume: str | None, official_chec
     total_steps = int(cfg.optimization.epochs * len(loader))
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
-    return RunPlan(loader, sched, total_steps, manager, lock, resume_from, official, online_probe)
+    return RunPlan(loader, sched, total_steps, manager, lock, resume_from, official, online_probe, spec)
 
 
 def absent_folders(folder: Path) -> list[Path]:
@@ -519,13 +520,13 @@ def check_precision(cfg, env: DistEnv) -> None:
             raise SetupError(f"fastjepa.{key}=fused: {problem}; set fastjepa.{key}=auto (or {instead})")
 
 
-def check_memory(cfg, env: DistEnv, strategy: str) -> None:
+def check_memory(cfg, env: DistEnv, strategy: str, spec: ModelSpec) -> None:
     """Refuse a run whose estimated memory is above what the device has; warn above 80% of it."""
     if not cfg.train.memory_check:
         return
     bf16 = bool(cfg.meta.use_bfloat16) and env.device.type == "cuda"
     shards = {"fsdp": env.world_size, "hsdp": cfg.train.shard_size or env.local_world_size}.get(strategy, 1)
-    need = estimate_training_memory(ModelSpec.from_config(cfg), shards, bf16, cfg.train.activation_checkpointing,
+    need = estimate_training_memory(spec, shards, bf16, cfg.train.activation_checkpointing,
                                     cfg.fastjepa.target_encoder == "online")
     have = device_memory_bytes(env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     detail = (f"about {need['total'] / 2**30:.1f} GiB per rank (weights, gradients and AdamW "
@@ -540,11 +541,11 @@ def check_memory(cfg, env: DistEnv, strategy: str) -> None:
         logger.warning(f"this run may run out of memory: it needs {detail}")
 
 
-def build_data(cfg, env: DistEnv):
+def build_data(cfg, env: DistEnv, spec: ModelSpec):
     from fastjepa.data import build_pretrain_loader
     from fastjepa.masks import MultiBlockMaskCollator
 
-    collator = MultiBlockMaskCollator.from_spec(ModelSpec.from_config(cfg), seed=cfg.fastjepa.seed, rank=env.rank)
+    collator = MultiBlockMaskCollator.from_spec(spec, seed=cfg.fastjepa.seed, rank=env.rank)
     loader = build_pretrain_loader(cfg, rank=env.rank, world_size=env.world_size, collator=collator)
     if len(loader) < 1:
         raise SetupError(f"the data source gives no full batch of data.batch_size={cfg.data.batch_size} per rank "
@@ -584,7 +585,7 @@ def official_checkpoint_path(cfg, given: str | None) -> Path | None:
 
 def rankme_images(cfg, env: DistEnv, count: int) -> torch.Tensor:
     """A fixed set of this rank's images (the first of epoch 0, from a loader of its own) for RankMe."""
-    loader = build_data(cfg, env)
+    loader = build_data(cfg, env, ModelSpec.from_config(cfg))  # its masks go unused
     loader.set_epoch(0)
     images = []
     for (x, _), _, _ in loader:
