@@ -100,16 +100,21 @@ class IJEPA(nn.Module):
         for layer in fp8_layers(self.target_replica):
             layer.weight_e4m3, layer.weight_scale = quantize_rowwise(source[id(layer.weight)])
 
-    def to_masks(self, masks_enc, masks_pred=None) -> Masks:
-        """The official lists (or stacked tensors) as one ``Masks`` value; a ``Masks`` passes through."""
-        if isinstance(masks_enc, Masks):
-            return masks_enc
-        return Masks.from_lists(masks_enc, masks_pred, self.encoder.num_patches if self.varlen_context else None)
+    def check_masks(self, masks: Masks) -> Masks:
+        """``masks`` as this model reads them: one ``Masks`` value, packed exactly when the context is."""
+        if not isinstance(masks, Masks):
+            raise TypeError(f"IJEPA takes one Masks value, got {type(masks).__name__}; build it with "
+                            "fastjepa.mask_batch.Masks.from_lists(masks_enc, masks_pred) from the official lists")
+        if (masks.packed is not None) != self.varlen_context:
+            raise ValueError(f"the model's varlen_context is {self.varlen_context} but the masks are "
+                             f"{'' if masks.packed is not None else 'not '}packed; use the collator of this model's "
+                             "spec, or Masks.from_lists(..., packed_num_patches=N) exactly with varlen_context")
+        return masks
 
     @torch.no_grad()
-    def targets(self, images: torch.Tensor, masks_enc, masks_pred=None) -> torch.Tensor:
+    def targets(self, images: torch.Tensor, masks: Masks) -> torch.Tensor:
         """``[M*nenc*B, Kt, D]``: layer-normalised (no affine) target-encoder features at every target block."""
-        masks = self.to_masks(masks_enc, masks_pred)
+        masks = self.check_masks(masks)
         h, norm = self.target_features(images)
         return target_norm_gather(h, masks.pred, masks.num_context_blocks, norm=norm)
 
@@ -127,21 +132,18 @@ class IJEPA(nn.Module):
             return self.encoder.forward_packed(images, masks.packed)
         return self.encoder(images, masks.enc)
 
-    def predict(self, images: torch.Tensor, masks_enc, masks_pred=None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, masks: Masks, context: torch.Tensor | None = None) -> torch.Tensor:
         """``[M*nenc*B, Kt, D]``: the predictor's outputs from the context encoder's view of the context blocks
         (``context``: that view, when already computed)."""
-        masks = self.to_masks(masks_enc, masks_pred)
+        masks = self.check_masks(masks)
         context = self.encode_context(images, masks) if context is None else context
-        if masks.packed is not None:
-            return self.predictor.forward_packed(context, masks.packed, masks.pred)
-        return self.predictor(context, masks.enc, masks.pred)
+        return self.predictor(context, masks)
 
-    def forward(self, images: torch.Tensor, masks_enc, masks_pred=None, step: int = 0) -> torch.Tensor:
-        """Loss for a batch: images ``[B, C, H, W]`` and either a ``Masks`` value or the collator's lists of
-        ``[B, K]`` tensors (converted once here). The loss is the smooth-L1 mean over every predicted element,
+    def forward(self, images: torch.Tensor, masks: Masks, step: int = 0) -> torch.Tensor:
+        """Loss for a batch: images ``[B, C, H, W]`` and its ``Masks`` (from the collator, or
+        ``Masks.from_lists`` of the official lists). The loss is the smooth-L1 mean over every predicted element,
         with or without variable-length context; with SIGReg, mixed with it (``step`` picks its directions)."""
-        masks = self.to_masks(masks_enc, masks_pred)
+        masks = self.check_masks(masks)
         h, norm = self.target_features(images)
         context = self.encode_context(images, masks)
         z = self.predict(images, masks, context=context)

@@ -92,11 +92,10 @@ class Masks:
 
     @classmethod
     def from_lists(cls, masks_enc, masks_pred, packed_num_patches: int | None = None) -> "Masks":
-        """From the official lists of ``[B, K]`` tensors (or stacked tensors). With ``packed_num_patches`` (the
-        patch grid size), the context lists are the untruncated ones and get packed (variable-length context)."""
-        enc = torch.stack(list(masks_enc)) if isinstance(masks_enc, (list, tuple)) else masks_enc
-        pred = torch.stack(list(masks_pred)) if isinstance(masks_pred, (list, tuple)) else masks_pred
-        enc, pred = (m if m.dim() == 3 else m.unsqueeze(0) for m in (enc, pred))
+        """From the official lists of ``[B, K]`` tensors, the one converter (the collator builds ``Masks``
+        itself). With ``packed_num_patches`` (the patch grid size), the context lists are the untruncated ones
+        (-1 padded) and get packed (variable-length context)."""
+        enc, pred = _stack(masks_enc, "masks_enc"), _stack(masks_pred, "masks_pred")
         packed = None
         if packed_num_patches is not None:
             packed = PackedContext.from_padded(enc, pred.shape[0], pred.shape[2], packed_num_patches)
@@ -123,3 +122,15 @@ class Masks:
 
     def pin_memory(self) -> "Masks":
         return self._map(torch.Tensor.pin_memory)
+
+
+def _stack(masks, name: str) -> torch.Tensor:
+    """The official list of M ``[B, K]`` tensors -> ``[M, B, K]``, every shape checked."""
+    if isinstance(masks, torch.Tensor) or len(masks) == 0:
+        got = f"a tensor of shape {tuple(masks.shape)}" if isinstance(masks, torch.Tensor) else "an empty list"
+        raise ValueError(f"{name}: pass the official non-empty list of [B, K] index tensors, got {got}")
+    for i, m in enumerate(masks):
+        if m.dim() != 2 or m.shape != masks[0].shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(m.shape)}, {name}[0] {tuple(masks[0].shape)}; every mask "
+                             "must be [B, K] with the same B and K (the collator cuts every list to a common length)")
+    return torch.stack(list(masks))

@@ -30,7 +30,9 @@ Step counter: `__call__` works like the official: a `multiprocessing.Value` shar
 even when the workers are re-created; which worker gets which step is decided by the race between workers, as in
 the official. `sample(batch_size, step, worker)` is the stateless entry point for loaders that know the batch's
 position: fastjepa.data calls it with step = epoch * batches_per_epoch + batch index and worker 0, so its masks
-do not depend on worker scheduling, and keeps the counter in step (state_dict) for resume.
+do not depend on worker scheduling, and keeps the counter in step (state_dict) for resume. It returns the one
+`Masks` value the models read, packed already for variable-length context (`truncate_context=False`), so the
+packing runs in the loader's workers.
 
 Vectorised: the hot path has no per-image or per-block Python loop. Target corners for all images are drawn at
 once and a target's indices are its corner plus the block's row-major offsets (already sorted); each image's free
@@ -50,7 +52,7 @@ import torch
 from torch.utils.data import default_collate, get_worker_info
 
 from fastjepa.choices import MASK_MODES
-from fastjepa.mask_batch import Masks, PackedContext  # noqa: F401 (the sampler's output type, re-exported)
+from fastjepa.mask_batch import Masks, PackedContext
 from fastjepa.mask_geometry import smallest_blocks
 from fastjepa.spec import ModelSpec
 
@@ -267,8 +269,11 @@ class MultiBlockMaskCollator:
             if not self.truncate_context:
                 index = np.where(np.arange(keep) < counts.reshape(-1, 1), index, -1)
             index = index.reshape(n_enc, n_img, keep)
-        return Masks(torch.from_numpy(index), torch.from_numpy(pred), context_counts=torch.from_numpy(counts),
-                     pred_size=(ph, pw), enc_size=(eh, ew))
+        enc, pred = torch.from_numpy(index), torch.from_numpy(pred)
+        packed = None if self.truncate_context else PackedContext.from_padded(enc, n_pred, ph * pw,
+                                                                                 self.height * self.width)
+        return Masks(enc, pred, packed, context_counts=torch.from_numpy(counts), pred_size=(ph, pw),
+                     enc_size=(eh, ew))
 
     def _keyed_rng(self, worker, step):
         """The generator re-keyed to (seed, rank, worker, step): Philox streams of distinct keys are independent."""

@@ -304,13 +304,11 @@ class Trainer:
         ``Masks``, its FLOPs, seconds spent waiting for the loader). Packing the masks and counting the FLOPs
         here needs no device read."""
         self.loader.set_epoch(self.state.epoch)
-        packed = self.model.encoder.num_patches if self.model.varlen_context else None
         batches = iter(self.loader)
         while self.state.batch_in_epoch < self.steps_per_epoch:
             tic = time.perf_counter()
-            (images, _), masks_enc, masks_pred = next(batches)
+            (images, _), masks = next(batches)
             waited = time.perf_counter() - tic
-            masks = Masks.from_lists(masks_enc, masks_pred, packed)
             yield images, masks, self.flop_model.masks_step(masks), waited
 
     def to_device(self, images: torch.Tensor, masks: Masks) -> tuple[torch.Tensor, Masks]:
@@ -588,7 +586,7 @@ def rankme_images(cfg, env: DistEnv, count: int) -> torch.Tensor:
     loader = build_data(cfg, env, ModelSpec.from_config(cfg))  # its masks go unused
     loader.set_epoch(0)
     images = []
-    for (x, _), _, _ in loader:
+    for (x, _), _ in loader:
         images.append(x)
         if sum(len(i) for i in images) >= count:
             break

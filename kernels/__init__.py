@@ -5,8 +5,8 @@ Function and the public functional ``x``. On CUDA tensors the functional runs wh
 (``MEASURED_WINNERS``: the Triton kernel only where it beat PyTorch and torch.compile), under
 ``TRITON_INTERPRET=1`` the Triton kernel, elsewhere the reference. The kernel backend (``FASTJEPA_KERNEL_BACKEND``
 in the environment, ``set_backend(name)`` or ``with kernel_backend(name):``) ``triton`` forces every Triton kernel,
-``reference`` every reference. Masks are ``[M, B, K]`` index tensors (or the official list of M ``[B, K]``
-tensors); indices outside ``[0, N)`` raise on every path.
+``reference`` every reference. Masks are ``[M, B, K]`` index tensors (``torch.stack`` of the official list of M
+``[B, K]`` tensors); indices outside ``[0, N)`` raise on every path.
 """
 
 from fastjepa.kernels._utils import (
@@ -15,7 +15,6 @@ from fastjepa.kernels._utils import (
     kernel_backend,
     mask_index,
     set_backend,
-    stack_masks,
 )
 from fastjepa.kernels.adamw_ema import adamw_ema_step, adamw_ema_step_ref
 from fastjepa.kernels.block_ops import add_layer_norm, add_layer_norm_ref, bias_gelu, bias_gelu_ref
@@ -36,7 +35,6 @@ __all__ = [
     "kernel_backend",
     "mask_index",
     "set_backend",
-    "stack_masks",
     "adamw_ema_step",
     "adamw_ema_step_ref",
     "add_layer_norm",

@@ -152,21 +152,6 @@ def op_or_launcher(op, launcher):
     return op if torch.compiler.is_compiling() else launcher
 
 
-def stack_masks(masks, name: str = "masks") -> torch.Tensor:
-    """Masks in any of their public forms -> one ``[M, B, K]`` tensor: a stacked tensor passes through as it is, one
-    ``[B, K]`` tensor or a list of M of them (the official format) are stacked. ``mask_index`` checks the rest."""
-    if isinstance(masks, torch.Tensor):
-        return masks if masks.dim() != 2 else masks.unsqueeze(0)
-    masks = list(masks)
-    if not masks:
-        raise ValueError(f"{name}: empty list; pass at least one [B, K] index tensor")
-    for i, m in enumerate(masks):
-        if m.dim() != 2 or m.shape != masks[0].shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(m.shape)}, {name}[0] {tuple(masks[0].shape)}; every mask "
-                             "must be [B, K] with the same B and K (the collator cuts every list to a common length)")
-    return torch.stack(masks)
-
-
 def check_index_range(idx: torch.Tensor, num_tokens: int, op: str, name: str) -> None:
     """Indices outside ``[0, num_tokens)`` fail loudly on every path: a device-side assert on CUDA and in compiled
     code (no host synchronisation), an ``IndexError`` naming the op, the mask, the index and the range elsewhere.
@@ -188,18 +173,20 @@ def check_index_range(idx: torch.Tensor, num_tokens: int, op: str, name: str) ->
                          f"image); pass patch indices of the {num_tokens}-token grid") from None
 
 
-def mask_index(masks, batch: int, num_tokens: int, op: str, name: str = "masks") -> torch.Tensor:
-    """Masks (stacked ``[M, B, K]``, one ``[B, K]`` or a list of them) -> a contiguous ``[M, B, K]`` int index for
-    ``[batch, num_tokens, D]`` tokens, with shape, dtype and range checked (errors name the op and the mask)."""
-    idx = stack_masks(masks, name)
-    if idx.dim() != 3 or idx.shape[1] != batch or idx.shape[0] < 1:
-        raise ValueError(f"{op}: {name} has shape {tuple(idx.shape)}; expected [M, B, K] (or M tensors [B, K]) with "
-                         f"B = {batch}, the batch of the tokens")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{op}: {name} has dtype {idx.dtype}; pass int64 (or int32) token indices in "
+def mask_index(masks: torch.Tensor, batch: int, num_tokens: int, op: str, name: str = "masks") -> torch.Tensor:
+    """Stacked ``[M, B, K]`` masks -> a contiguous int index for ``[batch, num_tokens, D]`` tokens, with type,
+    shape, dtype and range checked (errors name the op and the mask)."""
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"{op}: {name} is a {type(masks).__name__}; pass one [M, B, K] index tensor (torch.stack "
+                        "the official list of M [B, K] tensors, or use fastjepa.mask_batch.Masks.from_lists)")
+    if masks.dim() != 3 or masks.shape[1] != batch or masks.shape[0] < 1:
+        raise ValueError(f"{op}: {name} has shape {tuple(masks.shape)}; expected [M, B, K] with B = {batch}, the "
+                         "batch of the tokens")
+    if masks.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: {name} has dtype {masks.dtype}; pass int64 (or int32) token indices in "
                          f"[0, {num_tokens})")
-    check_index_range(idx, num_tokens, op, name)
-    return idx.contiguous()
+    check_index_range(masks, num_tokens, op, name)
+    return masks.contiguous()
 
 
 def next_power_of_2(n: int) -> int:

@@ -35,7 +35,7 @@ def _check(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None) -> torch
 
 
 def masked_gather_ref(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: ``[B, N, D]`` tokens, ``[M, B, K]`` indices (or M ``[B, K]``) -> ``[M*B, K, D]`` (mask-major)."""
+    """Reference: ``[B, N, D]`` tokens, ``[M, B, K]`` indices -> ``[M*B, K, D]`` (mask-major)."""
     return _gather_ref(tokens, _check(tokens, masks, pos_embed), pos_embed)
 
 
@@ -194,8 +194,8 @@ def masked_gather(tokens: torch.Tensor, masks, pos_embed: torch.Tensor | None = 
 
     Args:
         tokens: ``[B, N, D]``.
-        masks: ``[M, B, K]`` int64 indices, or one ``[B, K]`` tensor, or a list of M of them (the official mask
-            format); indices in ``[0, N)`` (others raise; a repeated index gathers the token twice and its
+        masks: ``[M, B, K]`` int64 indices (``torch.stack`` of the official list of M ``[B, K]``); indices in
+            ``[0, N)`` (others raise; a repeated index gathers the token twice and its
             gradients add up, as with ``torch.gather``).
         pos_embed: optional ``[N, D]`` (or ``[1, N, D]``) added at the gathered positions.
     Returns:

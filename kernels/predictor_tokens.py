@@ -15,7 +15,6 @@ from fastjepa.kernels._utils import (
     op_or_launcher,
     repeat_interleave_batch,
     row_blocks,
-    stack_masks,
     tl,
     triton,
     use_triton,
@@ -35,9 +34,8 @@ def _check(x, masks_enc, masks_pred, mask_token, pos_embed) -> tuple[torch.Tenso
         raise ValueError(f"{OP}: mask_token {tuple(mask_token.shape)} must hold D={dim} values and pos_embed "
                          f"{tuple(pos_embed.shape)} must be [N, D] or [1, N, D] with D={dim}")
     num_tokens = pos_embed.shape[-2]
-    enc = stack_masks(masks_enc)
-    batch = enc.shape[1] if enc.dim() == 3 else -1
-    enc = mask_index(enc, batch, num_tokens, OP, "masks_enc")
+    batch = masks_enc.shape[1] if isinstance(masks_enc, torch.Tensor) and masks_enc.dim() == 3 else -1
+    enc = mask_index(masks_enc, batch, num_tokens, OP, "masks_enc")
     if tuple(x.shape[:2]) != (enc.shape[0] * batch, enc.shape[2]):
         raise ValueError(f"{OP}: x has shape {tuple(x.shape)}; expected [nenc*B, Kc, D] = "
                          f"[{enc.shape[0] * batch}, {enc.shape[2]}, {dim}] from masks_enc {tuple(enc.shape)}")
@@ -226,8 +224,7 @@ def predictor_tokens(
 
     Args:
         x: ``[nenc*B, Kc, Dp]`` context tokens already mapped to the predictor width.
-        masks_enc: ``[nenc, B, Kc]`` context indices (or a list of nenc ``[B, Kc]``); masks_pred: ``[M, B, Kt]``
-            target indices (or a list of M ``[B, Kt]``).
+        masks_enc: ``[nenc, B, Kc]`` context indices; masks_pred: ``[M, B, Kt]`` target indices.
         mask_token: ``[Dp]`` (any shape with Dp elements); pos_embed: ``[N, Dp]`` (or ``[1, N, Dp]``).
     Returns:
         ``[M*nenc*B, Kc+Kt, Dp]`` in x's dtype (the activations' dtype; sums taken in fp32). Backward: the context

@@ -269,7 +269,7 @@ def target_norm_gather(h: torch.Tensor, masks_pred, num_context_blocks: int = 1,
         h: ``[B, N, D]`` target-encoder output (after its final norm, or before it with ``norm``); no gradient
             flows to it on the fused path (with grad enabled and ``h.requires_grad`` the reference runs, so
             autograd stays exact).
-        masks_pred: the M target blocks: ``[M, B, K]`` int64 indices, or a list of M ``[B, K]`` tensors.
+        masks_pred: the M target blocks: ``[M, B, K]`` int64 indices.
         num_context_blocks: nenc; each target block's rows are repeated that many times, as the official code does.
         norm: ``(weight, bias, eps)`` of the encoder's final LayerNorm, applied first: fused, only the gathered rows
             are normalised twice (the official forward normalises all N tokens and then discards most).
@@ -294,7 +294,7 @@ def target_norm_smooth_l1(pred: torch.Tensor, h: torch.Tensor, masks_pred, num_c
 
     Args:
         pred: ``[M*nenc*B, K, D]`` predictor outputs; h: ``[B, N, D]`` target-encoder output (treated as constant);
-        masks_pred: the M target blocks (``[M, B, K]`` or a list of ``[B, K]``); num_context_blocks: nenc; norm: the
+        masks_pred: the M target blocks ``[M, B, K]``; num_context_blocks: nenc; norm: the
         encoder's final LayerNorm to apply first, as in ``target_norm_gather``.
     Returns:
         The mean smooth-L1 loss (beta 1), accumulated in fp32, in the promoted dtype of pred and h (fp32 under

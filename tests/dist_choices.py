@@ -28,6 +28,7 @@ def main(out: Path) -> None:
     agreed = agree_on_choices(model, spec, choices)
     ran = {site: sorted({(b.attn.backend, b.impl) for b in blocks}) for site, blocks, *_ in call_sites(model, spec)}
     torch.save({"agreed": agreed, "ran": ran}, out.with_suffix(f".rank{rank}.pt"))
+    dist.barrier()  # a rank tearing gloo down while another still writes aborts (exit -6)
     dist.destroy_process_group()
 
 

@@ -48,6 +48,7 @@ def main(out: Path) -> None:
     if rank == 0:
         torch.save({"losses": losses, "grads": grads}, out)
         torch.save(images, out.with_suffix(".images.pt"))
+    dist.barrier()  # a rank tearing gloo down while another still writes aborts (exit -6)
     dist.destroy_process_group()
 
 

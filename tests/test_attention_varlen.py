@@ -88,18 +88,18 @@ def test_packed_encoder_and_predictor_equal_per_image_runs(nenc):
     gen = torch.Generator().manual_seed(2)
     masks_pred = [torch.stack([torch.randperm(GRID * GRID, generator=gen)[:3].sort().values for _ in range(batch)])
                   for _ in range(2)]
-    packed = Masks.from_lists(padded, masks_pred, GRID * GRID).packed
+    packed = Masks.from_lists(list(padded), masks_pred, GRID * GRID).packed
     z = model.encoder.forward_packed(images, packed)
-    out = model.predictor.forward_packed(z, packed, masks_pred)
+    out = model.predictor.forward_packed(z, packed, torch.stack(masks_pred))
     assert out.shape == (2 * nenc * batch, 3, DIM)
     rows = out.reshape(2, nenc, batch, 3, DIM)
     for e in range(nenc):
         for b in range(batch):
             mask = [tokens[e, b].nonzero()[:, 0][None]]  # this context block alone, untruncated
-            z_eb = model.encoder(images[b:b + 1], mask)
+            z_eb = model.encoder(images[b:b + 1], torch.stack(mask))
             s = e * batch + b
             torch.testing.assert_close(z[packed.cu_seqlens[s]:packed.cu_seqlens[s + 1]], z_eb[0])
-            ref = model.predictor(z_eb, mask, [m[b:b + 1] for m in masks_pred])
+            ref = model.predictor(z_eb, Masks.from_lists(mask, [m[b:b + 1] for m in masks_pred]))
             torch.testing.assert_close(rows[:, e, b], ref)
 
 
@@ -109,9 +109,9 @@ def test_varlen_loss_equals_official_loss_when_lengths_agree():
     idx = torch.stack([torch.randperm(GRID * GRID, generator=torch.Generator().manual_seed(b))[:6].sort().values
                        for b in range(batch)])
     masks_pred = [idx[:, :2].flip(0), idx[:, 2:4]]
-    official = model(images, [idx], masks_pred)
+    official = model(images, Masks.from_lists([idx], masks_pred))
     model.varlen_context = True
-    torch.testing.assert_close(model(images, [idx], masks_pred), official)
+    torch.testing.assert_close(model(images, Masks.from_lists([idx], masks_pred, GRID * GRID)), official)
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ from fastjepa.checkpoint import (
     verify,
 )
 from fastjepa.ijepa import IJEPA
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.optim import build_optimizer
 
@@ -33,7 +34,7 @@ def trained(seed: int, steps: int = 2) -> tuple[IJEPA, torch.optim.Optimizer]:
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
     masks_enc, masks_pred = [torch.tensor([[0, 1, 2, 5, 6]] * 2)], [torch.tensor([[10, 11, 14]] * 2)]
     for _ in range(steps):
-        model(x, masks_enc, masks_pred).backward()
+        model(x, Masks.from_lists(masks_enc, masks_pred)).backward()
         opt.step()
         opt.zero_grad()
         model.update_target(0.9)

@@ -8,6 +8,7 @@ import torch
 from fastjepa import config as fj_config
 from fastjepa.compat.ijepa import export_timm, load_official, save_official, strip_prefixes
 from fastjepa.ijepa import build_ijepa
+from fastjepa.mask_batch import Masks
 from fastjepa.optim import build_optimizer
 from fastjepa.schedules import build as build_schedules
 
@@ -22,7 +23,7 @@ def _batch(cfg, seed=0):
     images = torch.randn(B, cfg.fastjepa.in_chans, cfg.data.crop_size, cfg.data.crop_size, generator=g)
     masks_enc = [torch.stack([torch.randperm(n, generator=g)[: n // 2] for _ in range(B)])]
     masks_pred = [torch.stack([torch.randperm(n, generator=g)[:4] for _ in range(B)]) for _ in range(2)]
-    return images, masks_enc, masks_pred
+    return images, Masks.from_lists(masks_enc, masks_pred)
 
 
 def _step(model, opt, sched, i, batch):

@@ -63,8 +63,8 @@ def labelled_shards(dst, n, per_shard):
 
 def run_epoch(loader, epoch=0, limit=None):
     loader.set_epoch(epoch)
-    return [(images, labels, masks_enc, masks_pred)
-            for (images, labels), masks_enc, masks_pred in itertools.islice(loader, limit)]
+    return [(images, labels, list(masks.enc), list(masks.pred))
+            for (images, labels), masks in itertools.islice(loader, limit)]
 
 
 def assert_images_match_labels(batches):
@@ -261,7 +261,7 @@ def test_resume_continues_the_epoch_exactly(tmp_path, source):
     resumed.load_state_dict(state)
     tail = list(resumed)
     assert len(head) + len(tail) == len(full)
-    for x, y in zip(head + [(t[0][0], t[0][1], t[1], t[2]) for t in tail], full, strict=True):
+    for x, y in zip(head + [(t[0][0], t[0][1], list(t[1].enc), list(t[1].pred)) for t in tail], full, strict=True):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
         assert all(torch.equal(p, q) for p, q in zip(x[2] + x[3], y[2] + y[3], strict=True))
     # Another data.num_workers: the same share of the epoch is behind, the position inside it is approximate.
@@ -454,10 +454,10 @@ def test_mnist_5k_and_its_loader():
     cfg = load("configs/demo_mnist.yaml", ["data.source=mnist", "data.batch_size=16"])
     loader = build_pretrain_loader(cfg)
     assert len(loader) == 5000 // 16
-    (x, y), masks_enc, masks_pred = next(iter(loader))
+    (x, y), masks = next(iter(loader))
     crop = cfg.data.crop_size  # the demo trains on upsampled digits
     assert x.shape == (16, 1, crop, crop) and x.dtype == torch.uint8 and y.shape == (16,)
-    assert len(masks_enc) == cfg.mask.num_enc_masks and len(masks_pred) == cfg.mask.num_pred_masks
+    assert masks.num_context_blocks == cfg.mask.num_enc_masks and masks.num_target_blocks == cfg.mask.num_pred_masks
     assert mean_std(cfg) == ((0.1307,), (0.3081,))
     with pytest.raises(ConfigError, match="mirrored digit"):
         load("configs/demo_mnist.yaml", ["data.source=mnist", "data.use_horizontal_flip=true"])

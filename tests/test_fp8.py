@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastjepa.ijepa import IJEPA
 from fastjepa.kernels import kernel_backend
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.modules.block import Block
 from fastjepa.modules.fp8 import (
@@ -57,16 +58,16 @@ def test_fp8_targets_are_within_the_error_their_matmuls_add_up_to(reference_ops)
     enc = VisionTransformer(32, 4, 3, 64, depth, 4)
     model = IJEPA(enc, VisionTransformerPredictor(enc.grid, 64, 32, 1, 4))
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    masks_pred = [torch.arange(10).repeat(4, 1) * 3 + i for i in range(2)]
-    masks_enc = [torch.arange(30).repeat(4, 1) * 2 + 1]
-    exact = model.double().targets(images.double(), masks_enc, masks_pred)
+    masks = Masks(torch.arange(30).repeat(1, 4, 1) * 2 + 1, torch.stack([torch.arange(10).repeat(4, 1) * 3 + i
+                                                                           for i in range(2)]))
+    exact = model.double().targets(images.double(), masks)
     model.float()
     model.enable_target_replica(torch.bfloat16)
-    bf16 = rel_rms(model.targets(images, masks_enc, masks_pred), exact)
+    bf16 = rel_rms(model.targets(images, masks), exact)
     model.enable_target_replica(torch.bfloat16, fp8=True)
     linears = [m for m in model.target_replica.modules() if isinstance(m, Float8Linear)]
     assert len(linears) == 4 * depth  # qkv, proj, fc1, fc2 of every block; the norms and patch embedding stay
-    fp8 = rel_rms(model.targets(images, masks_enc, masks_pred), exact)
+    fp8 = rel_rms(model.targets(images, masks), exact)
     assert bf16 < fp8 <= MATMUL_REL_RMS * math.sqrt(len(linears)), (bf16, fp8)
     assert list(model.state_dict()) == list(IJEPA(VisionTransformer(32, 4, 3, 64, depth, 4),
                                                   VisionTransformerPredictor(enc.grid, 64, 32, 1, 4)).state_dict())

@@ -7,6 +7,7 @@ from kernel_utils import random_masks, rel_rms
 
 from fastjepa.ijepa import IJEPA
 from fastjepa.kernels import set_backend
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformerPredictor, vit_tiny
 from fastjepa.optim import build_optimizer
 
@@ -32,7 +33,7 @@ def train(fused: bool):
             images = torch.randn(BATCH, 3, IMG, IMG, generator=g)
             masks_enc = random_masks(2, BATCH, GRID * GRID, 6, g)
             masks_pred = random_masks(3, BATCH, GRID * GRID, 3, g)
-            loss = model(images, masks_enc, masks_pred)  # the fused target-norm + smooth-L1 loss when fused
+            loss = model(images, Masks(masks_enc, masks_pred))  # the fused target-norm + smooth-L1 loss when fused
             opt.zero_grad()
             loss.backward()
             opt.step()

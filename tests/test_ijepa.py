@@ -5,6 +5,7 @@ import torch
 
 from bench import official_style
 from fastjepa.ijepa import IJEPA
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformerPredictor, vit_tiny
 from fastjepa.optim import build_optimizer, param_groups
 
@@ -47,7 +48,7 @@ def test_loss_and_every_gradient_equal_the_official_computation(nenc, npred):
     masks_enc = _masks(B, [13] * nenc, seed=1)
     masks_pred = _masks(B, [5] * npred, seed=2)
     ref_loss, ref_grads = _official_loss_and_grads(model, images, masks_enc, masks_pred)
-    loss = model(images, masks_enc, masks_pred)
+    loss = model(images, Masks.from_lists(masks_enc, masks_pred))
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     assert len(grads) == len(ref_grads)
@@ -61,7 +62,7 @@ def test_sdpa_backend_matches_official_within_fp32_rounding():
     images = torch.randn(2, 3, IMG, IMG)
     masks_enc, masks_pred = _masks(2, [11], seed=3), _masks(2, [4] * 4, seed=4)
     ref_loss, ref_grads = _official_loss_and_grads(model, images, masks_enc, masks_pred)
-    loss = model(images, masks_enc, masks_pred)
+    loss = model(images, Masks.from_lists(masks_enc, masks_pred))
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
     for g, r in zip(grads, ref_grads, strict=True):
@@ -73,7 +74,7 @@ def test_target_encoder_gets_no_gradient_and_ema_follows_the_official_loop():
     model = _tiny("sdpa")
     assert not any(p.requires_grad for p in model.target_encoder.parameters())
     images = torch.randn(2, 3, IMG, IMG)
-    model(images, _masks(2, [10], 5), _masks(2, [4] * 2, 6)).backward()
+    model(images, Masks.from_lists(_masks(2, [10], 5), _masks(2, [4] * 2, 6))).backward()
     assert all(p.grad is None for p in model.target_encoder.parameters())
     expected = copy.deepcopy(model.target_encoder)
     official_style.ema_update(list(expected.parameters()), list(model.encoder.parameters()), 0.996)
@@ -110,7 +111,7 @@ def test_training_steps_reduce_the_loss():
     masks_enc, masks_pred = _masks(4, [12], 7), _masks(4, [4] * 4, 8)
     losses = []
     for _ in range(15):
-        loss = model(images, masks_enc, masks_pred)
+        loss = model(images, Masks.from_lists(masks_enc, masks_pred))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -85,8 +85,7 @@ def test_switch_off_runs_the_reference():
 
 def test_repeated_indices_add_their_gradients_like_torch_gather():
     tokens = torch.randn(2, 8, 24, device=DEVICE, requires_grad=True)
-    masks = [torch.tensor([[1, 3, 3, 3, 0], [7, 7, 2, 5, 6]], device=DEVICE), torch.tensor([[3, 4, 5, 6, 1]] * 2)]
-    masks[1] = masks[1].to(DEVICE)
+    masks = torch.tensor([[[1, 3, 3, 3, 0], [7, 7, 2, 5, 6]], [[3, 4, 5, 6, 1]] * 2], device=DEVICE)
     out = masked_gather(tokens, masks)
     grad = torch.randn_like(out)
     (fused,) = torch.autograd.grad(out, tokens, grad)
@@ -94,10 +93,12 @@ def test_repeated_indices_add_their_gradients_like_torch_gather():
     torch.testing.assert_close(fused, ref)
 
 
-def test_bad_mask_shape_names_the_mask():
+def test_bad_masks_name_the_problem_and_the_fix():
     tokens = torch.randn(2, 8, 4, device=DEVICE)
-    with pytest.raises(ValueError, match=r"masks\[1\]"):
-        masked_gather(tokens, [torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)])
+    with pytest.raises(ValueError, match=r"masks has shape \(2, 3\); expected \[M, B, K\] with B = 2"):
+        masked_gather(tokens, torch.zeros(2, 3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match=r"masks is a list; pass one \[M, B, K\] index tensor \(torch.stack"):
+        masked_gather(tokens, [torch.zeros(2, 3, dtype=torch.long, device=DEVICE)])
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VIT_SIZES, VisionTransformer, VisionTransformerPredictor, vit_tiny
 from fastjepa.models.pos_embed import sincos_2d
 from fastjepa.modules import Attention
@@ -53,7 +54,7 @@ def test_encoder_shapes(img, patch):
     n = (h // patch) * (w // patch)
     assert model(x).shape == (3, n, 192)
     masks = [torch.randint(0, n, (3, 5)), torch.randint(0, n, (3, 5))]
-    assert model(x, masks).shape == (6, 5, 192)
+    assert model(x, torch.stack(masks)).shape == (6, 5, 192)
 
 
 def test_encoder_rejects_wrong_resolution():
@@ -69,7 +70,7 @@ def test_predictor_shapes_with_several_context_blocks():
     B, nenc, M = 3, 2, 4
     masks_enc = [torch.randint(0, 16, (B, 6)) for _ in range(nenc)]
     masks_pred = [torch.randint(0, 16, (B, 3)) for _ in range(M)]
-    out = pred(torch.randn(nenc * B, 6, 64), masks_enc, masks_pred)
+    out = pred(torch.randn(nenc * B, 6, 64), Masks.from_lists(masks_enc, masks_pred))
     assert out.shape == (M * nenc * B, 3, 64)
 
 

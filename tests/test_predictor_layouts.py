@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fastjepa.ijepa import IJEPA
 from fastjepa.kernels.block_attention import block_attention_mask
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor
 from fastjepa.parallel import apply_activation_checkpointing, apply_compile
 
@@ -62,43 +63,45 @@ def dense_shared_reference(pred, x, masks_enc, masks_pred):
 def test_repeat_layout_equals_official_forward(nenc):
     pred, x, masks_enc, masks_pred = make(nenc=nenc)
     ref = pred.forward_official(x, masks_enc, masks_pred)
-    out = pred(x, masks_enc, masks_pred)
+    out = pred(x, Masks(masks_enc, masks_pred))
     assert out.shape == ref.shape == (3 * nenc * 2, 3, EMBED)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for g, rg in zip(grads(out, pred, x), grads(ref, pred, x), strict=True):
         torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
 
 
-def test_official_lists_and_stacked_masks_give_the_same_predictions():
+def test_predictor_takes_one_masks_value_and_names_the_converter():
     pred, x, masks_enc, masks_pred = make(nenc=2)
-    torch.testing.assert_close(pred(x, list(masks_enc), list(masks_pred)), pred(x, masks_enc, masks_pred),
-                               rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"one Masks value.*Masks\.from_lists"):
+        pred(x, list(masks_enc))
+    official = Masks.from_lists(list(masks_enc), list(masks_pred))  # the official lists, converted once
+    torch.testing.assert_close(pred(x, official), pred(x, Masks(masks_enc, masks_pred)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("nenc", [1, 2])
 def test_shared_layout_equals_dense_masked_reference(nenc):
     pred, x, masks_enc, masks_pred = make(nenc=nenc, layout="shared")
-    out = pred(x, masks_enc, masks_pred)
+    out = pred(x, Masks(masks_enc, masks_pred))
     torch.testing.assert_close(out, dense_shared_reference(pred, x, masks_enc, masks_pred), rtol=1e-10, atol=1e-10)
 
 
 def test_shared_layout_one_block_equals_official():
     # With one block the context tokens' updates never reach the output, so the two layouts coincide.
     pred, x, masks_enc, masks_pred = make(depth=1, nenc=2, layout="shared")
-    torch.testing.assert_close(pred(x, masks_enc, masks_pred), pred.forward_official(x, masks_enc, masks_pred),
+    torch.testing.assert_close(pred(x, Masks(masks_enc, masks_pred)), pred.forward_official(x, masks_enc, masks_pred),
                                rtol=1e-10, atol=1e-10)
 
 
 def test_shared_layout_deeper_differs_from_official():
     pred, x, masks_enc, masks_pred = make(depth=2, layout="shared")
-    diff = pred(x, masks_enc, masks_pred) - pred.forward_official(x, masks_enc, masks_pred)
+    diff = pred(x, Masks(masks_enc, masks_pred)) - pred.forward_official(x, masks_enc, masks_pred)
     assert diff.abs().max() > 1e-6
 
 
 def test_shared_layout_triton_matches_reference_fp32():
     pred, x, masks_enc, masks_pred = make(dtype=torch.float32, layout="shared")
     triton_pred, *_ = make(dtype=torch.float32, layout="shared", block_attn_backend="triton")
-    ref, out = pred(x, masks_enc, masks_pred), triton_pred(x, masks_enc, masks_pred)
+    ref, out = pred(x, Masks(masks_enc, masks_pred)), triton_pred(x, Masks(masks_enc, masks_pred))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, rg in zip(grads(out, triton_pred, x), grads(ref, pred, x), strict=True):
         rel = ((g - rg).norm() / rg.norm()).item()
@@ -110,7 +113,7 @@ def test_layout_is_a_constructor_argument_over_the_same_state_dict():
     shared, *_ = make(layout="shared", seed=5)
     assert list(shared.state_dict()) == list(repeat.state_dict())
     shared.load_state_dict(repeat.state_dict())
-    torch.testing.assert_close(shared.forward_repeat(x, masks_enc, masks_pred), repeat(x, masks_enc, masks_pred))
+    torch.testing.assert_close(shared.forward_repeat(x, masks_enc, masks_pred), repeat(x, Masks(masks_enc, masks_pred)))
     with pytest.raises(ValueError, match="layout"):
         VisionTransformerPredictor(GRID, EMBED, PRED, layout="packed")
 
@@ -140,11 +143,11 @@ def test_activation_checkpointing_recomputes_every_predictor_block(layout):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
     pred, x, masks_enc, masks_pred = make(depth=3, layout=layout)
-    ref = pred(x, masks_enc, masks_pred)
+    ref = pred(x, Masks(masks_enc, masks_pred))
     ref_grads = grads(ref, pred, x)
     apply_activation_checkpointing(with_encoder(pred))
     calls = count_block_calls(pred, CheckpointWrapper)
-    out = pred(x, masks_enc, masks_pred)
+    out = pred(x, Masks(masks_enc, masks_pred))
     assert calls["inner"] == 3  # every block, the last one of 'repeat' included
     out_grads = grads(out, pred, x)
     assert calls["inner"] == 6  # each recomputed once in the backward
@@ -158,14 +161,14 @@ def test_every_predictor_block_runs_compiled(layout):
     from torch._dynamo.utils import counters
 
     pred, x, masks_enc, masks_pred = make(depth=3, layout=layout, dtype=torch.float32)
-    eager = pred(x, masks_enc, masks_pred)
+    eager = pred(x, Masks(masks_enc, masks_pred))
     torch._dynamo.reset()
     counters.clear()
     apply_compile(with_encoder(pred), backend="eager")
     frames = []
     for blk in pred.predictor_blocks:
         blk.register_forward_pre_hook(lambda m, a, k: frames.append(torch.compiler.is_compiling()), with_kwargs=True)
-    compiled = pred(x, masks_enc, masks_pred)
+    compiled = pred(x, Masks(masks_enc, masks_pred))
     torch.testing.assert_close(compiled, eager)
     assert len(frames) == 3 and all(frames)  # every block's forward ran inside a compiled region
     assert sum(counters["graph_break"].values()) == 0

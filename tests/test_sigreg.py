@@ -135,7 +135,7 @@ def test_sigreg_per_token_takes_every_context_token():
 
 def test_packed_context_pools_each_sequence():
     enc = torch.tensor([[[0, 1, 2, -1], [3, -1, -1, -1], [4, 5, 6, 7]]])  # nenc=1, B=3, lengths 3, 1, 4
-    packed = Masks.from_lists(enc, torch.tensor([[[0], [1], [2]]]), packed_num_patches=8).packed
+    packed = Masks.from_lists(list(enc), [torch.tensor([[0], [1], [2]])], packed_num_patches=8).packed
     x = torch.randn(8, 5)
     want = torch.stack([x[0:3].mean(0), x[3:4].mean(0), x[4:8].mean(0)])
     torch.testing.assert_close(packed.segment_mean(x), want)

@@ -9,6 +9,7 @@ from kernel_utils import random_masks, rel_rms
 
 from fastjepa import config, schedules
 from fastjepa.ijepa import IJEPA
+from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformerPredictor, vit_tiny
 from fastjepa.optim import build_optimizer
 from fastjepa.step import Stepper, resolve_update_impl
@@ -37,7 +38,7 @@ def train(update_impl: str, reference_ops):
     losses = []
     for step in range(STEPS):
         images = torch.randn(BATCH, 3, IMG, IMG, generator=g)
-        masks = model.to_masks(random_masks(1, BATCH, GRID * GRID, 6, g), random_masks(3, BATCH, GRID * GRID, 3, g))
+        masks = Masks(random_masks(1, BATCH, GRID * GRID, 6, g), random_masks(3, BATCH, GRID * GRID, 3, g))
         losses.append(stepper(images, masks, step).loss.item())
     state = [t.detach().clone() for t in [*model.parameters(), *model.target_replica.parameters()]]
     moments = [s[k].clone() for s in stepper.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq", "step")]

@@ -60,7 +60,7 @@ def tiny_model(seed=0):
 def tiny_batch(seed=1):
     collator = MultiBlockMaskCollator(32, 4, (0.85, 1.0), (0.15, 0.2), (0.75, 1.5), 1, 2, 4)
     masks = collator.sample(4, seed)
-    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), list(masks.enc), list(masks.pred)
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), masks
 
 
 def test_block_activations_are_bf16_under_bf16_autocast(reference_ops):
@@ -73,9 +73,9 @@ def test_block_activations_are_bf16_under_bf16_autocast(reference_ops):
             if isinstance(blk, Block):
                 blk.register_forward_hook(lambda m, args, out, name=name: seen.append((name, args[0].dtype,
                                                                                         out.dtype)))
-    images, masks_enc, masks_pred = tiny_batch()
+    images, masks = tiny_batch()
     with torch.autocast("cpu", torch.bfloat16):
-        loss = model(images, masks_enc, masks_pred)
+        loss = model(images, masks)
     loss.backward()
     assert {name for name, *_ in seen} == set(nets) and len(seen) == 6
     assert all(i == o == torch.bfloat16 for _, i, o in seen), seen

@@ -68,8 +68,8 @@ def reference_virtual_ranks(cfg, ranks: int = 2, steps: int = STEPS):
         sched.apply(optimizer, step)
         per_rank, samples = [], []
         for it in batches:
-            (images, _), masks_enc, masks_pred = next(it)
-            images, masks = normalize_on_device(images, mean, std), model.to_masks(masks_enc, masks_pred)
+            (images, _), masks = next(it)
+            images = normalize_on_device(images, mean, std)
             per_rank.append(model(images, masks))
             if sigreg is not None:
                 samples.append(model.sigreg_samples(model.encode_context(images, masks), masks))

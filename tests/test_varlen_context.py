@@ -10,6 +10,7 @@ import torch
 
 from fastjepa.config import ConfigError, load
 from fastjepa.ijepa import IJEPA
+from fastjepa.mask_batch import Masks
 from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.models import VisionTransformerPredictor
 from fastjepa.models.vit import vit_micro
@@ -53,10 +54,10 @@ def test_varlen_loss_weighs_every_image_as_the_official_loss_does():
     masks = MultiBlockMaskCollator(**{**CROWDED, "nenc": 1}, truncate_context=False).sample(4, step=0)
     assert len({int((m >= 0).sum()) for m in masks.enc[0]}) > 1  # the images' contexts differ in length
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    loss = model(images, list(masks.enc), list(masks.pred))
+    loss = model(images, masks)  # packed by the collator
     model.varlen_context = False
-    per_image = [model(images[b:b + 1], [m[b:b + 1, : int((m[b] >= 0).sum())] for m in masks.enc],
-                       [m[b:b + 1] for m in masks.pred]) for b in range(4)]
+    per_image = [model(images[b:b + 1], Masks.from_lists([m[b:b + 1, : int((m[b] >= 0).sum())] for m in masks.enc],
+                                                         [m[b:b + 1] for m in masks.pred])) for b in range(4)]
     torch.testing.assert_close(loss, torch.stack(per_image).mean())
 
 

@@ -3,7 +3,7 @@
     loader = build_pretrain_loader(cfg, rank=rank, world_size=world_size)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
-        for (images, labels), masks_enc, masks_pred in loader:      # images: uint8 [B, C, H, W]
+        for (images, labels), masks in loader:      # images: uint8 [B, C, H, W]; masks: fastjepa.mask_batch.Masks
             images = normalize_on_device(images.to(device, non_blocking=True), mean, std, torch.bfloat16)
 
 `len(loader)` is the same on every rank; `loader.state_dict()` goes into the checkpoint and
@@ -42,8 +42,8 @@ def build_source(cfg):
 
 def build_pretrain_loader(cfg, *, rank=0, world_size=1, collator=None):
     """The pretraining loader of a Config: source from `data.source`, official augmentations, the multi-block
-    mask collator (built from the config unless given). Yields ((images uint8 [B,C,H,W], labels [B]),
-    masks_enc, masks_pred); see fastjepa.data.loader for the epoch plan, resume and bad-data handling."""
+    mask collator (built from the config unless given). Yields ((images uint8 [B,C,H,W], labels [B]), Masks);
+    see fastjepa.data.loader for the epoch plan, resume and bad-data handling."""
     if collator is None:
         from fastjepa.masks import MultiBlockMaskCollator
         from fastjepa.spec import ModelSpec

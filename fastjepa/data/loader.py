@@ -178,15 +178,12 @@ class _EpochStream(IterableDataset):
         # contiguous on the device, where the transpose is nearly free
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         targets = torch.tensor(labels, dtype=torch.int64)
-        if hasattr(self.collator, "sample"):
-            masks = self.collator.sample(len(images), step, worker=0)
-            return (batch, targets), list(masks.enc), list(masks.pred)
-        samples = list(zip(batch.unbind(0), targets.unbind(0), strict=True))
-        return self.collator(samples)
+        return (batch, targets), self.collator.sample(len(images), step, worker=0)
 
 
 class PretrainLoader:
-    """Iterable over ((images uint8 [B, C, H, W], labels int64 [B]), masks_enc, masks_pred); see the module doc."""
+    """Iterable over ((images uint8 [B, C, H, W], labels int64 [B]), Masks); see the module doc. The collator is a
+    ``MultiBlockMaskCollator`` (anything with its ``sample``, ``state_dict`` and ``load_state_dict``)."""
 
     def __init__(self, source, transform, collator, batch_size, *, shuffle_buffer: int, max_bad_fraction: float,
                  rank=0, world_size=1, num_workers=0, seed=0, pin_memory=False, prefetch_factor=2,
@@ -227,12 +224,9 @@ class PretrainLoader:
             self.bad, self.seen = Counter(), 0
 
     def state_dict(self):
-        state = {"epoch": self.epoch, "batches": self.consumed, "positions": dict(self.positions),
-                 "bad": dict(self.bad), "seen": self.seen, "num_workers": self.num_workers,
-                 "world_size": self.world_size, "batch_size": self.batch_size}
-        if hasattr(self.collator, "state_dict"):
-            state["collator"] = self.collator.state_dict()
-        return state
+        return {"epoch": self.epoch, "batches": self.consumed, "positions": dict(self.positions),
+                "bad": dict(self.bad), "seen": self.seen, "num_workers": self.num_workers,
+                "world_size": self.world_size, "batch_size": self.batch_size, "collator": self.collator.state_dict()}
 
     def load_state_dict(self, state) -> bool:
         """Continue an epoch where ``state_dict()`` left it. Returns True when the position is exact (same world
@@ -251,7 +245,7 @@ class PretrainLoader:
             k = max(self.num_workers, 1)
             self.positions = {w: produced_by(w, self.consumed, k) * self.batch_size for w in range(k)}
             self.bad, self.seen = Counter(), self.consumed * self.batch_size
-        if exact and "collator" in state and hasattr(self.collator, "load_state_dict"):
+        if exact and "collator" in state:
             self.collator.load_state_dict(state["collator"])
         return exact
 
@@ -269,8 +263,7 @@ class PretrainLoader:
             self.seen += report["seen"]
             self.bad.update(report["bad"])
             self.consumed += 1
-            if hasattr(self.collator, "load_state_dict") and hasattr(self.collator, "sample"):
-                self.collator.load_state_dict({"step": self.epoch * len(self) + report["batch"]})
+            self.collator.load_state_dict({"step": self.epoch * len(self) + report["batch"]})
             self._check_bad()
             yield batch
         if self.bad:

@@ -16,18 +16,18 @@ per-block FSDP2 cover all of them):
   both layouts give the same predictions; deeper, the official context tokens also see block m's mask tokens,
   which here they do not. The loss is unchanged.
 
-``forward_packed`` runs the variable-length context (``fastjepa.mask_batch.PackedContext``): for every target block m
-and image, ``[that image's whole context; block m's mask tokens]`` as one packed sequence (the official layout
-without a common context length). Loss weighting is unchanged: target blocks keep one size per batch, so every
-image and target block weighs the same as in the official loss.
+With ``masks.packed`` it runs the variable-length context (``fastjepa.mask_batch.PackedContext``): for every
+target block m and image, ``[that image's whole context; block m's mask tokens]`` as one packed sequence (the
+official layout without a common context length). Loss weighting is unchanged: target blocks keep one size per
+batch, so every image and target block weighs the same as in the official loss.
 """
 
 import torch
 from torch import nn
 
 from fastjepa.choices import PREDICTOR_LAYOUTS
-from fastjepa.kernels import mask_index, predictor_tokens, stack_masks
-from fastjepa.mask_batch import PackedContext
+from fastjepa.kernels import mask_index, predictor_tokens
+from fastjepa.mask_batch import Masks, PackedContext
 from fastjepa.models.pos_embed import sincos_2d
 from fastjepa.models.vit import init_official_
 from fastjepa.modules.block import Block
@@ -62,11 +62,16 @@ class VisionTransformerPredictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=init_std, a=-2.0, b=2.0)
         init_official_(self, init_std)
 
-    def forward(self, x: torch.Tensor, masks_enc, masks_pred) -> torch.Tensor:
-        """Context ``[nenc*B, Kc, D]`` -> predictions ``[M*nenc*B, Kt, D]`` for every target block, in the order
-        of ``fastjepa.kernels.target_norm_gather``'s targets. Masks: ``[nenc, B, Kc]`` / ``[M, B, Kt]`` index
-        tensors or the official lists of ``[B, K]`` tensors."""
-        masks_enc, masks_pred = stack_masks(masks_enc), stack_masks(masks_pred)
+    def forward(self, x: torch.Tensor, masks: Masks) -> torch.Tensor:
+        """Context ``[nenc*B, Kc, D]`` (packed ``[T, D]`` with ``masks.packed``) -> predictions
+        ``[M*nenc*B, Kt, D]`` for every target block, in the order of ``fastjepa.kernels.target_norm_gather``'s
+        targets."""
+        if not isinstance(masks, Masks):
+            raise TypeError(f"the predictor takes one Masks value, got {type(masks).__name__}; build it from the "
+                            "official lists with fastjepa.mask_batch.Masks.from_lists(masks_enc, masks_pred)")
+        if masks.packed is not None:
+            return self.forward_packed(x, masks.packed, masks.pred)
+        masks_enc, masks_pred = masks.enc, masks.pred
         if self.layout == "official":
             return self.forward_official(x, masks_enc, masks_pred)
         if self.layout == "repeat":
@@ -119,7 +124,7 @@ class VisionTransformerPredictor(nn.Module):
         h = h[:, num_context:].reshape(rows, num_target_blocks, target_len, dim).transpose(0, 1)
         return self._readout(h.reshape(-1, target_len, dim))
 
-    def forward_packed(self, z: torch.Tensor, packed: PackedContext, masks_pred) -> torch.Tensor:
+    def forward_packed(self, z: torch.Tensor, packed: PackedContext, masks_pred: torch.Tensor) -> torch.Tensor:
         """Packed context ``z`` ``[T, D]`` (``VisionTransformer.forward_packed``) -> ``[M*nenc*B, Kt, D]`` in the
         official row order."""
         dim = self.mask_token.shape[-1]

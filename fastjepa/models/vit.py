@@ -68,11 +68,10 @@ class VisionTransformer(nn.Module):
                              f"(grid {self.grid[0]}x{self.grid[1]} of {self.patch_size}px patches)")
         return x
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | list[torch.Tensor] | None = None,
-                final_norm: bool = True) -> torch.Tensor:
-        """``[B, C, H, W]`` -> ``[B, N, D]``; with masks (``[M, B, K]`` indices, or one or a list of M ``[B, K]``)
-        -> ``[M*B, K, D]``, the tokens at those positions only. ``final_norm=False`` leaves the last LayerNorm to
-        the caller (the I-JEPA loss applies it to the target tokens only: ``final_norm_args``)."""
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None, final_norm: bool = True) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, N, D]``; with masks (``[M, B, K]`` indices, ``Masks.enc``) -> ``[M*B, K, D]``,
+        the tokens at those positions only. ``final_norm=False`` leaves the last LayerNorm to the caller (the I-JEPA
+        loss applies it to the target tokens only: ``final_norm_args``)."""
         x = self.embed(x)
         # the activations keep their dtype (bf16 under autocast) next to the fp32 positional embedding
         x = x + self.pos_embed.to(x.dtype) if masks is None else masked_gather(x, masks, self.pos_embed)
