@@ -52,8 +52,8 @@ def run(cfg, *, resume: str | None = None, official_checkpoint: str | None = Non
     application's business (the command line does it)."""
     tr = Trainer.setup(cfg, resume, official_checkpoint)
     result = TrainResult(tr.model, tr.optimizer, tr.state.step, tr.folder)
-    tr.start()
     try:
+        tr.start()
         while tr.state.step < tr.total_steps:
             for images, masks, flops, waited in tr.epoch_batches():
                 if stopped_after_step(tr, result, images, masks, flops, waited):

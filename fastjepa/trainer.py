@@ -17,16 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from fastjepa import schedules
 from fastjepa.checkpoint import (
     CheckpointError,
     CheckpointManager,
     RunLock,
-    agreed,
     rng_state,
-    set_rng_state,
     step_of,
 )
 from fastjepa.choices import SHARDED_STRATEGIES
@@ -47,7 +44,14 @@ from fastjepa.metrics import (
 )
 from fastjepa.modules.fp8 import fp8_unsupported, torchao_unavailable
 from fastjepa.parallel import DistEnv, init_distributed, resolve_strategy
-from fastjepa.resume import check_resume_compatible, names_one_checkpoint, recorded_settings, resolve_resume
+from fastjepa.resume import (
+    TrainState,
+    check_resume_compatible,
+    names_one_checkpoint,
+    recorded_settings,
+    resolve_resume,
+    resume_state,
+)
 from fastjepa.spec import ModelSpec, StepOptions
 from fastjepa.step import StepOutput, Stepper
 
@@ -64,16 +68,6 @@ class TrainingDiverged(RuntimeError):
 
 class StepOutOfMemory(RuntimeError):
     """A step ran out of device memory: what it was, and the settings that lower it."""
-
-
-@dataclass
-class TrainState:
-    """Where the run is; with the weights, what a checkpoint restores."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    skipped_steps: int = 0
 
 
 class StopSignal:
@@ -104,7 +98,7 @@ class StopSignal:
 
 @dataclass
 class Trainer:
-    """A built run: its components and its ``TrainState``. Every rank holds one."""
+    """A built run: its components and its ``TrainState``, complete once ``setup`` returns. Every rank holds one."""
 
     cfg: object
     env: DistEnv
@@ -117,14 +111,14 @@ class Trainer:
     stepper: Stepper
     flop_model: FlopModel
     state: TrainState
-    sink: MetricsSink | None = None
+    sink: MetricsSink
+    normalize: Normalize
+    lock: RunLock | None
+    rankme_images: torch.Tensor | None  # RankMe's fixed images, when train.rankme_every > 0
+    online_probe: OnlineProbe | None  # the eval section's k-NN probe, when on
     stop: StopSignal = field(default_factory=StopSignal)
-    rankme_images: torch.Tensor | None = None
-    online_probe: OnlineProbe | None = None  # the eval section's k-NN probe, when on
     last_eval_step: int = -1
     window: StepAccumulator = field(default_factory=StepAccumulator)
-    normalize: Normalize | None = None
-    lock: RunLock | None = None
 
     @property
     def folder(self) -> Path:
@@ -141,7 +135,8 @@ class Trainer:
     @classmethod
     def setup(cls, cfg, resume: str | None = None, official_checkpoint: str | None = None) -> "Trainer":
         """Processes, data, schedules, checkpoint paths, the folder's lock and a memory estimate (all checked
-        first: ``SetupError``), then the model, its wrapping, the optimizer and the restored state."""
+        first: ``SetupError``), then the model, its wrapping, the optimizer, the restored state, the run folder
+        and its metrics sink."""
         try:
             env = init_distributed(cfg.train.dist_timeout_s, cfg.train.device)
             strategy = resolve_strategy(cfg.train.parallel, env.world_size)
@@ -149,7 +144,6 @@ class Trainer:
             raise SetupError(str(e)) from e
         plan = plan_run(cfg, env, strategy, resume, official_checkpoint)
         model, official_opt, start_epoch = build_model(cfg, plan.official)
-        flop_model = FlopModel.from_model(model)
         stepper = Stepper.build(plan.spec, StepOptions.from_config(cfg), env, strategy, model, plan.sched)
         if official_opt is not None:
             if strategy in SHARDED_STRATEGIES:
@@ -157,24 +151,26 @@ class Trainer:
             else:
                 stepper.optimizer.load_state_dict(official_opt)
         state = TrainState(step=start_epoch * len(plan.loader), epoch=start_epoch)
-        trainer = cls(cfg, env, strategy, plan.loader, plan.sched, plan.manager, plan.total_steps, model, stepper,
-                      flop_model, state, lock=plan.lock, online_probe=plan.online_probe,
-                      normalize=Normalize(*mean_std(cfg), env.device))
         plan.manager.remove_partial_saves()
         if plan.resume_from is not None:
-            trainer.resume(plan.resume_from, fall_back=not names_one_checkpoint(cfg, resume))
-        return trainer
+            try:
+                state = resume_state(plan.resume_from, not names_one_checkpoint(cfg, resume), plan.manager, model,
+                                     stepper.optimizer, plan.loader)
+            except CheckpointError as e:
+                raise SetupError(str(e)) from e
+        if env.is_main:
+            Path(cfg.logging.folder).mkdir(parents=True, exist_ok=True)
+            cfg.dump(Path(cfg.logging.folder) / "config.yaml")
+        sink = MetricsSink(cfg.logging.folder, plan.total_steps, state.step, enabled=env.is_main,
+                           progress={"auto": None, "bar": True, "lines": False}[cfg.train.progress])
+        rankme = rankme_images(cfg, env, cfg.train.rankme_samples) if cfg.train.rankme_every > 0 else None
+        return cls(cfg, env, strategy, plan.loader, plan.sched, plan.manager, plan.total_steps, model, stepper,
+                   FlopModel.from_model(model), state, sink, Normalize(*mean_std(cfg), env.device), plan.lock, rankme,
+                   plan.online_probe)
 
     def start(self) -> None:
-        """Rank 0's run folder, metrics sink and console; the signal handlers; RankMe's fixed images."""
-        cfg, env = self.cfg, self.env
-        if env.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            cfg.dump(self.folder / "config.yaml")
-        self.sink = MetricsSink(self.folder, self.total_steps, self.state.step, enabled=env.is_main,
-                                progress={"auto": None, "bar": True, "lines": False}[cfg.train.progress])
-        if cfg.train.rankme_every > 0:
-            self.rankme_images = rankme_images(cfg, env, cfg.train.rankme_samples)
+        """The signal handlers, and the run's first console line."""
+        env = self.env
         self.stop.install()
         self.sink.message(f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) on "
                           f"{env.world_size} x {env.device.type}, parallel={self.strategy}, bf16={self.stepper.bf16}, "
@@ -183,67 +179,9 @@ class Trainer:
     def close(self) -> None:
         self.manager.wait()  # an asynchronous save still in flight is finished and committed
         self.stop.restore()
-        if self.sink is not None:
-            self.sink.close()
+        self.sink.close()
         if self.lock is not None:
             self.lock.release()
-
-    def resume(self, path: Path, fall_back: bool) -> None:
-        """``restore(path)``; a checkpoint that fails to load or holds non-finite weights falls back (``fall_back``)
-        to the newest older one that verifies, after one warning line naming it and the reason; else the run
-        stops with that reason (exit 2), never silently from step 0."""
-        while True:
-            problem = agreed(self._restore_problem(path))
-            if problem is None:
-                return
-            older = self._older_usable(path) if fall_back else None
-            if older is None:
-                raise SetupError(f"checkpoint {path} cannot be resumed: {problem}; pass --resume with another "
-                                 "checkpoint, or start over in a new logging.folder")
-            logger.warning(f"checkpoint {path} cannot be resumed ({problem}); falling back to {older}")
-            self.manager.start_timeline(step_of(older), keep=older)
-            path = older
-
-    @staticmethod
-    def _older_usable(path: Path) -> Path | None:
-        """The newest checkpoint before ``path`` in its folder whose content verifies, or None."""
-        folder = CheckpointManager(path.parent)
-        previous = folder.previous(path)
-        try:
-            return None if previous is None else folder.verified(previous)
-        except CheckpointError:
-            return None
-
-    def _restore_problem(self, path: Path) -> str | None:
-        """None once ``path`` is restored with finite weights, else what went wrong."""
-        try:
-            self.restore(path)
-        except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 -- whatever a damaged file raises
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
-        bad = [name for name, p in self.model.named_parameters()
-               if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
-        return f"non-finite weights in {bad[0]} and {len(bad) - 1} more tensors" if bad else None
-
-    def restore(self, path: Path) -> None:
-        """Weights, optimizer, RNG and data position from checkpoint ``path``. Written by another number of ranks
-        or data workers, the data position continues at the same share of the epoch, approximately (noted)."""
-        saved = self.manager.load(path, self.model, self.optimizer)
-        epoch, batch = saved["epoch"], saved["batch_in_epoch"]
-        exact = saved["exact"]
-        if saved["loader"] is not None:
-            self.loader.set_epoch(epoch)
-            exact = self.loader.load_state_dict(saved["loader"]) and exact
-            batch = self.loader.consumed
-        # The step counts this run's batches: another world size changes the batches per epoch.
-        step = saved["step"] if exact else epoch * self.steps_per_epoch + batch
-        if step < saved["step"]:  # renumbered: the saves ahead of this step belong to the old numbering
-            self.manager.start_timeline(step, keep=path)
-        self.state = TrainState(step=step, epoch=epoch, batch_in_epoch=batch, skipped_steps=saved["skipped_steps"])
-        set_rng_state(saved["rng"])
-        self.model.sync_target_replica()
-        logger.info(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch} of {self.steps_per_epoch})"
-                    + ("" if exact else "; written by another number of ranks or data workers: the data position "
-                       "in this epoch and the RNG are approximate"))
 
     def save_blocker(self) -> str | None:
         """None when the current state may be checkpointed, else why not: the last step was not finite, or a
