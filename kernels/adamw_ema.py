@@ -104,7 +104,7 @@ def _adamw_ema_kernel(table, grad_offsets, hyper, found_inf, base_p, base_g, bas
                 tl.store(p_c + o, t.to(p_c.dtype.element_ty), mask=mask)
 
 
-# sm_90 compile check (tests/test_kernels_compile.py): fp32 parameters, state and target, a bf16 replica.
+# sm_90 compile check (tests/kernels/test_compile.py): fp32 parameters, state and target, a bf16 replica.
 COMPILE_SPECS = {
     "adamw_ema": (
         _adamw_ema_kernel,

@@ -142,7 +142,7 @@ def _gelu_bwd_kernel(h, b, dout, dh, db_part, M, D, num_tiles, BLOCK_M: tl.const
     tl.store(db_part + pid.to(tl.int64) * D + o_d, acc, mask=m_d)
 
 
-# sm_90 compile check (tests/test_kernels_compile.py): bf16 activations, fp32 parameters, as under autocast.
+# sm_90 compile check (tests/kernels/test_compile.py): bf16 activations, fp32 parameters, as under autocast.
 COMPILE_SPECS = {
     "add_layer_norm_fwd": (
         _add_ln_fwd_kernel,

@@ -82,7 +82,7 @@ def _gelu_fp8_kernel(h, q, scale, D, BLOCK_D: tl.constexpr):
     _quantize_row(0.5 * b_v * (1.0 + tl.math.erf(b_v * 0.7071067811865476)), m, q, scale, row, off)
 
 
-# sm_90 compile check (tests/test_kernels_compile.py): bf16 activations, fp32 LayerNorm parameters, ViT-H widths.
+# sm_90 compile check (tests/kernels/test_compile.py): bf16 activations, fp32 LayerNorm parameters, ViT-H widths.
 COMPILE_SPECS = {
     "layer_norm_fp8": (
         _ln_fp8_kernel,

@@ -57,7 +57,7 @@ def _ema_update_kernel(table, base_t, base_o, base_c, momentum, weight, HAS_COPY
             tl.store(p_c + o, b_new.to(p_c.dtype.element_ty), mask=m)
 
 
-# sm_90 compile check (tests/test_kernels_compile.py): fp32 master weights with a bf16 copy, as the trainer runs it.
+# sm_90 compile check (tests/kernels/test_compile.py): fp32 master weights with a bf16 copy, as the trainer runs it.
 COMPILE_SPECS = {
     "ema_update": (
         _ema_update_kernel,

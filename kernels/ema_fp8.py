@@ -59,7 +59,7 @@ def _ema_fp8_kernel(t, o, c, q, s, momentum, weight, D, HAS_COPY: tl.constexpr, 
     tl.store(s + row, b_scale)
 
 
-# sm_90 compile check (tests/test_kernels_compile.py): fp32 target and online, bf16 copy, ViT-H's fc2 row.
+# sm_90 compile check (tests/kernels/test_compile.py): fp32 target and online, bf16 copy, ViT-H's fc2 row.
 COMPILE_SPECS = {
     "ema_update_fp8": (
         _ema_fp8_kernel,

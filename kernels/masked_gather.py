@@ -95,7 +95,7 @@ def _masked_gather_bwd_kernel(dy, idx, dx, M, B, N, K, D, BLOCK_N: tl.constexpr,
     tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_n[:, None] & m_d)
 
 
-# sm_90 compile check of every kernel (tests/test_kernels_compile.py): the signature a real launch specialises to,
+# sm_90 compile check of every kernel (tests/kernels/test_compile.py): the signature a real launch specialises to,
 # with ViT-H-like block sizes.
 COMPILE_SPECS = {
     "masked_gather_fwd": (

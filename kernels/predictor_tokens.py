@@ -114,7 +114,7 @@ def _predictor_tokens_bwd_kernel(dy, dx, partial, B, NENC, M, KC, KT, D, NUM_KC_
         tl.store(partial + i_p * D + o_d, tl.sum(b_acc, axis=0), mask=o_d < D)
 
 
-# sm_90 compile check of every kernel (tests/test_kernels_compile.py), ViT-H predictor-like block sizes.
+# sm_90 compile check of every kernel (tests/kernels/test_compile.py), ViT-H predictor-like block sizes.
 COMPILE_SPECS = {
     "predictor_tokens_fwd": (
         _predictor_tokens_fwd_kernel,

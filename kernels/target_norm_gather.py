@@ -129,7 +129,7 @@ def _target_norm_smooth_l1_kernel(pred, h, idx, w, b, partial, dpred, dloss, B, 
         tl.store(partial + i_r * tl.num_programs(0) + tl.program_id(0), tl.sum(tl.sum(b_acc, axis=1), axis=0))
 
 
-# sm_90 compile check of every kernel (tests/test_kernels_compile.py), ViT-H-like block sizes.
+# sm_90 compile check of every kernel (tests/kernels/test_compile.py), ViT-H-like block sizes.
 _SMOOTH_L1_SIGNATURE = {"pred": "*bf16", "h": "*bf16", "idx": "*i64", "w": "*fp32", "b": "*fp32", "partial": "*fp32",
                         "dpred": "*bf16", "dloss": "*bf16", "B": "i32", "N": "i32", "K": "i32", "D": "i32",
                         "NENC": "i32", "eps": "fp32", "norm_eps": "fp32", "scale": "fp32"}

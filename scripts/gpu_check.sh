@@ -111,7 +111,7 @@ build_cuda_ext() {
         echo "skipped: needs a CUDA toolkit (nvcc) and a CUDA build of torch"; return 0
     fi
     FASTJEPA_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace --build-temp "$WORK/build" &&
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_ema.py -k cuda &&
+        "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_ema.py -k cuda &&
         "$PY" -m bench --suite kernels --ops ema --out "$WORK/cuda_ext"
 }
 
@@ -133,7 +133,7 @@ if [[ $DRY == 1 ]]; then
     stage step_report 20 "$PY" -m bench.bench_step --report --out "$WORK/step"
     stage train 90 "$PY" -m bench.train_check --quick --out "$WORK/train"
     stage profile 60 "$PY" -m bench.profile_step --quick --out "$WORK/profile"
-    stage tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_gather.py -k vit_like
+    stage tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_masked_gather.py -k vit_like
     stage blocks 60 "$PY" -m bench --suite kernels --quick --ops block_ops,update --out "$WORK/blocks"
     stage kernels 120 "$PY" -m bench --suite kernels --quick --ops "$GLUE_OPS" --out "$WORK/kernels"
     stage attention 60 "$PY" -m bench --suite attention --quick --out "$WORK/attention"

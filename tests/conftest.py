@@ -31,7 +31,7 @@ def triton_kernels():
 @pytest.fixture
 def reference_ops():
     """Run the fastjepa.kernels ops through their PyTorch references: under the Triton interpreter (CPU) the
-    fused kernels are exact but slow, and they have their own tests (tests/test_kernels_*.py)."""
+    fused kernels are exact but slow, and they have their own tests (tests/kernels/)."""
     from fastjepa.kernels import get_backend, set_backend
 
     was = get_backend()

@@ -37,7 +37,7 @@ def one_thread():
 
 def test_quick_run_writes_results_and_providers_agree(tmp_path, one_thread):
     # dynamo traces every compiled block with the 'eager' backend (aot_eager/inductor would add 10+ s on CPU; the
-    # block-attention op's AOT tracing is tested in test_block_attention.py)
+    # block-attention op's AOT tracing is tested in tests/kernels/test_block_attention.py)
     rows = bench_step.main(["--quick", "--compile", "eager", "--out", str(tmp_path)])
     assert [r["provider"] for r in rows] == ["official", "pytorch", "fastjepa"]
     for r in rows:

@@ -10,7 +10,7 @@ from fastjepa.models import VisionTransformerPredictor, vit_tiny
 from fastjepa.optim import build_optimizer, param_groups
 
 GRID, PATCH, IMG = 6, 4, 24  # 36 patches
-# The fused ops have their own tests against these same references (tests/test_kernels_*.py, test_fused_convergence.py).
+# The fused ops have their own tests against these same references (tests/kernels/, test_fused_convergence.py).
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
 

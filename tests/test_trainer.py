@@ -1,6 +1,7 @@
-"""A long run is never lost or silently wrong: rollbacks start a new timeline, divergence never leaves a bad
+"""fastjepa.trainer (with resume.py and the checkpoint folder it drives), end to end through ``train.run``: a long
+run is never lost or silently wrong: rollbacks start a new timeline, divergence never leaves a bad
 checkpoint behind, damaged checkpoints are skipped, problems are found before the model is built, and two runs
-never share a folder. Single-process cases here; world-size changes are in test_train_dist.py."""
+never share a folder. Single-process cases here; world-size changes are in test_parallel.py."""
 
 import json
 import math
@@ -432,15 +433,6 @@ def test_the_lock_heartbeat_beats_during_a_run_without_checkpoints(tmp_path, mon
     fj_train.run(tiny_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_steps=0"))
     assert beats.count("fastjepa-lock-heartbeat") >= 2, beats
     assert not (tmp_path / ".lock").exists()
-
-
-def test_read_jsonl_skips_a_torn_last_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
-    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
-    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 0.4}\n')
-    with pytest.raises(ValueError, match="metrics.jsonl:1: not a JSON record"):
-        read_jsonl(path)
 
 
 # ---- asynchronous checkpoints ------------------------------------------------------------------------------------

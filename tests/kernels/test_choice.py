@@ -10,7 +10,7 @@ import torch
 from fastjepa.kernels import MEASURED_WINNERS, kernel_backend
 from fastjepa.kernels._utils import measured_winner, use_triton
 
-KERNELS_MD = Path(__file__).resolve().parents[1] / "bench/results/nvidia-h200/kernels.md"
+KERNELS_MD = Path(__file__).resolve().parents[2] / "bench/results/nvidia-h200/kernels.md"
 # the mode each op is judged by: what a training step runs
 MODE = {"masked_gather": "fwd+bwd", "predictor_tokens": "fwd+bwd", "target_norm_gather": "fwd",
         "target_norm_smooth_l1": "fwd+bwd", "ema": "update+copy"}

@@ -13,8 +13,7 @@ import pytest
 import torch
 from test_train import KILL_AT
 
-from fastjepa import config as fj_config
-from fastjepa import schedules
+from fastjepa import config, schedules
 from fastjepa.checkpoint import CheckpointManager
 from fastjepa.data import build_pretrain_loader, mean_std, normalize_on_device
 from fastjepa.ijepa import build_ijepa
@@ -87,7 +86,7 @@ def reference_virtual_ranks(cfg, ranks: int = 2, steps: int = STEPS):
 
 def test_fsdp2_two_processes_match_one_process(fsdp_run, tmp_path):
     folder, _ = fsdp_run
-    cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"logging.folder={tmp_path}"])
+    cfg = config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"logging.folder={tmp_path}"])
     ref_losses, ref_model = reference_virtual_ranks(cfg)
 
     records = read_jsonl(folder / "metrics.jsonl")
@@ -110,7 +109,7 @@ def test_fsdp2_run_exports_the_full_target_encoder(fsdp_run):
     folder, proc = fsdp_run
     assert "parallel=fsdp" in proc.stdout
     state = torch.load(folder / "target_encoder.pt", weights_only=True)
-    loaded = build_ijepa(fj_config.load(ROOT / "configs/test_tiny.yaml", OVERRIDES)).target_encoder
+    loaded = build_ijepa(config.load(ROOT / "configs/test_tiny.yaml", OVERRIDES)).target_encoder
     assert state.keys() == loaded.state_dict().keys()
     assert all(v.shape == loaded.state_dict()[k].shape for k, v in state.items())  # gathered, not shards
 
@@ -125,7 +124,7 @@ def test_fsdp2_units_cover_every_block_of_the_three_models(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         for layout in ("repeat", "shared", "official"):
-            cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"fastjepa.predictor_layout={layout}"])
+            cfg = config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"fastjepa.predictor_layout={layout}"])
             model = apply_fsdp(build_ijepa(cfg), torch.device("cpu"), bf16=False)
             blocks = [*model.encoder.blocks, *model.target_encoder.blocks, *model.predictor.predictor_blocks]
             assert len(model.predictor.predictor_blocks) == 2
@@ -207,7 +206,7 @@ def test_hsdp_on_a_2x2_mesh_matches_one_process_and_resumes_as_fsdp(tmp_path):
     fsdp = torchrun(folder, "train.parallel=fsdp", "train.max_steps=4", nproc=4)
     assert fsdp.returncode == 0, fsdp.stdout[-2000:] + fsdp.stderr[-3000:]
     assert "resumed from" in fsdp.stdout and "approximate" not in fsdp.stdout
-    cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"logging.folder={tmp_path / 'ref'}"])
+    cfg = config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"logging.folder={tmp_path / 'ref'}"])
     reference, _ = reference_virtual_ranks(cfg, ranks=4, steps=4)
     losses = [r["loss"] for r in read_jsonl(folder / "metrics.jsonl") if r.get("kind", "train") == "train"]
     assert len(losses) == 4
@@ -221,7 +220,7 @@ def test_sigreg_with_an_online_target_on_two_ranks_equals_one_process_over_the_w
     options = ["fastjepa.sigreg.weight=0.2", "fastjepa.sigreg.slices=64", "fastjepa.target_encoder=online"]
     run = torchrun(tmp_path / "run", *options)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, *options, f"logging.folder={tmp_path}"])
+    cfg = config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, *options, f"logging.folder={tmp_path}"])
     reference, _ = reference_virtual_ranks(cfg)
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("kind", "train") == "train"]
     assert len(records) == STEPS and all(r["sigreg"] > 0 for r in records)

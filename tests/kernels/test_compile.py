@@ -16,7 +16,7 @@ from fastjepa.kernels import mask_index, masked_gather, predictor_tokens, target
 from fastjepa.kernels.target_norm_gather import target_norm_smooth_l1
 
 B, N, D, KC, KT, NENC, M = 2, 16, 8, 5, 3, 2, 2
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # where kernel_utils lives, under the repository root
 
 
 def glue(tokens, pos, mask_token, h, masks_enc, masks_pred):
@@ -63,7 +63,7 @@ def test_triton_kernels_compile_for_sm90_with_vector_accesses():
             "print(json.dumps(compile_kernels_for(90)))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode and ("ptxas" in proc.stderr or "backend" in proc.stderr.lower()):
         pytest.skip(f"Triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
