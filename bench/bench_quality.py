@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastjepa import config as fj_config
-from fastjepa import train
+from fastjepa import config, train
 from fastjepa.demo import probe_all, reproducible_cpu
 from fastjepa.metrics import read_jsonl
 
@@ -39,9 +38,9 @@ COMPARISONS = {
 NONE = float("nan")  # a probe that was not run (the test split without --test)
 
 
-def run_one(config: str, overrides: list[str], steps: int, seed: int, folder: Path, test: bool) -> dict:
+def run_one(config_file: str, overrides: list[str], steps: int, seed: int, folder: Path, test: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = fj_config.load(config, [*overrides, f"logging.folder={folder}", f"train.max_steps={steps}",
+    cfg = config.load(config_file, [*overrides, f"logging.folder={folder}", f"train.max_steps={steps}",
                                   "train.export=false", "train.resume=none", "train.progress=lines",
                                   "train.log_every=50", f"fastjepa.seed={seed}"])
     tic = time.time()

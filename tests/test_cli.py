@@ -44,11 +44,11 @@ def test_make_shards_names_a_missing_or_empty_source(tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory):
-    from fastjepa import config as fj_config
+    from fastjepa import config
     from fastjepa.ijepa import build_ijepa
 
     folder = tmp_path_factory.mktemp("probe")
-    cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", ["meta.model_name=vit_micro", f"logging.folder={folder}"])
+    cfg = config.load(ROOT / "configs/test_tiny.yaml", ["meta.model_name=vit_micro", f"logging.folder={folder}"])
     cfg.dump(folder / "config.yaml")
     torch.save(build_ijepa(cfg).target_encoder.state_dict(), folder / "target_encoder.pt")
     return folder / "target_encoder.pt"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastjepa import config as fj_config
+from fastjepa import config
 from fastjepa.compat.ijepa import export_timm, load_official, save_official, strip_prefixes
 from fastjepa.ijepa import build_ijepa
 from fastjepa.mask_batch import Masks
@@ -13,7 +13,7 @@ from fastjepa.optim import build_optimizer
 from fastjepa.schedules import build as build_schedules
 
 CONFIG = Path(__file__).parents[1] / "configs" / "test_tiny.yaml"
-# The fused ops have their own tests against these same references (tests/test_kernels_*.py, test_fused_convergence.py).
+# The fused ops have their own tests against these same references (tests/kernels/, test_fused_convergence.py).
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
@@ -37,7 +37,7 @@ def _step(model, opt, sched, i, batch):
 
 
 def test_official_checkpoint_round_trip_resumes_identically(tmp_path):
-    cfg = fj_config.load(CONFIG)
+    cfg = config.load(CONFIG)
     torch.manual_seed(0)
     model = build_ijepa(cfg)
     opt = build_optimizer(model.encoder, model.predictor)
@@ -67,14 +67,14 @@ def test_official_checkpoint_round_trip_resumes_identically(tmp_path):
 
 
 def test_a_teacher_free_model_loads_the_official_online_encoder_and_writes_it_as_the_target(tmp_path):
-    cfg = fj_config.load(CONFIG)
+    cfg = config.load(CONFIG)
     torch.manual_seed(0)
     model = build_ijepa(cfg)
     with torch.no_grad():
         for p in model.target_encoder.parameters():
             p.add_(1.0)  # the official file's target differs from its encoder
     save_official(tmp_path / "official.pth.tar", model, None, epoch=2)
-    online = load_official(tmp_path / "official.pth.tar", fj_config.load(CONFIG, ["fastjepa.target_encoder=online"]))
+    online = load_official(tmp_path / "official.pth.tar", config.load(CONFIG, ["fastjepa.target_encoder=online"]))
     for (name, a), b in zip(model.encoder.state_dict().items(), online.model.encoder.state_dict().values(),
                             strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
@@ -85,12 +85,12 @@ def test_a_teacher_free_model_loads_the_official_online_encoder_and_writes_it_as
 
 
 def test_checkpoint_that_does_not_fit_the_config_names_the_fix(tmp_path):
-    cfg = fj_config.load(CONFIG)
+    cfg = config.load(CONFIG)
     model = build_ijepa(cfg)
     path = tmp_path / "ckpt.pth.tar"
     save_official(path, model, None, epoch=0)
     with pytest.raises(ValueError, match="meta.model_name"):
-        load_official(path, fj_config.load(CONFIG, ["meta.pred_depth=1"]))
+        load_official(path, config.load(CONFIG, ["meta.pred_depth=1"]))
     torch.save({"encoder": {}}, tmp_path / "bad.pth.tar")
     with pytest.raises(ValueError, match="lacks"):
         load_official(tmp_path / "bad.pth.tar", CONFIG)
@@ -114,7 +114,7 @@ def _timm_vit_keys(depth: int) -> set[str]:
 def test_export_timm_names_and_reload(tmp_path):
     from safetensors.torch import load_file
 
-    cfg = fj_config.load(CONFIG)
+    cfg = config.load(CONFIG)
     model = build_ijepa(cfg)
     was = os.umask(0o022)
     try:
@@ -136,7 +136,7 @@ def test_export_metadata_says_how_to_rebuild_the_encoder(tmp_path):
 
     from fastjepa.models import VisionTransformer
 
-    cfg = fj_config.load(CONFIG, ["fastjepa.in_chans=1"])
+    cfg = config.load(CONFIG, ["fastjepa.in_chans=1"])
     encoder = build_ijepa(cfg).target_encoder
     with safe_open(str(export_timm(encoder, tmp_path / "encoder")), "pt") as f:
         meta = f.metadata()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastjepa import config as fj_config
+from fastjepa import config
 from fastjepa.checkpoint import CheckpointManager
 from fastjepa.data.mnist import load_mnist_5k
 from fastjepa.eval import extract_features, linear_probe, rankme, tensor_batches
@@ -67,7 +67,7 @@ def test_extract_features_average_pools_tokens_and_flattens_pixels():
 
 
 def test_probe_cli_on_a_checkpoint_and_on_an_exported_encoder(tmp_path):
-    cfg = fj_config.load(ROOT / "configs/demo_mnist.yaml", [f"logging.folder={tmp_path}"])
+    cfg = config.load(ROOT / "configs/demo_mnist.yaml", [f"logging.folder={tmp_path}"])
     cfg.dump(tmp_path / "config.yaml")
     torch.manual_seed(3)
     model = build_ijepa(cfg)
@@ -131,7 +131,7 @@ def colour_images(n_per_class: int, classes: int = 3, size: int = 40, seed: int 
 
 @pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
 def test_probe_cli_on_an_image_folder_and_on_shards(tmp_path, source):
-    cfg = fj_config.load(ROOT / "configs/test_tiny.yaml", ["meta.model_name=vit_micro", f"logging.folder={tmp_path}"])
+    cfg = config.load(ROOT / "configs/test_tiny.yaml", ["meta.model_name=vit_micro", f"logging.folder={tmp_path}"])
     cfg.dump(tmp_path / "config.yaml")
     torch.manual_seed(0)
     torch.save(build_ijepa(cfg).target_encoder.state_dict(), tmp_path / "target_encoder.pt")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastjepa import config as fj_config
+from fastjepa import config
 from fastjepa import step as fj_step
 from fastjepa import train as fj_train
 from fastjepa.checkpoint import CheckpointManager
@@ -26,7 +26,7 @@ TINY = ["meta.model_name=vit_micro", "meta.pred_emb_dim=32", "meta.pred_depth=1"
 
 
 def tiny_cfg(folder: Path, *overrides: str):
-    return fj_config.load(ROOT / "configs/test_tiny.yaml", [*TINY, f"logging.folder={folder}", *overrides])
+    return config.load(ROOT / "configs/test_tiny.yaml", [*TINY, f"logging.folder={folder}", *overrides])
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastjepa import config as fj_config
+from fastjepa import config
+from fastjepa.config import Config
 from fastjepa.ijepa import IJEPA, build_ijepa
 
 _REQUIRED_KEYS = ("encoder", "predictor", "target_encoder", "epoch")
@@ -39,7 +40,7 @@ class OfficialCheckpoint:
     model: IJEPA
     optimizer_state: dict | None
     epoch: int
-    config: "fj_config.Config"
+    config: Config
     extra: dict = field(default_factory=dict)  # loss, batch_size, world_size, lr, scaler as saved
 
 
@@ -54,7 +55,7 @@ def _load_strict(module: nn.Module, state_dict: dict, what: str, checkpoint: Pat
         )
 
 
-def load_official(checkpoint_path: str | os.PathLike, cfg: "fj_config.Config | str | os.PathLike",
+def load_official(checkpoint_path: str | os.PathLike, cfg: Config | str | os.PathLike,
                   map_location: str | torch.device = "cpu") -> OfficialCheckpoint:
     """Load an official I-JEPA checkpoint together with the config it was trained with (a ``Config``, or the path
     of its official YAML).
@@ -63,8 +64,8 @@ def load_official(checkpoint_path: str | os.PathLike, cfg: "fj_config.Config | s
     into ``fastjepa.optim.build_optimizer(model.encoder, model.predictor)``) and the epoch to resume from.
     """
     checkpoint_path = Path(checkpoint_path)
-    if not isinstance(cfg, fj_config.Config):
-        cfg = fj_config.load(cfg)
+    if not isinstance(cfg, Config):
+        cfg = config.load(cfg)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {checkpoint_path}")
     ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=True)

@@ -23,17 +23,20 @@ from pathlib import Path
 
 import torch
 
-from fastjepa import config as fj_config
+from fastjepa import config
 from fastjepa.checkpoint import CheckpointError, CheckpointManager, load_model_weights, read_meta
+from fastjepa.data import mean_std
+from fastjepa.data.mnist import mnist_split
+from fastjepa.data.transforms import EvalTransform
+from fastjepa.eval.data import eval_batches, eval_source
 from fastjepa.eval.knn import knn_top1
 from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
+from fastjepa.models import build_models
 from fastjepa.progress import counted
+from fastjepa.spec import ModelSpec
 
 
 def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
-    from fastjepa.models import build_models
-    from fastjepa.spec import ModelSpec
-
     encoder = build_models(ModelSpec.from_config(cfg))[0]
     if checkpoint.is_file():
         encoder.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
@@ -48,20 +51,18 @@ def load_encoder(checkpoint: Path, cfg) -> torch.nn.Module:
     return encoder
 
 
-def find_config(checkpoint: Path, config: str | None):
-    if config is not None:
-        return fj_config.load(config)
+def find_config(checkpoint: Path, config_file: str | None):
+    if config_file is not None:
+        return config.load(config_file)
     for folder in (checkpoint.parent, checkpoint.parent.parent, checkpoint):
         if (folder / "config.yaml").is_file():
-            return fj_config.load(folder / "config.yaml")
+            return config.load(folder / "config.yaml")
     raise FileNotFoundError(f"no config.yaml next to {checkpoint}; pass --config (the run's YAML)")
 
 
 def tensor_data(data: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """In-memory splits: ``mnist`` or a ``.pt`` file."""
     if data == "mnist":
-        from fastjepa.data.mnist import mnist_split
-
         return mnist_split()
     path = Path(data)
     if not path.is_file():
@@ -75,9 +76,6 @@ def tensor_data(data: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def split_batches(args, cfg, skipped: dict[str, Counter]):
     """``{split: (batches of uint8 images and labels, whether they need resizing)}`` for the chosen data."""
     if args.data in ("imagefolder", "webdataset"):
-        from fastjepa.data.transforms import EvalTransform
-        from fastjepa.eval.data import eval_batches, eval_source
-
         if not (args.train and args.val):
             raise ValueError(f"--data {args.data} needs --train and --val (a folder or a shard pattern each)")
         transform = EvalTransform(cfg.data.crop_size, "L" if cfg.fastjepa.in_chans == 1 else "RGB")
@@ -93,8 +91,6 @@ def split_batches(args, cfg, skipped: dict[str, Counter]):
 def probe(args) -> dict:
     cfg = find_config(args.checkpoint, args.config)
     encoder = load_encoder(args.checkpoint, cfg).to(args.device)
-    from fastjepa.data import mean_std
-
     mean, std = mean_std(cfg)
     device = torch.device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" else None
@@ -163,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         results = probe(args)
-    except (fj_config.ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
+    except (config.ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"fastjepa probe: {e}", file=sys.stderr)
         return 2
     text = json.dumps(results)
