@@ -18,8 +18,16 @@ from pathlib import Path
 
 import torch
 
-from fastjepa import config as fj_config
-from fastjepa.train import configure_logging
+from fastjepa import config
+from fastjepa.choices import VIT_SIZES
+from fastjepa.data import mean_std
+from fastjepa.data.mnist import mnist_split
+from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
+from fastjepa.metrics import read_jsonl
+from fastjepa.models import build_models
+from fastjepa.progress import counted
+from fastjepa.spec import ModelSpec
+from fastjepa.train import SetupError, configure_logging, run
 
 logger = logging.getLogger("fastjepa")
 
@@ -36,13 +44,6 @@ def reproducible_cpu() -> None:
 
 def probe_all(cfg, trained_encoder: torch.nn.Module, device: torch.device) -> dict[str, dict]:
     """Linear-probe accuracies of the trained encoder, a random-init twin and raw pixels on MNIST-5k."""
-    from fastjepa.data import mean_std
-    from fastjepa.data.mnist import mnist_split
-    from fastjepa.eval.linear_probe import extract_features, linear_probe, resized, tensor_batches, to_float_images
-    from fastjepa.models import build_models
-    from fastjepa.progress import counted
-    from fastjepa.spec import ModelSpec
-
     data = mnist_split()
     mean, std = mean_std(cfg)
     torch.manual_seed(cfg.fastjepa.seed)
@@ -73,8 +74,6 @@ def plot_curves(folder: Path, width: int, accs: dict[str, dict]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from fastjepa.metrics import read_jsonl
-
     records = read_jsonl(folder / "metrics.jsonl")
     train = [r for r in records if r.get("kind", "train") == "train"]
     online = [r for r in records if r.get("kind") == "eval"]  # the eval section's k-NN probe, when on
@@ -107,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. optimization.epochs=2")
     args = p.parse_args(argv)
     try:
-        cfg = fj_config.load(args.config, overrides=args.overrides)
-    except fj_config.ConfigError as e:
+        cfg = config.load(args.config, overrides=args.overrides)
+    except config.ConfigError as e:
         print(f"demo: config error: {e}", file=sys.stderr)
         return 2
     configure_logging()
@@ -116,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     # A fresh run folder per invocation, so a previous demo's checkpoints are never resumed or overwritten.
     cfg.logging.folder = str(Path(cfg.logging.folder) / time.strftime("%Y%m%d-%H%M%S"))
     cfg.train.resume = "none"
-
-    from fastjepa.train import SetupError, run
 
     t0 = time.perf_counter()
     try:
@@ -129,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     device = next(result.model.target_encoder.parameters()).device
     accs = probe_all(cfg, result.model.target_encoder, device)
     t_total = time.perf_counter() - t0
-    from fastjepa.choices import VIT_SIZES
-
     curves = plot_curves(result.folder, VIT_SIZES[cfg.meta.model_name][0], accs)
     print(f"run folder: {result.folder} ({result.step} steps, pretraining {t_train:.0f} s, total {t_total:.0f} s, "
           f"device {device.type}, {torch.get_num_threads()} threads)")

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from fastjepa import __version__
-from fastjepa import config as fj_config
+from fastjepa import __version__, config
 from fastjepa.checkpoint import CheckpointError, full_model_state
+from fastjepa.compat.ijepa import export_timm
 from fastjepa.data.loader import BadDataError
 from fastjepa.ijepa import IJEPA
+from fastjepa.models import build_models
 from fastjepa.parallel import DistEnv, destroy_distributed
+from fastjepa.spec import ModelSpec
 from fastjepa.trainer import SetupError, StepOutOfMemory, Trainer, TrainingDiverged
 
 logger = logging.getLogger("fastjepa")
@@ -111,10 +113,6 @@ def stopped_after_step(tr: Trainer, result: TrainResult, images, masks, flops: f
 
 def export_encoder(cfg, model: IJEPA, folder: Path, env: DistEnv) -> None:
     """Write the final target encoder as a full state dict (``encoder.pt``) and a timm-named file (rank 0)."""
-    from fastjepa.compat.ijepa import export_timm
-    from fastjepa.models import build_models
-    from fastjepa.spec import ModelSpec
-
     state = full_model_state(model.target_encoder)
     if env.is_main:
         torch.save(state, folder / "target_encoder.pt")
@@ -150,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
     try:
-        cfg = fj_config.load(args.config, overrides=args.overrides)
-    except (fj_config.ConfigError, FileNotFoundError) as e:
+        cfg = config.load(args.config, overrides=args.overrides)
+    except (config.ConfigError, FileNotFoundError) as e:
         print(f"fastjepa train: config error: {e}", file=sys.stderr)
         return 2
     finished = False
     try:
         run(cfg, resume=args.resume, official_checkpoint=args.official_checkpoint)
         finished = True
-    except (SetupError, fj_config.ConfigError, CheckpointError) as e:
+    except (SetupError, config.ConfigError, CheckpointError) as e:
         print(f"fastjepa train: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -9,6 +9,7 @@ on the device until a log step reads a whole window of them at once.
 
 import logging
 import os
+import resource
 import signal
 import time
 from collections import Counter
@@ -27,13 +28,16 @@ from fastjepa.checkpoint import (
     step_of,
 )
 from fastjepa.choices import SHARDED_STRATEGIES
-from fastjepa.data import Normalize, mean_std
+from fastjepa.compat.ijepa import load_official
+from fastjepa.data import Normalize, build_pretrain_loader, mean_std
 from fastjepa.data.loader import BadDataError
 from fastjepa.eval.online import OnlineProbe
+from fastjepa.eval.rankme import rankme
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.kernels import set_backend
 from fastjepa.kernels._utils import triton_unavailable
 from fastjepa.mask_batch import Masks
+from fastjepa.masks import MultiBlockMaskCollator
 from fastjepa.metrics import (
     FlopModel,
     MetricsSink,
@@ -338,8 +342,6 @@ class Trainer:
 
     def rankme(self) -> float:
         """RankMe of the target encoder's average-pooled embeddings of the fixed images."""
-        from fastjepa.eval.rankme import rankme
-
         batch, feats = self.cfg.data.batch_size, []
         for i in range(0, len(self.rankme_images), batch):
             images = self.normalize(self.rankme_images[i:i + batch].to(self.env.device))
@@ -478,9 +480,6 @@ def check_memory(cfg, env: DistEnv, strategy: str, spec: ModelSpec) -> None:
 
 
 def build_data(cfg, env: DistEnv, spec: ModelSpec):
-    from fastjepa.data import build_pretrain_loader
-    from fastjepa.masks import MultiBlockMaskCollator
-
     collator = MultiBlockMaskCollator.from_spec(spec, seed=cfg.fastjepa.seed, rank=env.rank)
     loader = build_pretrain_loader(cfg, rank=env.rank, world_size=env.world_size, collator=collator)
     if len(loader) < 1:
@@ -496,8 +495,6 @@ def build_model(cfg, official: Path | None) -> tuple[IJEPA, dict | None, int]:
     torch.manual_seed(cfg.fastjepa.seed)
     if official is None:
         return build_ijepa(cfg), None, 0
-    from fastjepa.compat.ijepa import load_official
-
     loaded = load_official(official, cfg)
     logger.info(f"loaded official checkpoint {official} (epoch {loaded.epoch})")
     return loaded.model, loaded.optimizer_state, loaded.epoch
@@ -542,6 +539,4 @@ def mean_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -11,6 +11,7 @@
 bytes) and the normalisation runs on the device.
 """
 
+import logging
 import os
 
 import torch
@@ -19,6 +20,8 @@ from fastjepa.choices import DATA_SOURCES as SOURCES
 from fastjepa.data.loader import PretrainLoader
 from fastjepa.data.sources import ImageFolderSource, MnistSource, ShardSource, SyntheticSource
 from fastjepa.data.transforms import PretrainTransform, build_transform
+from fastjepa.masks import MultiBlockMaskCollator
+from fastjepa.spec import ModelSpec
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -45,17 +48,12 @@ def build_pretrain_loader(cfg, *, rank=0, world_size=1, collator=None):
     mask collator (built from the config unless given). Yields ((images uint8 [B,C,H,W], labels [B]), Masks);
     see fastjepa.data.loader for the epoch plan, resume and bad-data handling."""
     if collator is None:
-        from fastjepa.masks import MultiBlockMaskCollator
-        from fastjepa.spec import ModelSpec
-
         collator = MultiBlockMaskCollator.from_spec(ModelSpec.from_config(cfg), seed=cfg.fastjepa.seed, rank=rank)
     d = cfg.data
     source = build_source(cfg)
     shards = getattr(source, "urls", None)
     num_workers = int(d.num_workers)
     if shards is not None and len(shards) < world_size * max(num_workers, 1):
-        import logging
-
         logging.getLogger(__name__).warning(
             "%d shards for %d ranks x %d workers: it works (workers split shards by sample), but every worker "
             "reads past the samples of the workers before it in a shared shard; write at least %d shards "

@@ -24,6 +24,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
+from fastjepa.data.mnist import _load_arrays
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
@@ -150,8 +152,6 @@ class MnistSource(RandomAccessSource):
     """The 5000 bundled MNIST digits (uint8 28x28 arrays, no encoding)."""
 
     def __init__(self):
-        from fastjepa.data.mnist import _load_arrays
-
         self.images, self.labels = _load_arrays()
         self.num_samples = len(self.images)
 

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fastjepa.data import mean_std
+from fastjepa.data.mnist import mnist_split
+from fastjepa.data.transforms import EvalTransform
+from fastjepa.eval.data import eval_batches, eval_source
 from fastjepa.eval.knn import knn_top1
 from fastjepa.eval.linear_probe import extract_features, resized, tensor_batches, to_float_images
 
@@ -32,14 +36,10 @@ class OnlineProbe:
     @classmethod
     def from_config(cls, cfg) -> "OnlineProbe | None":
         """None when ``eval.every_epochs`` is 0; raises ``FileNotFoundError``/``ValueError`` for bad data."""
-        from fastjepa.data import mean_std
-
         e = cfg.eval
         if not e.every_epochs:
             return None
         if e.data == "mnist":
-            from fastjepa.data.mnist import mnist_split
-
             digits = mnist_split()
             splits = {"train": digits["train"], "val": digits["test"]}
         else:
@@ -68,9 +68,6 @@ class OnlineProbe:
 
 def _decoded(kind: str, location: str, cfg, max_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``max_samples`` images of an ImageFolder or shards, centre-cropped at the training resolution."""
-    from fastjepa.data.transforms import EvalTransform
-    from fastjepa.eval.data import eval_batches, eval_source
-
     transform = EvalTransform(cfg.data.crop_size, "L" if cfg.fastjepa.in_chans == 1 else "RGB")
     images, labels, count = [], [], 0
     for x, y in eval_batches(eval_source(kind, location), transform, batch_size=256, num_workers=2):
