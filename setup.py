@@ -81,7 +81,7 @@ setup(
     ],
     extras_require={
         "gpu": [TRITON],
-        "test": ["pytest>=7", "pytest-benchmark", "matplotlib", TRITON, "torchao"],
+        "test": ["pytest>=7", "pytest-xdist", "pytest-benchmark", "matplotlib", TRITON, "torchao"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "demo": ["mlxtend", "matplotlib"],
         # fastjepa.fp8=all trains the context encoder and predictor through torchao.float8

@@ -31,7 +31,7 @@ pin="$(mktemp)"
 trap 'rm -f "$pin"' EXIT
 echo "torch==${torch_version}" >"$pin"
 
-if ! "$PY" -c "import fastjepa, pytest, webdataset, torchao" >/dev/null 2>&1 || [[ setup.py -nt .venv/.fastjepa-installed ]]; then
+if ! "$PY" -c "import fastjepa, pytest, xdist, webdataset, torchao" >/dev/null 2>&1 || [[ setup.py -nt .venv/.fastjepa-installed ]]; then
     echo "[setup] installing fastjepa (editable, test extras) against torch ${torch_version}"
     pip_q -c "$pin" -e ".[test]"
     [[ -d .venv ]] && touch .venv/.fastjepa-installed
