@@ -38,6 +38,7 @@ from fastjepa.data.loader import PretrainLoader
 from fastjepa.data.sources import RandomAccessSource, RawSample, synthetic_jpeg
 from fastjepa.data.transforms import DEFAULT_RATIO, PretrainTransform, random_resized_crop_params
 from fastjepa.masks import MultiBlockMaskCollator
+from fastjepa.spec import ModelSpec
 
 from .common import RESULTS, device_dir, git_commit
 
@@ -96,9 +97,8 @@ def nvjpeg_batches(pool, n, batch, crop, scale):
 
 
 def fastjepa_loader(pool, n, batch, crop, scale, num_workers=0):
-    collator = MultiBlockMaskCollator(input_size=crop, patch_size=16, enc_mask_scale=(0.85, 1.0),
-                                      pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
-                                      min_keep=10)
+    # the official mask recipe (ModelSpec's defaults) on crop x crop images in 16-pixel patches
+    collator = MultiBlockMaskCollator.from_spec(ModelSpec("vit_base", crop, 16, 3, 384, 6))
     return PretrainLoader(PoolSource(pool, n), PretrainTransform(crop_size=crop, crop_scale=scale), collator, batch,
                           num_workers=num_workers, shuffle_buffer=0, max_bad_fraction=0.0)
 

@@ -31,7 +31,7 @@ from torch._dynamo.utils import counters
 
 from fastjepa.kernels import set_backend
 from fastjepa.mask_batch import Masks
-from fastjepa.masks import MultiBlockMaskCollator
+from fastjepa.masks import MultiBlockMaskCollator, official_kwargs
 from fastjepa.metrics import FlopModel, peak_flops
 from fastjepa.spec import ModelSpec
 
@@ -83,9 +83,7 @@ def matmul_rate(device: torch.device) -> float:
 
 def make_inputs(s: ModelSpec, batch: int, device, rotations: int, seed: int = 0):
     """Normalised random images and official-recipe masks (parity mode), a few batches to rotate through."""
-    collator = MultiBlockMaskCollator((s.img_size, s.img_size), s.patch_size, s.enc_mask_scale, s.pred_mask_scale,
-                                      s.aspect_ratio, s.num_enc_masks, s.num_pred_masks, s.min_keep,
-                                      allow_overlap=False, mode="parity", seed=seed)
+    collator = MultiBlockMaskCollator(**official_kwargs(s), mode="parity", seed=seed)
     gen = torch.Generator().manual_seed(seed)
     images = [torch.randn(batch, s.in_chans, s.img_size, s.img_size, generator=gen).to(device)
               for _ in range(min(rotations, 2))]

@@ -41,14 +41,14 @@ from fastjepa.config_sections import (
     Mask,
     Meta,
     Optimization,
+    Section,
     Train,
-    _check_mask_geometry,
-    _fail,
-    _Section,
-    _show,
+    check_mask_sampling,
+    fail,
     is_section,
     key_type,
     section_keys,
+    show,
 )
 
 # Keys fastjepa renamed: loading the old name says what to write instead.
@@ -87,10 +87,10 @@ class Config:
         crop, patch = self.data.crop_size, self.mask.patch_size
         if crop % patch:
             near = sorted({max(patch, crop // patch * patch), (crop // patch + 1) * patch})
-            _fail("data.crop_size", crop, f"not divisible by mask.patch_size={patch} (the image is cut into "
+            fail("data.crop_size", crop, f"not divisible by mask.patch_size={patch} (the image is cut into "
                   "patch_size x patch_size patches)", f"set data.crop_size to {' or '.join(map(str, near))}, "
                   "or pick a mask.patch_size that divides it")
-        _check_mask_geometry(self.data, self.mask, self.fastjepa.mode)
+        check_mask_sampling(self.data, self.mask, self.fastjepa.mode)
 
     def validate(self) -> "Config":
         """Re-run every check (types, ranges, cross-section), e.g. after changing fields in place."""
@@ -99,7 +99,7 @@ class Config:
         self._check()
         return self
 
-    def sections(self) -> Iterator[_Section]:
+    def sections(self) -> Iterator[Section]:
         return (getattr(self, f.name) for f in fields(self))
 
     @classmethod
@@ -115,7 +115,7 @@ class Config:
         for name, section_cls in _SECTIONS.items():
             values = raw.get(name) or {}
             if not isinstance(values, dict):
-                _fail(name, values, "a section must be a mapping of keys", f"write '{name}:' then indented "
+                fail(name, values, "a section must be a mapping of keys", f"write '{name}:' then indented "
                       f"'key: value' lines; {name} accepts: {', '.join(_keys(section_cls))}")
             for key, value in _flat(values, section_cls):
                 if key not in _keys(section_cls) and key not in _field_names(section_cls):
@@ -156,7 +156,7 @@ class Config:
         """Raise ConfigError for the first of ``keys`` that is still a placeholder (call before building)."""
         for key, value in self.placeholder_paths(keys).items():
             what = "is empty" if not value else "still holds a placeholder (or an unset environment variable)"
-            _fail(key, value, f"{what}; this run needs a real path there",
+            fail(key, value, f"{what}; this run needs a real path there",
                   f"pass the override {key}=/absolute/path or edit the config file")
 
 
@@ -189,7 +189,7 @@ def _all_keys() -> list[str]:
 def _unknown(key: str, value) -> typing.NoReturn:
     """Error for an unknown section or key, with the nearest valid one (also across sections)."""
     if key in RENAMED_KEYS:
-        raise ConfigError(f"{key}={_show(value)}: renamed. Fix: use {RENAMED_KEYS[key]}", key=key)
+        raise ConfigError(f"{key}={show(value)}: renamed. Fix: use {RENAMED_KEYS[key]}", key=key)
     section, _, name = key.partition(".")
     if not name:
         close = difflib.get_close_matches(section, _SECTIONS, n=1)
@@ -207,7 +207,7 @@ def _unknown(key: str, value) -> typing.NoReturn:
     fix = f"rename it to {close[0]}" if close else "remove it"
     valid = ", ".join(k.split(".", 1)[1] for k in candidates) if section in _SECTIONS else ", ".join(_SECTIONS)
     where = f"{section} accepts" if section in _SECTIONS else "valid sections"
-    raise ConfigError(f"{key}={_show(value)}: unknown key; {hint}{where}: {valid}. Fix: {fix}", key=key)
+    raise ConfigError(f"{key}={show(value)}: unknown key; {hint}{where}: {valid}. Fix: {fix}", key=key)
 
 
 def _parse_override(text: str) -> tuple[str, str, object]:

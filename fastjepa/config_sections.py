@@ -29,7 +29,7 @@ from fastjepa.choices import (
     UPDATE_IMPLS,
     VIT_SIZES,
 )
-from fastjepa.mask_geometry import block_sizes, smallest_blocks
+from fastjepa.mask_geometry import Problem, range_problems, sampling_problem
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
@@ -46,19 +46,19 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def _show(value) -> str:
+def show(value) -> str:
     """A value as the user wrote it in YAML (lists, true/false, null); strings quoted."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ", ".join(show(v) for v in value) + "]"
     return repr(value)
 
 
-def _fail(key: str, value, problem: str, fix: str) -> typing.NoReturn:
-    raise ConfigError(f"{key}={_show(value)}: {problem}. Fix: {fix}", key=key)
+def fail(key: str, value, problem: str, fix: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}={show(value)}: {problem}. Fix: {fix}", key=key)
 
 
 def _describe(tp) -> str:
@@ -83,8 +83,8 @@ def _coerce(key: str, value, tp, example):
         return _coerce(key, value, inner, example)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
-            eg = f", e.g. {_show(example)}" if example is not None else ""
-            _fail(key, value, f"expected {_describe(tp)}", f"write {_describe(tp)}{eg}")
+            eg = f", e.g. {show(example)}" if example is not None else ""
+            fail(key, value, f"expected {_describe(tp)}", f"write {_describe(tp)}{eg}")
         item_types = args if origin is tuple else args * len(value)
         items = zip(value, item_types, strict=True)
         return origin(_coerce(f"{key}[{i}]", v, t, None) for i, (v, t) in enumerate(items))
@@ -96,34 +96,27 @@ def _coerce(key: str, value, tp, example):
         str: isinstance(value, str),
     }[tp]
     if not ok:
-        eg = f", e.g. {_show(example)}" if example is not None else ""
+        eg = f", e.g. {show(example)}" if example is not None else ""
         hint = " (quote it in YAML)" if tp is str else ""
-        _fail(key, value, f"expected {_describe(tp)}, got {type(value).__name__}", f"write {_describe(tp)}{eg}{hint}")
+        fail(key, value, f"expected {_describe(tp)}, got {type(value).__name__}", f"write {_describe(tp)}{eg}{hint}")
     if tp is float:
         value = float(value)
         if not math.isfinite(value):
-            _fail(key, value, "must be a finite number", f"write a finite number, e.g. {_show(example)}")
+            fail(key, value, "must be a finite number", f"write a finite number, e.g. {show(example)}")
     return value
 
 
 def _at_least(key: str, value, low, fix: str = "") -> None:
     if value < low:
-        _fail(key, value, f"must be >= {low}", fix or f"set {key} to {low} or more")
+        fail(key, value, f"must be >= {low}", fix or f"set {key} to {low} or more")
 
 
 def _choice(key: str, value: str, choices: Iterable[str]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        _fail(key, value, f"unknown value; {hint}valid: {', '.join(choices)}",
+        fail(key, value, f"unknown value; {hint}valid: {', '.join(choices)}",
               f"set {key} to one of {', '.join(choices)}")
-
-
-def _scale_range(key: str, value: tuple[float, float], example: tuple[float, float]) -> None:
-    lo, hi = value
-    if not 0 < lo <= hi <= 1:
-        _fail(key, value, "must be [min, max] with 0 < min <= max <= 1 (fractions of the image or patch grid)",
-              f"set it within those bounds, e.g. {_show(example)}")
 
 
 @functools.cache
@@ -131,7 +124,7 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-class _Section:
+class Section:
     """Base of the section dataclasses: coerces field types on construction, then checks the section's values."""
 
     name: ClassVar[str]
@@ -154,13 +147,13 @@ class _Section:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if isinstance(value, _Section) else list(value) if isinstance(
+            out[f.name] = value.to_dict() if isinstance(value, Section) else list(value) if isinstance(
                 value, tuple) else value
         return out
 
 
 def is_section(tp) -> bool:
-    return isinstance(tp, type) and issubclass(tp, _Section)
+    return isinstance(tp, type) and issubclass(tp, Section)
 
 
 def section_keys(cls) -> list[str]:
@@ -186,14 +179,14 @@ def _subsection(key: str, value, cls):
     if value is None:
         return cls()
     if not isinstance(value, dict):
-        _fail(key, value, "must be a mapping of keys", f"write '{key.rsplit('.', 1)[-1]}:' then indented "
+        fail(key, value, "must be a mapping of keys", f"write '{key.rsplit('.', 1)[-1]}:' then indented "
               f"'key: value' lines; it accepts: {', '.join(section_keys(cls))}")
     return cls(**value)
 
 
 # Field order within a section is the official files' (alphabetical), so dumps read like the recipes.
 @dataclass
-class Data(_Section):
+class Data(Section):
     name: ClassVar[str] = "data"
     batch_size: int = 128  # per process
     color_jitter_strength: float = 0.0
@@ -219,27 +212,29 @@ class Data(_Section):
     def check(self) -> None:
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.color_jitter_strength", self.color_jitter_strength, 0)
-        _scale_range("data.crop_scale", self.crop_scale, (0.3, 1.0))
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            fail("data.crop_scale", self.crop_scale, "must be [min, max] with 0 < min <= max <= 1 (fractions of the "
+                  "image area)", "set it within those bounds, e.g. [0.3, 1.0]")
         _at_least("data.crop_size", self.crop_size, 1)
         _at_least("data.num_workers", self.num_workers, 0)
         _choice("data.source", self.source, DATA_SOURCES)
         if self.source == "webdataset" and not self.shards:
-            _fail("data.shards", self.shards, "data.source=webdataset needs the shard urls",
+            fail("data.shards", self.shards, "data.source=webdataset needs the shard urls",
                   "set data.shards, e.g. '/data/in1k/train-{000000..001281}.tar' (written by "
                   "python -m fastjepa.data.make_shards)")
         if self.source == "mnist" and self.use_horizontal_flip:
-            _fail("data.use_horizontal_flip", True, "a mirrored digit is not a digit (data.source=mnist)",
+            fail("data.use_horizontal_flip", True, "a mirrored digit is not a digit (data.source=mnist)",
                   "set data.use_horizontal_flip=false")
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
         if not 0 <= self.max_bad_fraction <= 1:
-            _fail("data.max_bad_fraction", self.max_bad_fraction, "must be a fraction in [0, 1]",
+            fail("data.max_bad_fraction", self.max_bad_fraction, "must be a fraction in [0, 1]",
                   "set it to e.g. 0.01 (abort when more than 1% of the samples read are unusable)")
         _at_least("data.synthetic_samples", self.synthetic_samples, 1)
         _at_least("data.synthetic_image_size[0]", min(self.synthetic_image_size), 1)
 
 
 @dataclass
-class Logging(_Section):
+class Logging(Section):
     name: ClassVar[str] = "logging"
     folder: str = ""  # logs and checkpoints
     # the official checkpoint file's prefix: meta.load_checkpoint reads <folder>/<tag>-latest.pth.tar
@@ -247,7 +242,7 @@ class Logging(_Section):
 
 
 @dataclass
-class Mask(_Section):
+class Mask(Section):
     name: ClassVar[str] = "mask"
     allow_overlap: bool = False  # may the context block overlap the target blocks
     aspect_ratio: tuple[float, float] = (0.75, 1.5)  # of the target blocks (height / width)
@@ -259,20 +254,22 @@ class Mask(_Section):
     pred_mask_scale: tuple[float, float] = (0.15, 0.2)  # target block area, fraction of the patch grid
 
     def check(self) -> None:
-        lo, hi = self.aspect_ratio
-        if not 0 < lo <= hi:
-            _fail("mask.aspect_ratio", self.aspect_ratio, "must be [min, max] with 0 < min <= max",
-                  "set it within those bounds, e.g. [0.75, 1.5]")
-        _scale_range("mask.enc_mask_scale", self.enc_mask_scale, (0.85, 1.0))
-        _scale_range("mask.pred_mask_scale", self.pred_mask_scale, (0.15, 0.2))
-        _at_least("mask.min_keep", self.min_keep, 0)
-        _at_least("mask.num_enc_masks", self.num_enc_masks, 1)
-        _at_least("mask.num_pred_masks", self.num_pred_masks, 1)
-        _at_least("mask.patch_size", self.patch_size, 1)
+        for problem in range_problems(self.enc_mask_scale, self.pred_mask_scale, self.aspect_ratio, self.min_keep,
+                                      self.num_enc_masks, self.num_pred_masks, self.patch_size):
+            _refuse(problem)
+
+
+def mask_key(setting: str) -> str:
+    """The config key of a mask-recipe setting named as in fastjepa.mask_geometry (``ModelSpec``'s field names)."""
+    return {"img_size": "data.crop_size", "mask_mode": "fastjepa.mode"}.get(setting, f"mask.{setting}")
+
+
+def _refuse(problem: Problem) -> typing.NoReturn:
+    fail(mask_key(problem.setting), problem.value, problem.problem, problem.fix)
 
 
 @dataclass
-class Meta(_Section):
+class Meta(Section):
     name: ClassVar[str] = "meta"
     copy_data: bool = False  # the official cluster's copy of the dataset to local scratch: not supported
     # as the official trainer: start from the official checkpoint <logging.folder>/<read_checkpoint>, or
@@ -286,7 +283,7 @@ class Meta(_Section):
 
     def check(self) -> None:
         if self.copy_data:
-            _fail("meta.copy_data", True, "copying the dataset to local scratch is specific to the official cluster "
+            fail("meta.copy_data", True, "copying the dataset to local scratch is specific to the official cluster "
                   "and not supported", "set meta.copy_data=false; to read data fast, write WebDataset shards "
                   "(python -m fastjepa.data.make_shards) and set data.source=webdataset")
         _choice("meta.model_name", self.model_name, tuple(VIT_SIZES))
@@ -295,7 +292,7 @@ class Meta(_Section):
 
 
 @dataclass
-class Optimization(_Section):
+class Optimization(Section):
     name: ClassVar[str] = "optimization"
     ema: tuple[float, float] = (0.996, 1.0)  # target-encoder momentum, linear from ema[0] to ema[1]
     epochs: int = 300
@@ -310,7 +307,7 @@ class Optimization(_Section):
     def check(self) -> None:
         for i, m in enumerate(self.ema):
             if not 0 <= m <= 1:
-                _fail(f"optimization.ema[{i}]", m, "an EMA momentum must lie in [0, 1]", "e.g. ema: [0.996, 1.0]")
+                fail(f"optimization.ema[{i}]", m, "an EMA momentum must lie in [0, 1]", "e.g. ema: [0.996, 1.0]")
         _at_least("optimization.epochs", self.epochs, 1)
         for key in ("final_lr", "final_weight_decay", "lr", "start_lr", "weight_decay"):
             _at_least(f"optimization.{key}", getattr(self, key), 0)
@@ -322,7 +319,7 @@ class Optimization(_Section):
 
 
 @dataclass
-class SIGRegSettings(_Section):
+class SIGRegSettings(Section):
     """``fastjepa.sigreg``: LeJEPA's regulariser towards an isotropic Gaussian embedding (fastjepa.sigreg)."""
 
     name: ClassVar[str] = "fastjepa.sigreg"
@@ -336,17 +333,17 @@ class SIGRegSettings(_Section):
 
     def check(self) -> None:
         if not 0 <= self.weight < 1:
-            _fail("fastjepa.sigreg.weight", self.weight, "must be in [0, 1) (0 turns SIGReg off; 1 would drop the "
+            fail("fastjepa.sigreg.weight", self.weight, "must be in [0, 1) (0 turns SIGReg off; 1 would drop the "
                   "I-JEPA loss)", "set it to e.g. 1e-5 (README: SIGReg)")
         _at_least("fastjepa.sigreg.slices", self.slices, 1)
         _at_least("fastjepa.sigreg.points", self.points, 2)
         if not self.t_max > 0:
-            _fail("fastjepa.sigreg.t_max", self.t_max, "must be > 0", "set it to e.g. 3.0 (LeJEPA's)")
+            fail("fastjepa.sigreg.t_max", self.t_max, "must be > 0", "set it to e.g. 3.0 (LeJEPA's)")
         _choice("fastjepa.sigreg.samples", self.samples, SIGREG_SAMPLES)
 
 
 @dataclass
-class FastJepa(_Section):
+class FastJepa(Section):
     name: ClassVar[str] = "fastjepa"
     mode: str = "parity"  # "parity": reproduce the official training, quirks included; "fixed": quirks corrected
     seed: int = 0
@@ -381,7 +378,7 @@ class FastJepa(_Section):
     def check(self) -> None:
         _choice("fastjepa.mode", self.mode, MASK_MODES)
         if not 0 <= self.seed < 2**32:
-            _fail("fastjepa.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)", "e.g. seed: 0")
+            fail("fastjepa.seed", self.seed, "must be in [0, 2**32) (numpy's seed range)", "e.g. seed: 0")
         _choice("fastjepa.attn_backend", self.attn_backend, ATTENTION_BACKENDS)
         _choice("fastjepa.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("fastjepa.block_impl", self.block_impl, BLOCK_IMPLS)
@@ -393,20 +390,20 @@ class FastJepa(_Section):
             self.fp8 = "target"
         _choice("fastjepa.target_encoder", self.target_encoder, TARGET_ENCODERS)
         if self.target_encoder == "online" and self.fp8 != "none":
-            _fail("fastjepa.fp8", self.fp8, "FP8 targets read the EMA target's low-precision replica, which "
+            fail("fastjepa.fp8", self.fp8, "FP8 targets read the EMA target's low-precision replica, which "
                   "fastjepa.target_encoder=online does not keep", "set fastjepa.fp8=none")
         if self.update_impl == "fused" and self.fp8 != "none":
-            _fail("fastjepa.update_impl", "fused", "the one-pass AdamW + EMA update does not write the FP8 target's "
+            fail("fastjepa.update_impl", "fused", "the one-pass AdamW + EMA update does not write the FP8 target's "
                   f"e4m3 weights (the EMA of fastjepa.fp8={self.fp8} does)",
                   "set fastjepa.update_impl=auto or separate")
         if self.block_impl == "fused" and self.fp8 == "all":
-            _fail("fastjepa.block_impl", "fused", "the fused MLP runs fc1 without its bias through its own kernels, "
+            fail("fastjepa.block_impl", "fused", "the fused MLP runs fc1 without its bias through its own kernels, "
                   "outside torchao's FP8 layers (fastjepa.fp8=all)", "set fastjepa.block_impl=auto or compile")
         if self.varlen_context and self.mode != "fixed":
-            _fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
+            fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
                   "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")
         if self.varlen_context and self.predictor_layout == "shared":
-            _fail("fastjepa.varlen_context", True, "the shared-context predictor layout has no variable-length path",
+            fail("fastjepa.varlen_context", True, "the shared-context predictor layout has no variable-length path",
                   "use fastjepa.predictor_layout=repeat with it")
         _at_least("fastjepa.in_chans", self.in_chans, 1)
 
@@ -415,7 +412,7 @@ EVAL_DATA = ("imagefolder", "webdataset", "mnist")
 
 
 @dataclass
-class Eval(_Section):
+class Eval(Section):
     """``eval``: an online k-NN probe of the target encoder while training (off by default)."""
 
     name: ClassVar[str] = "eval"
@@ -432,16 +429,16 @@ class Eval(_Section):
         _at_least("eval.max_samples", self.max_samples, 1)
         _at_least("eval.knn_k", self.knn_k, 1)
         if not self.knn_temperature > 0:
-            _fail("eval.knn_temperature", self.knn_temperature, "must be positive", "e.g. 0.07 (DINO's)")
+            fail("eval.knn_temperature", self.knn_temperature, "must be positive", "e.g. 0.07 (DINO's)")
         if self.every_epochs:
             _choice("eval.data", self.data, EVAL_DATA)
             if self.data != "mnist" and not (self.train and self.val):
-                _fail("eval.data", self.data, "needs eval.train and eval.val (a folder or a shard pattern each)",
+                fail("eval.data", self.data, "needs eval.train and eval.val (a folder or a shard pattern each)",
                       "set both, or eval.every_epochs=0")
 
 
 @dataclass
-class Train(_Section):
+class Train(Section):
     name: ClassVar[str] = "train"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     log_every: int = 10  # iterations between log lines (official log_freq)
@@ -468,7 +465,7 @@ class Train(_Section):
 
     def check(self) -> None:
         if not re.fullmatch(DEVICE_PATTERN, self.device):
-            _fail("train.device", self.device, "unknown device", "use auto, cpu, cuda or cuda:N")
+            fail("train.device", self.device, "unknown device", "use auto, cpu, cuda or cuda:N")
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)
         _at_least("train.keep_last", self.keep_last, 0)
@@ -482,48 +479,9 @@ class Train(_Section):
         _choice("train.progress", self.progress, PROGRESS_STYLES)
 
 
-def _check_mask_geometry(data: Data, mask: Mask, mode: str) -> None:
-    grid = data.crop_size // mask.patch_size
-    where = (f"on the {grid}x{grid} patch grid (data.crop_size={data.crop_size} / mask.patch_size={mask.patch_size}"
-             f", fastjepa.mode={mode})")
-    k = mask.min_keep
-    smallest = smallest_blocks(grid, mask.pred_mask_scale, mask.enc_mask_scale, mask.aspect_ratio, mode)
-    h, w = smallest["pred_mask_scale"]
-    if h * w <= k:
-        _fail("mask.pred_mask_scale", mask.pred_mask_scale,
-              f"{where} the sampler can draw {h}x{w} = {h * w}-patch target blocks (mask.aspect_ratio="
-              f"{_show(mask.aspect_ratio)}), and it redraws a target block until it has more than mask.min_keep={k} "
-              "patches: it would loop forever",
-              f"lower mask.min_keep to {max(h * w - 1, 0)} or less, raise mask.pred_mask_scale[0], "
-              "or use a finer patch grid (larger data.crop_size or smaller mask.patch_size)")
-    h, w = smallest["enc_mask_scale"]
-    if h * w <= k:
-        _fail("mask.enc_mask_scale", mask.enc_mask_scale,
-              f"{where} the sampler can draw {h}x{w} = {h * w}-patch context blocks, and it redraws a context block "
-              f"until it has more than mask.min_keep={k} patches: it would loop forever",
-              f"lower mask.min_keep to {max(h * w - 1, 0)} or less, raise mask.enc_mask_scale[0], "
-              "or use a finer patch grid")
-    if mask.allow_overlap:
-        return
-    # Targets are placed independently and may all coincide, so the best case for the context removes one target
-    # block placed to overlap it least; both lie inside the first `span` rows/columns (G-1 in parity, G in fixed),
-    # so they overlap by at least max(0, hc + ht - span) rows and max(0, wc + wt - span) columns. If even that
-    # best case leaves <= min_keep patches, keeping the context apart from the targets is impossible for that
-    # pair of draws.
-    span = grid - 1 if mode == "parity" else grid
-    targets = block_sizes(grid, mask.pred_mask_scale, mask.aspect_ratio, mode)
-    contexts = block_sizes(grid, mask.enc_mask_scale, (1.0, 1.0), mode)
-
-    def best_kept(c: tuple[int, int], t: tuple[int, int]) -> int:
-        return c[0] * c[1] - max(0, c[0] + t[0] - span) * max(0, c[1] + t[1] - span)
-
-    c, t = min(((c, t) for c in contexts for t in targets), key=lambda ct: best_kept(*ct))
-    kept = best_kept(c, t)
-    if kept <= k:
-        _fail("mask.min_keep", k,
-              f"{where} a {c[0]}x{c[1]} context block (mask.enc_mask_scale={_show(mask.enc_mask_scale)}) cut by "
-              f"{t[0]}x{t[1]} target blocks (mask.pred_mask_scale={_show(mask.pred_mask_scale)}) keeps at most "
-              f"{kept} patches, not more than mask.min_keep={k}; with mask.allow_overlap=false the sampler then "
-              "gives up keeping context and targets apart",
-              f"lower mask.min_keep to {max(kept - 1, 0)} or less, raise mask.enc_mask_scale[0], "
-              "lower mask.pred_mask_scale[1], or set mask.allow_overlap=true")
+def check_mask_sampling(data: Data, mask: Mask, mode: str) -> None:
+    """Refuse a mask recipe the sampler could never draw on the data's patch grid (``sampling_problem``)."""
+    problem = sampling_problem(data.crop_size, mask.patch_size, mask.enc_mask_scale, mask.pred_mask_scale,
+                               mask.aspect_ratio, mask.min_keep, mask.allow_overlap, mode, name=mask_key)
+    if problem:
+        _refuse(problem)

@@ -146,7 +146,7 @@ class IJEPA(nn.Module):
         masks = self.check_masks(masks)
         h, norm = self.target_features(images)
         context = self.encode_context(images, masks)
-        z = self.predict(images, masks, context=context)
+        z = self.predictor(context, masks)
         # = smooth_l1_loss(z, self.targets(...)), without materialising the normalised targets when fused
         loss = target_norm_smooth_l1(z, h, masks.pred, masks.num_context_blocks, norm=norm)
         if self.sigreg is None:

@@ -52,8 +52,9 @@ import torch
 from torch.utils.data import default_collate, get_worker_info
 
 from fastjepa.choices import MASK_MODES
+from fastjepa.config_sections import show
 from fastjepa.mask_batch import Masks, PackedContext
-from fastjepa.mask_geometry import smallest_blocks
+from fastjepa.mask_geometry import range_problems, sampling_problem
 from fastjepa.spec import ModelSpec
 
 TRIES_PER_LEVEL = 20  # official timeout: failed context draws before one more target constraint is dropped
@@ -65,6 +66,12 @@ def _pair(value, name, cast):
         return cast(first), cast(second)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
+
+
+def _argument(setting: str) -> str:
+    """The constructor argument of a mask-recipe setting named as in fastjepa.mask_geometry."""
+    return {"img_size": "input_size", "mask_mode": "mode", "num_enc_masks": "nenc",
+            "num_pred_masks": "npred"}.get(setting, setting)
 
 
 def official_kwargs(spec: ModelSpec) -> dict:
@@ -96,36 +103,29 @@ class MultiBlockMaskCollator:
     ):
         if mode not in MASK_MODES:
             raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
-        if isinstance(input_size, int):
-            input_size = (input_size, input_size)
-        input_size = _pair(input_size, "input_size", int)
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-        height, width = input_size[0] // patch_size, input_size[1] // patch_size
-        if height < 1 or width < 1:
-            raise ValueError(f"input_size {input_size} is smaller than patch_size {patch_size}: no patch grid")
+        input_size = _pair((input_size, input_size) if isinstance(input_size, int) else input_size, "input_size", int)
         enc_mask_scale = _pair(enc_mask_scale, "enc_mask_scale", float)
         pred_mask_scale = _pair(pred_mask_scale, "pred_mask_scale", float)
-        for name, (low, high) in (("enc_mask_scale", enc_mask_scale), ("pred_mask_scale", pred_mask_scale)):
-            if not 0 < low <= high <= 1:
-                raise ValueError(
-                    f"{name}={(low, high)} must satisfy 0 < low <= high <= 1 (fractions of the patch grid)"
-                )
         aspect_ratio = _pair(aspect_ratio, "aspect_ratio", float)
-        if not 0 < aspect_ratio[0] <= aspect_ratio[1]:
-            raise ValueError(f"aspect_ratio={aspect_ratio} must satisfy 0 < low <= high (height / width)")
-        for name, value in (("nenc", nenc), ("npred", npred)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(min_keep, int) or min_keep < 0:
-            raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
-        for name, value, bits in (("seed", seed, 64), ("rank", rank, 16)):
-            if not isinstance(value, int) or not 0 <= value < 2**bits:
+        for name, value, bits in (("patch_size", patch_size, 16), ("nenc", nenc, 16), ("npred", npred, 16),
+                                  ("min_keep", min_keep, 32), ("seed", seed, 64), ("rank", rank, 16)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**bits:
                 raise ValueError(f"{name} must be an int in [0, 2**{bits}), got {value!r}")
+        if not truncate_context and mode != "fixed":
+            raise ValueError("truncate_context=False (variable-length context) is a fixed-mode correction: the "
+                             "official sampler cuts every context to the batch minimum; use mode='fixed'")
+        recipe = dict(enc_mask_scale=enc_mask_scale, pred_mask_scale=pred_mask_scale, aspect_ratio=aspect_ratio,
+                      min_keep=min_keep)
+        problem = next(range_problems(**recipe, num_enc_masks=nenc, num_pred_masks=npred, patch_size=patch_size),
+                       None) or sampling_problem(input_size, patch_size, **recipe, allow_overlap=bool(allow_overlap),
+                                                 mode=mode, name=_argument)
+        if problem:
+            raise ValueError(f"{_argument(problem.setting)}={show(problem.value)}: {problem.problem}. "
+                             f"Fix: {problem.fix}")
 
         self.mode = mode
         self.patch_size = patch_size
-        self.height, self.width = height, width
+        self.height, self.width = input_size[0] // patch_size, input_size[1] // patch_size
         self.enc_mask_scale = enc_mask_scale
         self.pred_mask_scale = pred_mask_scale
         self.aspect_ratio = aspect_ratio
@@ -133,33 +133,16 @@ class MultiBlockMaskCollator:
         self.min_keep = min_keep
         self.allow_overlap = bool(allow_overlap)
         self.seed, self.rank = seed, rank
-        if not truncate_context and mode != "fixed":
-            raise ValueError("truncate_context=False (variable-length context) is a fixed-mode correction: the "
-                             "official sampler cuts every context to the batch minimum; use mode='fixed'")
         # False: context lists keep every token, padded with -1 to the longest (fastjepa.models.varlen packs them)
         self.truncate_context = bool(truncate_context)
         # parity: corners in [0, grid - block) and blocks at most grid - 1, as the official
         self._corner_span = 0 if mode == "parity" else 1
-        self._max_hw = (height - 1, width - 1) if mode == "parity" else (height, width)
-        self._check_blocks_can_be_valid()
+        self._max_hw = (self.height - 1, self.width - 1) if mode == "parity" else (self.height, self.width)
         # shared with dataloader workers, as the official counter; made in a spawn context so that spawn and
         # forkserver workers can unpickle it too (fork workers inherit it either way)
         self._itr_counter = multiprocessing.get_context("spawn").Value("q", -1)
         self._bits = np.random.Philox(0)
         self._rng = np.random.Generator(self._bits)
-
-    def _check_blocks_can_be_valid(self):
-        grid = (self.height, self.width)
-        smallest = smallest_blocks(grid, self.pred_mask_scale, self.enc_mask_scale, self.aspect_ratio, self.mode)
-        for name, (h, w) in smallest.items():
-            if h * w <= self.min_keep:
-                raise ValueError(
-                    f"min_keep={self.min_keep} is too large for {name}={getattr(self, name)} on the {grid[0]}x"
-                    f"{grid[1]} patch grid ({self.mode} mode): the smallest block this can draw has {h * w} tokens, "
-                    "and a block is valid only with MORE than min_keep tokens, so sampling would never finish (the "
-                    f"official collator hangs). Use min_keep < {h * w}, or a larger {name} / input_size / smaller "
-                    "patch_size."
-                )
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, seed: int = 0, rank: int = 0) -> "MultiBlockMaskCollator":

@@ -43,7 +43,7 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> DistEnv:
+def init_distributed(timeout_s: float, device: str) -> DistEnv:
     """Join the torchrun process group when launched by torchrun (``WORLD_SIZE`` > 1), else run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -1,7 +1,8 @@
 """What a run trains and how its step runs, derived once from a validated ``Config``: the encoder and predictor
 sizes, the patch grid and the mask recipe (``ModelSpec``), and the step's precision, compilation and implementation
 choices (``StepOptions``). Everything below the trainer (the models' builder, the step, parallelism, the FLOP and
-memory models, the benchmark's setups) reads these typed values, never the config.
+memory models, the benchmark's setups) reads these typed values, never the config. Their defaults are the
+config's (a spec built without a config runs the official recipe).
 
 The predictor's attention layout decides how many sequences of how many tokens its blocks see
 (``predictor_sequences``): the one place that arithmetic is written.
@@ -10,6 +11,7 @@ The predictor's attention layout decides how many sequences of how many tokens i
 from dataclasses import dataclass
 
 from fastjepa.choices import VIT_SIZES
+from fastjepa.config_sections import FastJepa, Mask, Meta, Train
 
 
 def predictor_sequences(layout: str, contexts, context_len, target_len, num_target_blocks: int):
@@ -32,18 +34,18 @@ class ModelSpec:
     in_chans: int
     pred_dim: int
     pred_depth: int
-    layout: str = "repeat"  # the predictor's attention layout (fastjepa.models.predictor)
-    attn_backend: str = "auto"
+    layout: str = FastJepa.predictor_layout  # the predictor's attention layout (fastjepa.models.predictor)
+    attn_backend: str = FastJepa.attn_backend
     batch_size: int = 1
-    num_enc_masks: int = 1
-    num_pred_masks: int = 4
-    enc_mask_scale: tuple[float, float] = (0.85, 1.0)
-    pred_mask_scale: tuple[float, float] = (0.15, 0.2)
-    aspect_ratio: tuple[float, float] = (0.75, 1.5)  # of the target blocks
-    min_keep: int = 10
-    allow_overlap: bool = False
-    mask_mode: str = "parity"  # the sampler's distribution: the official one, quirks included, or "fixed"
-    varlen_context: bool = False  # every image keeps its whole context (packed), not cut to the batch minimum
+    num_enc_masks: int = Mask.num_enc_masks
+    num_pred_masks: int = Mask.num_pred_masks
+    enc_mask_scale: tuple[float, float] = Mask.enc_mask_scale
+    pred_mask_scale: tuple[float, float] = Mask.pred_mask_scale
+    aspect_ratio: tuple[float, float] = Mask.aspect_ratio  # of the target blocks
+    min_keep: int = Mask.min_keep
+    allow_overlap: bool = Mask.allow_overlap
+    mask_mode: str = FastJepa.mode  # the sampler's distribution: the official one, quirks included, or "fixed"
+    varlen_context: bool = FastJepa.varlen_context  # every image keeps its whole context (packed), not cut
 
     @classmethod
     def from_config(cls, cfg) -> "ModelSpec":
@@ -119,14 +121,14 @@ class StepOptions:
     """How the step runs (the config's precision, compilation, parallelism and implementation choices), derived
     once from a validated ``Config``."""
 
-    bf16: bool = False  # meta.use_bfloat16 (takes effect on CUDA only)
-    fp8: str = "none"  # fastjepa.fp8
-    compile: bool | None = None  # train.compile: None compiles the blocks on CUDA
-    activation_checkpointing: bool = False
-    shard_size: int = 0  # train.shard_size (HSDP)
-    block_impl: str = "auto"
-    update_impl: str = "auto"
-    clip_grad: float = 0.0
+    bf16: bool = Meta.use_bfloat16  # takes effect on CUDA only
+    fp8: str = FastJepa.fp8
+    compile: bool | None = Train.compile  # None compiles the blocks on CUDA
+    activation_checkpointing: bool = Train.activation_checkpointing
+    shard_size: int = Train.shard_size  # HSDP
+    block_impl: str = FastJepa.block_impl
+    update_impl: str = FastJepa.update_impl
+    clip_grad: float = Train.clip_grad
 
     @classmethod
     def from_config(cls, cfg) -> "StepOptions":

@@ -167,7 +167,7 @@ class Trainer:
             cfg.dump(Path(cfg.logging.folder) / "config.yaml")
         sink = MetricsSink(cfg.logging.folder, plan.total_steps, state.step, enabled=env.is_main,
                            progress={"auto": None, "bar": True, "lines": False}[cfg.train.progress])
-        rankme = rankme_images(cfg, env, cfg.train.rankme_samples) if cfg.train.rankme_every > 0 else None
+        rankme = rankme_images(cfg, env, plan.spec) if cfg.train.rankme_every > 0 else None
         return cls(cfg, env, strategy, plan.loader, plan.sched, plan.manager, plan.total_steps, model, stepper,
                    FlopModel.from_model(model), state, sink, Normalize(*mean_std(cfg), env.device), plan.lock, rankme,
                    plan.online_probe)
@@ -516,9 +516,11 @@ def official_checkpoint_path(cfg, given: str | None) -> Path | None:
     return path
 
 
-def rankme_images(cfg, env: DistEnv, count: int) -> torch.Tensor:
-    """A fixed set of this rank's images (the first of epoch 0, from a loader of its own) for RankMe."""
-    loader = build_data(cfg, env, ModelSpec.from_config(cfg))  # its masks go unused
+def rankme_images(cfg, env: DistEnv, spec: ModelSpec) -> torch.Tensor:
+    """A fixed set of this rank's ``train.rankme_samples`` images (the first of epoch 0, from a loader of its
+    own) for RankMe."""
+    count = cfg.train.rankme_samples
+    loader = build_data(cfg, env, spec)  # its masks go unused
     loader.set_epoch(0)
     images = []
     for (x, _), _ in loader:

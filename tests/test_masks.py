@@ -339,9 +339,9 @@ def test_the_collator_of_a_spec_reads_its_mask_recipe():
         (dict(input_size=8), "input_size"),
         (dict(patch_size=0), "patch_size"),
         # no target block can keep more than 200 tokens: the official would loop forever
-        (dict(min_keep=200), "min_keep=200 is too large for pred_mask_scale"),
+        (dict(min_keep=200), r"pred_mask_scale=\[0.15, 0.2\]: .* target blocks.* min_keep=200 patches"),
         # context blocks of 25..49 tokens, targets of >= 35: only the context can never be valid
-        (dict(enc_mask_scale=(0.1, 0.2), min_keep=30), "min_keep=30 is too large for enc_mask_scale"),
+        (dict(enc_mask_scale=(0.1, 0.2), min_keep=30), r"enc_mask_scale=\[0.1, 0.2\]: .* context blocks.*min_keep=30 "),
     ],
 )
 def test_constructor_validation(change, match):
@@ -392,5 +392,19 @@ def test_config_and_collator_agree_at_the_min_keep_boundary(mode, smallest):
     MultiBlockMaskCollator.from_spec(spec)
     with pytest.raises(ConfigError, match="min_keep"):
         load("configs/test_tiny.yaml", [f"fastjepa.mode={mode}", f"mask.min_keep={smallest}"])
-    with pytest.raises(ValueError, match=f"min_keep={smallest} is too large"):
+    with pytest.raises(ValueError, match=f"more than min_keep={smallest} patches: it would loop forever"):
         MultiBlockMaskCollator.from_spec(dataclasses.replace(spec, min_keep=smallest))
+
+
+def test_config_and_collator_agree_when_context_and_targets_cannot_be_kept_apart():
+    from fastjepa.config import ConfigError, load
+
+    # test_tiny's 8x8 grid: a 6x6 context and 6x6 targets in the first 7 rows/columns keep at most 11 patches
+    overrides = ["mask.enc_mask_scale=[0.5,0.6]", "mask.pred_mask_scale=[0.5,0.6]"]
+    spec = ModelSpec.from_config(load("configs/test_tiny.yaml", overrides + ["mask.min_keep=10"]))
+    MultiBlockMaskCollator.from_spec(spec)
+    with pytest.raises(ConfigError, match="keeps at most 11 patches.*Fix: .*set mask.allow_overlap=true"):
+        load("configs/test_tiny.yaml", overrides + ["mask.min_keep=11"])
+    with pytest.raises(ValueError, match="^min_keep=11: .*keeps at most 11 patches.*Fix: .*set allow_overlap=true"):
+        MultiBlockMaskCollator.from_spec(dataclasses.replace(spec, min_keep=11))
+    MultiBlockMaskCollator.from_spec(dataclasses.replace(spec, min_keep=11, allow_overlap=True))
