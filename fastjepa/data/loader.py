@@ -183,7 +183,8 @@ class _EpochStream(IterableDataset):
 
 class PretrainLoader:
     """Iterable over ((images uint8 [B, C, H, W], labels int64 [B]), Masks); see the module doc. The collator is a
-    ``MultiBlockMaskCollator`` (anything with its ``sample``, ``state_dict`` and ``load_state_dict``)."""
+    ``MultiBlockMaskCollator`` (anything with its ``sample``, ``state_dict`` and ``load_state_dict``);
+    ``max_bad_fraction`` is ``data.max_bad_fraction``, a share in [0, 1] that the config checks."""
 
     def __init__(self, source, transform, collator, batch_size, *, shuffle_buffer: int, max_bad_fraction: float,
                  rank=0, world_size=1, num_workers=0, seed=0, pin_memory=False, prefetch_factor=2,
@@ -192,8 +193,6 @@ class PretrainLoader:
             raise ValueError(f"the dataset has {source.num_samples} samples, fewer than world_size x batch_size = "
                              f"{world_size} x {batch_size}: no rank would get a full batch. Use more data or a "
                              f"smaller data.batch_size")
-        if not 0 <= max_bad_fraction <= 1:
-            raise ValueError(f"data.max_bad_fraction={max_bad_fraction} must be in [0, 1]")
         self.source = source
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size

@@ -1,6 +1,6 @@
 """nn.Module drop-ins over the fused gather ops of ``fastjepa.kernels`` (each falls back to its PyTorch reference
-off GPU or with the kernel backend ``reference``). Masks are ``[M, B, K]`` index tensors or the official lists of
-``[B, K]`` tensors; the modules check them as the functionals do."""
+off GPU or with the kernel backend ``reference``). Masks are stacked ``[M, B, K]`` index tensors (``Masks.enc`` /
+``Masks.pred``); the modules check them as the functionals do."""
 
 import torch
 from torch import nn
