@@ -88,8 +88,8 @@ class Config:
         if crop % patch:
             near = sorted({max(patch, crop // patch * patch), (crop // patch + 1) * patch})
             fail("data.crop_size", crop, f"not divisible by mask.patch_size={patch} (the image is cut into "
-                  "patch_size x patch_size patches)", f"set data.crop_size to {' or '.join(map(str, near))}, "
-                  "or pick a mask.patch_size that divides it")
+                 "patch_size x patch_size patches)", f"set data.crop_size to {' or '.join(map(str, near))}, "
+                 "or pick a mask.patch_size that divides it")
         check_mask_sampling(self.data, self.mask, self.fastjepa.mode)
 
     def validate(self) -> "Config":
@@ -116,7 +116,7 @@ class Config:
             values = raw.get(name) or {}
             if not isinstance(values, dict):
                 fail(name, values, "a section must be a mapping of keys", f"write '{name}:' then indented "
-                      f"'key: value' lines; {name} accepts: {', '.join(_keys(section_cls))}")
+                     f"'key: value' lines; {name} accepts: {', '.join(_keys(section_cls))}")
             for key, value in _flat(values, section_cls):
                 if key not in _keys(section_cls) and key not in _field_names(section_cls):
                     _unknown(f"{name}.{key}", value)
@@ -157,7 +157,7 @@ class Config:
         for key, value in self.placeholder_paths(keys).items():
             what = "is empty" if not value else "still holds a placeholder (or an unset environment variable)"
             fail(key, value, f"{what}; this run needs a real path there",
-                  f"pass the override {key}=/absolute/path or edit the config file")
+                 f"pass the override {key}=/absolute/path or edit the config file")
 
 
 _SECTIONS = {f.name: f.type for f in fields(Config)}

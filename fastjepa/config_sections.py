@@ -116,7 +116,7 @@ def _choice(key: str, value: str, choices: Iterable[str]) -> None:
         close = difflib.get_close_matches(value, choices, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         fail(key, value, f"unknown value; {hint}valid: {', '.join(choices)}",
-              f"set {key} to one of {', '.join(choices)}")
+             f"set {key} to one of {', '.join(choices)}")
 
 
 @functools.cache
@@ -180,7 +180,7 @@ def _subsection(key: str, value, cls):
         return cls()
     if not isinstance(value, dict):
         fail(key, value, "must be a mapping of keys", f"write '{key.rsplit('.', 1)[-1]}:' then indented "
-              f"'key: value' lines; it accepts: {', '.join(section_keys(cls))}")
+             f"'key: value' lines; it accepts: {', '.join(section_keys(cls))}")
     return cls(**value)
 
 
@@ -214,21 +214,21 @@ class Data(Section):
         _at_least("data.color_jitter_strength", self.color_jitter_strength, 0)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             fail("data.crop_scale", self.crop_scale, "must be [min, max] with 0 < min <= max <= 1 (fractions of the "
-                  "image area)", "set it within those bounds, e.g. [0.3, 1.0]")
+                 "image area)", "set it within those bounds, e.g. [0.3, 1.0]")
         _at_least("data.crop_size", self.crop_size, 1)
         _at_least("data.num_workers", self.num_workers, 0)
         _choice("data.source", self.source, DATA_SOURCES)
         if self.source == "webdataset" and not self.shards:
             fail("data.shards", self.shards, "data.source=webdataset needs the shard urls",
-                  "set data.shards, e.g. '/data/in1k/train-{000000..001281}.tar' (written by "
-                  "python -m fastjepa.data.make_shards)")
+                 "set data.shards, e.g. '/data/in1k/train-{000000..001281}.tar' (written by "
+                 "python -m fastjepa.data.make_shards)")
         if self.source == "mnist" and self.use_horizontal_flip:
             fail("data.use_horizontal_flip", True, "a mirrored digit is not a digit (data.source=mnist)",
-                  "set data.use_horizontal_flip=false")
+                 "set data.use_horizontal_flip=false")
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
         if not 0 <= self.max_bad_fraction <= 1:
             fail("data.max_bad_fraction", self.max_bad_fraction, "must be a fraction in [0, 1]",
-                  "set it to e.g. 0.01 (abort when more than 1% of the samples read are unusable)")
+                 "set it to e.g. 0.01 (abort when more than 1% of the samples read are unusable)")
         _at_least("data.synthetic_samples", self.synthetic_samples, 1)
         _at_least("data.synthetic_image_size[0]", min(self.synthetic_image_size), 1)
 
@@ -284,8 +284,8 @@ class Meta(Section):
     def check(self) -> None:
         if self.copy_data:
             fail("meta.copy_data", True, "copying the dataset to local scratch is specific to the official cluster "
-                  "and not supported", "set meta.copy_data=false; to read data fast, write WebDataset shards "
-                  "(python -m fastjepa.data.make_shards) and set data.source=webdataset")
+                 "and not supported", "set meta.copy_data=false; to read data fast, write WebDataset shards "
+                 "(python -m fastjepa.data.make_shards) and set data.source=webdataset")
         _choice("meta.model_name", self.model_name, tuple(VIT_SIZES))
         _at_least("meta.pred_depth", self.pred_depth, 1)
         _at_least("meta.pred_emb_dim", self.pred_emb_dim, 1)
@@ -334,7 +334,7 @@ class SIGRegSettings(Section):
     def check(self) -> None:
         if not 0 <= self.weight < 1:
             fail("fastjepa.sigreg.weight", self.weight, "must be in [0, 1) (0 turns SIGReg off; 1 would drop the "
-                  "I-JEPA loss)", "set it to e.g. 1e-5 (README: SIGReg)")
+                 "I-JEPA loss)", "set it to e.g. 1e-5 (README: SIGReg)")
         _at_least("fastjepa.sigreg.slices", self.slices, 1)
         _at_least("fastjepa.sigreg.points", self.points, 2)
         if not self.t_max > 0:
@@ -391,20 +391,20 @@ class FastJepa(Section):
         _choice("fastjepa.target_encoder", self.target_encoder, TARGET_ENCODERS)
         if self.target_encoder == "online" and self.fp8 != "none":
             fail("fastjepa.fp8", self.fp8, "FP8 targets read the EMA target's low-precision replica, which "
-                  "fastjepa.target_encoder=online does not keep", "set fastjepa.fp8=none")
+                 "fastjepa.target_encoder=online does not keep", "set fastjepa.fp8=none")
         if self.update_impl == "fused" and self.fp8 != "none":
             fail("fastjepa.update_impl", "fused", "the one-pass AdamW + EMA update does not write the FP8 target's "
-                  f"e4m3 weights (the EMA of fastjepa.fp8={self.fp8} does)",
-                  "set fastjepa.update_impl=auto or separate")
+                 f"e4m3 weights (the EMA of fastjepa.fp8={self.fp8} does)",
+                 "set fastjepa.update_impl=auto or separate")
         if self.block_impl == "fused" and self.fp8 == "all":
             fail("fastjepa.block_impl", "fused", "the fused MLP runs fc1 without its bias through its own kernels, "
-                  "outside torchao's FP8 layers (fastjepa.fp8=all)", "set fastjepa.block_impl=auto or compile")
+                 "outside torchao's FP8 layers (fastjepa.fp8=all)", "set fastjepa.block_impl=auto or compile")
         if self.varlen_context and self.mode != "fixed":
             fail("fastjepa.varlen_context", True, "variable-length context is a fixed-mode correction (the "
-                  "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")
+                 "official sampler cuts every context to the batch minimum)", "also set fastjepa.mode=fixed")
         if self.varlen_context and self.predictor_layout == "shared":
             fail("fastjepa.varlen_context", True, "the shared-context predictor layout has no variable-length path",
-                  "use fastjepa.predictor_layout=repeat with it")
+                 "use fastjepa.predictor_layout=repeat with it")
         _at_least("fastjepa.in_chans", self.in_chans, 1)
 
 
@@ -434,7 +434,7 @@ class Eval(Section):
             _choice("eval.data", self.data, EVAL_DATA)
             if self.data != "mnist" and not (self.train and self.val):
                 fail("eval.data", self.data, "needs eval.train and eval.val (a folder or a shard pattern each)",
-                      "set both, or eval.every_epochs=0")
+                     "set both, or eval.every_epochs=0")
 
 
 @dataclass
