@@ -205,9 +205,10 @@ class FastJepaStep:
     def __init__(self, s: ModelSpec, device, amp_dtype, compile_backend, act_ckpt: bool = False, batch: int = 0):
         cfg = setup_config(s, batch, self.layout, amp_dtype is not None, compile_backend is not None, act_ckpt,
                            self.fp8, self.sigreg_weight)
-        model = initial_model(s, device, self.layout, "auto", **objective_options(cfg))
+        spec = ModelSpec.from_config(cfg)
+        model = initial_model(s, device, self.layout, "auto", **objective_options(spec.objective))
         env = DistEnv(0, 1, 0, torch.device(device))
-        self.stepper = Stepper.build(ModelSpec.from_config(cfg), StepOptions.from_config(cfg), env, "none", model,
+        self.stepper = Stepper.build(spec, StepOptions.from_config(cfg), env, "none", model,
                                      schedules.build(cfg.optimization, 1000), compile_backend or "inductor")
 
     def step(self, images, masks: Masks, _, timer: PhaseTimer, momentum: float, index: int):

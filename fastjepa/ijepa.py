@@ -19,7 +19,7 @@ from fastjepa.mask_batch import Masks
 from fastjepa.models import VisionTransformer, VisionTransformerPredictor, build_models
 from fastjepa.modules.fp8 import fp8_layers, to_float8
 from fastjepa.modules.sigreg import SIGReg
-from fastjepa.spec import ModelSpec
+from fastjepa.spec import ModelSpec, Objective
 
 
 class IJEPA(nn.Module):
@@ -204,15 +204,16 @@ def _locals(params) -> list[torch.Tensor]:
     return [p.to_local() if hasattr(p, "to_local") else p for p in params]
 
 
-def objective_options(cfg) -> dict:
-    """IJEPA's keyword options from a config's ``fastjepa`` section: the target kind and SIGReg."""
-    reg = cfg.fastjepa.sigreg
-    return {"online_target": cfg.fastjepa.target_encoder == "online",
-            "sigreg": SIGReg(reg.slices, reg.points, reg.t_max) if reg.weight > 0 else None,
-            "sigreg_weight": reg.weight, "sigreg_tokens": reg.samples == "tokens", "sigreg_seed": cfg.fastjepa.seed}
+def objective_options(objective: Objective) -> dict:
+    """IJEPA's keyword options for an ``Objective``: the target kind and SIGReg."""
+    sigreg = (SIGReg(objective.sigreg_slices, objective.sigreg_points, objective.sigreg_t_max)
+              if objective.sigreg_weight > 0 else None)
+    return {"online_target": objective.online_target, "sigreg": sigreg,
+            "sigreg_weight": objective.sigreg_weight, "sigreg_tokens": objective.sigreg_tokens,
+            "sigreg_seed": objective.seed}
 
 
-def build_ijepa(cfg) -> IJEPA:
-    spec = ModelSpec.from_config(cfg)
+def build_ijepa(spec: ModelSpec) -> IJEPA:
+    """The model of a run's spec (``ModelSpec.from_config``): encoder, predictor and objective."""
     encoder, predictor = build_models(spec)
-    return IJEPA(encoder, predictor, varlen_context=spec.varlen_context, **objective_options(cfg))
+    return IJEPA(encoder, predictor, varlen_context=spec.varlen_context, **objective_options(spec.objective))

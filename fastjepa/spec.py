@@ -1,8 +1,8 @@
 """What a run trains and how its step runs, derived once from a validated ``Config``: the encoder and predictor
-sizes, the patch grid and the mask recipe (``ModelSpec``), and the step's precision, compilation and implementation
-choices (``StepOptions``). Everything below the trainer (the models' builder, the step, parallelism, the FLOP and
-memory models, the benchmark's setups) reads these typed values, never the config. Their defaults are the
-config's (a spec built without a config runs the official recipe).
+sizes, the patch grid, the mask recipe and the objective (``ModelSpec``, holding an ``Objective``), and the step's
+precision, compilation and implementation choices (``StepOptions``). Everything below the trainer (the models'
+builder, the step, parallelism, the FLOP and memory models, the benchmark's setups) reads these typed values, never
+the config. Their defaults are the config's (a spec built without a config runs the official recipe).
 
 The predictor's attention layout decides how many sequences of how many tokens its blocks see
 (``predictor_sequences``): the one place that arithmetic is written.
@@ -11,7 +11,7 @@ The predictor's attention layout decides how many sequences of how many tokens i
 from dataclasses import dataclass
 
 from fastjepa.choices import VIT_SIZES
-from fastjepa.config_sections import FastJepa, Mask, Meta, Train
+from fastjepa.config_sections import FastJepa, Mask, Meta, SIGRegSettings, Train
 
 
 def predictor_sequences(layout: str, contexts, context_len, target_len, num_target_blocks: int):
@@ -22,6 +22,27 @@ def predictor_sequences(layout: str, contexts, context_len, target_len, num_targ
     if layout == "shared":
         return contexts, context_len + num_target_blocks * target_len
     return contexts * num_target_blocks, context_len + target_len
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the loss compares beyond the official smooth-L1: where the targets come from (an EMA copy, or the
+    online encoder itself) and the SIGReg term (LeJEPA) with the seed that picks its directions."""
+
+    online_target: bool = FastJepa.target_encoder == "online"
+    sigreg_weight: float = SIGRegSettings.weight  # 0: no SIGReg (the official method)
+    sigreg_slices: int = SIGRegSettings.slices
+    sigreg_points: int = SIGRegSettings.points
+    sigreg_t_max: float = SIGRegSettings.t_max
+    sigreg_tokens: bool = SIGRegSettings.samples == "tokens"  # every context token, not one mean per block
+    seed: int = FastJepa.seed
+
+    @classmethod
+    def from_config(cls, cfg) -> "Objective":
+        reg = cfg.fastjepa.sigreg
+        return cls(online_target=cfg.fastjepa.target_encoder == "online", sigreg_weight=reg.weight,
+                   sigreg_slices=reg.slices, sigreg_points=reg.points, sigreg_t_max=reg.t_max,
+                   sigreg_tokens=reg.samples == "tokens", seed=cfg.fastjepa.seed)
 
 
 @dataclass(frozen=True)
@@ -46,6 +67,7 @@ class ModelSpec:
     allow_overlap: bool = Mask.allow_overlap
     mask_mode: str = FastJepa.mode  # the sampler's distribution: the official one, quirks included, or "fixed"
     varlen_context: bool = FastJepa.varlen_context  # every image keeps its whole context (packed), not cut
+    objective: Objective = Objective()
 
     @classmethod
     def from_config(cls, cfg) -> "ModelSpec":
@@ -57,7 +79,8 @@ class ModelSpec:
                    batch_size=cfg.data.batch_size, num_enc_masks=mask.num_enc_masks, num_pred_masks=mask.num_pred_masks,
                    enc_mask_scale=tuple(mask.enc_mask_scale), pred_mask_scale=tuple(mask.pred_mask_scale),
                    aspect_ratio=tuple(mask.aspect_ratio), min_keep=mask.min_keep, allow_overlap=mask.allow_overlap,
-                   mask_mode=cfg.fastjepa.mode, varlen_context=cfg.fastjepa.varlen_context)
+                   mask_mode=cfg.fastjepa.mode, varlen_context=cfg.fastjepa.varlen_context,
+                   objective=Objective.from_config(cfg))
 
     @property
     def embed_dim(self) -> int:

@@ -147,7 +147,7 @@ class Trainer:
         except ValueError as e:
             raise SetupError(str(e)) from e
         plan = plan_run(cfg, env, strategy, resume, official_checkpoint)
-        model, official_opt, start_epoch = build_model(cfg, plan.official)
+        model, official_opt, start_epoch = build_model(cfg, plan.spec, plan.official)
         stepper = Stepper.build(plan.spec, StepOptions.from_config(cfg), env, strategy, model, plan.sched)
         if official_opt is not None:
             if strategy in SHARDED_STRATEGIES:
@@ -488,13 +488,13 @@ def build_data(cfg, env: DistEnv, spec: ModelSpec):
     return loader
 
 
-def build_model(cfg, official: Path | None) -> tuple[IJEPA, dict | None, int]:
+def build_model(cfg, spec: ModelSpec, official: Path | None) -> tuple[IJEPA, dict | None, int]:
     """(model, official optimizer state or None, epoch to start at): an official checkpoint's, or a new model
     with the same initialisation on every rank (FSDP2 keeps each rank's slice of its own full tensors)."""
     set_backend(cfg.fastjepa.kernel_backend)
     torch.manual_seed(cfg.fastjepa.seed)
     if official is None:
-        return build_ijepa(cfg), None, 0
+        return build_ijepa(spec), None, 0
     loaded = load_official(official, cfg)
     logger.info(f"loaded official checkpoint {official} (epoch {loaded.epoch})")
     return loaded.model, loaded.optimizer_state, loaded.epoch

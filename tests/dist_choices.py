@@ -20,7 +20,8 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     cfg = config.load(ROOT / "configs/test_tiny.yaml", ["meta.model_name=vit_micro", "meta.pred_emb_dim=32"])
-    model, spec = build_ijepa(cfg), ModelSpec.from_config(cfg)
+    spec = ModelSpec.from_config(cfg)
+    model = build_ijepa(spec)
     backend, impl = ("sdpa", "compile") if rank == 0 else ("math", "fused")
     sites = [site for site, *_ in call_sites(model, spec)]
     choices = {"attention": {s: (backend, {backend: float(rank)}) for s in sites},

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastjepa.spec import ModelSpec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +52,7 @@ def encoder_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("probe")
     cfg = config.load(ROOT / "configs/test_tiny.yaml", ["meta.model_name=vit_micro", f"logging.folder={folder}"])
     cfg.dump(folder / "config.yaml")
-    torch.save(build_ijepa(cfg).target_encoder.state_dict(), folder / "target_encoder.pt")
+    torch.save(build_ijepa(ModelSpec.from_config(cfg)).target_encoder.state_dict(), folder / "target_encoder.pt")
     return folder / "target_encoder.pt"
 
 

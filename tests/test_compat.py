@@ -11,6 +11,7 @@ from fastjepa.ijepa import build_ijepa
 from fastjepa.mask_batch import Masks
 from fastjepa.optim import build_optimizer
 from fastjepa.schedules import build as build_schedules
+from fastjepa.spec import ModelSpec
 
 CONFIG = Path(__file__).parents[1] / "configs" / "test_tiny.yaml"
 # The fused ops have their own tests against these same references (tests/kernels/, test_fused_convergence.py).
@@ -39,7 +40,7 @@ def _step(model, opt, sched, i, batch):
 def test_official_checkpoint_round_trip_resumes_identically(tmp_path):
     cfg = config.load(CONFIG)
     torch.manual_seed(0)
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     opt = build_optimizer(model.encoder, model.predictor)
     sched = build_schedules(cfg.optimization, iterations_per_epoch=10)
     _step(model, opt, sched, 0, _batch(cfg, 0))
@@ -69,7 +70,7 @@ def test_official_checkpoint_round_trip_resumes_identically(tmp_path):
 def test_a_teacher_free_model_loads_the_official_online_encoder_and_writes_it_as_the_target(tmp_path):
     cfg = config.load(CONFIG)
     torch.manual_seed(0)
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     with torch.no_grad():
         for p in model.target_encoder.parameters():
             p.add_(1.0)  # the official file's target differs from its encoder
@@ -86,7 +87,7 @@ def test_a_teacher_free_model_loads_the_official_online_encoder_and_writes_it_as
 
 def test_checkpoint_that_does_not_fit_the_config_names_the_fix(tmp_path):
     cfg = config.load(CONFIG)
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     path = tmp_path / "ckpt.pth.tar"
     save_official(path, model, None, epoch=0)
     with pytest.raises(ValueError, match="meta.model_name"):
@@ -115,7 +116,7 @@ def test_export_timm_names_and_reload(tmp_path):
     from safetensors.torch import load_file
 
     cfg = config.load(CONFIG)
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     was = os.umask(0o022)
     try:
         out = export_timm(model.target_encoder, tmp_path / "encoder")
@@ -125,7 +126,7 @@ def test_export_timm_names_and_reload(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the folder's normal permissions, not a temp file's 0600
     state = load_file(str(out))
     assert set(state) == _timm_vit_keys(len(model.target_encoder.blocks))
-    fresh = build_ijepa(cfg).target_encoder
+    fresh = build_ijepa(ModelSpec.from_config(cfg)).target_encoder
     fresh.load_state_dict(state, strict=True)
     for a, b in zip(fresh.parameters(), model.target_encoder.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -137,7 +138,7 @@ def test_export_metadata_says_how_to_rebuild_the_encoder(tmp_path):
     from fastjepa.models import VisionTransformer
 
     cfg = config.load(CONFIG, ["fastjepa.in_chans=1"])
-    encoder = build_ijepa(cfg).target_encoder
+    encoder = build_ijepa(ModelSpec.from_config(cfg)).target_encoder
     with safe_open(str(export_timm(encoder, tmp_path / "encoder")), "pt") as f:
         meta = f.metadata()
     assert {k: meta[k] for k in ("patch_size", "img_size", "in_chans", "mlp_ratio", "embed_dim", "depth",

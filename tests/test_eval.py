@@ -17,6 +17,7 @@ from fastjepa.eval.knn import knn_top1
 from fastjepa.eval.linear_probe import resized, to_float_images
 from fastjepa.ijepa import build_ijepa
 from fastjepa.optim import build_optimizer
+from fastjepa.spec import ModelSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_probe_cli_on_a_checkpoint_and_on_an_exported_encoder(tmp_path):
     cfg = config.load(ROOT / "configs/demo_mnist.yaml", [f"logging.folder={tmp_path}"])
     cfg.dump(tmp_path / "config.yaml")
     torch.manual_seed(3)
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     CheckpointManager(tmp_path).save(1, model, build_optimizer(model.encoder, model.predictor), {"step": 1})
     torch.save(model.target_encoder.state_dict(), tmp_path / "target_encoder.pt")
     images, labels = load_mnist_5k()
@@ -134,7 +135,7 @@ def test_probe_cli_on_an_image_folder_and_on_shards(tmp_path, source):
     cfg = config.load(ROOT / "configs/test_tiny.yaml", ["meta.model_name=vit_micro", f"logging.folder={tmp_path}"])
     cfg.dump(tmp_path / "config.yaml")
     torch.manual_seed(0)
-    torch.save(build_ijepa(cfg).target_encoder.state_dict(), tmp_path / "target_encoder.pt")
+    torch.save(build_ijepa(ModelSpec.from_config(cfg)).target_encoder.state_dict(), tmp_path / "target_encoder.pt")
     locations = {}
     for split, n in (("train", 12), ("val", 5)):
         samples = list(colour_images(n, seed=len(split)))

@@ -54,7 +54,7 @@ def reference_virtual_ranks(cfg, ranks: int = 2, steps: int = STEPS):
                                      collator=MultiBlockMaskCollator.from_spec(spec, seed=cfg.fastjepa.seed, rank=r))
                for r in range(ranks)]
     torch.manual_seed(cfg.fastjepa.seed)
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     optimizer = build_optimizer(model.encoder, model.predictor)
     sched = schedules.build(cfg.optimization, len(loaders[0]))
     mean, std = mean_std(cfg)
@@ -99,7 +99,7 @@ def test_fsdp2_two_processes_match_one_process(fsdp_run, tmp_path):
     assert latest.name == f"step_{STEPS:08d}"
     assert sorted(p.name for p in latest.glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
     torch.manual_seed(123)
-    loaded = build_ijepa(cfg)
+    loaded = build_ijepa(ModelSpec.from_config(cfg))
     CheckpointManager(folder).load(latest, loaded, None)
     for (name, p), q in zip(loaded.state_dict().items(), ref_model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -109,7 +109,7 @@ def test_fsdp2_run_exports_the_full_target_encoder(fsdp_run):
     folder, proc = fsdp_run
     assert "parallel=fsdp" in proc.stdout
     state = torch.load(folder / "target_encoder.pt", weights_only=True)
-    loaded = build_ijepa(config.load(ROOT / "configs/test_tiny.yaml", OVERRIDES)).target_encoder
+    loaded = build_ijepa(ModelSpec.from_config(config.load(ROOT / "configs/test_tiny.yaml", OVERRIDES))).target_encoder
     assert state.keys() == loaded.state_dict().keys()
     assert all(v.shape == loaded.state_dict()[k].shape for k, v in state.items())  # gathered, not shards
 
@@ -125,7 +125,7 @@ def test_fsdp2_units_cover_every_block_of_the_three_models(tmp_path):
     try:
         for layout in ("repeat", "shared", "official"):
             cfg = config.load(ROOT / "configs/test_tiny.yaml", [*OVERRIDES, f"fastjepa.predictor_layout={layout}"])
-            model = apply_fsdp(build_ijepa(cfg), torch.device("cpu"), bf16=False)
+            model = apply_fsdp(build_ijepa(ModelSpec.from_config(cfg)), torch.device("cpu"), bf16=False)
             blocks = [*model.encoder.blocks, *model.target_encoder.blocks, *model.predictor.predictor_blocks]
             assert len(model.predictor.predictor_blocks) == 2
             assert all(isinstance(m, FSDPModule) for m in [*blocks, model.encoder, model.predictor, model])

@@ -24,7 +24,7 @@ def test_the_spec_describes_the_models_it_builds(tmp_path, overrides):
     cfg = tiny_cfg(tmp_path, *overrides)
     spec = ModelSpec.from_config(cfg)
     with torch.device("meta"):
-        model = build_ijepa(cfg)
+        model = build_ijepa(ModelSpec.from_config(cfg))
     enc, pred = model.encoder, model.predictor
     assert (spec.embed_dim, spec.depth, spec.num_patches) == (enc.embed_dim, len(enc.blocks), enc.num_patches)
     assert (spec.pred_dim, spec.pred_depth, spec.layout) == (pred.predictor_embed.out_features,
@@ -64,5 +64,5 @@ def test_step_options_are_the_configs():
 def test_the_flop_model_of_a_spec_is_the_flop_model_of_its_models(tmp_path, layout):
     cfg = tiny_cfg(tmp_path, f"fastjepa.predictor_layout={layout}")
     with torch.device("meta"):
-        model = build_ijepa(cfg)
+        model = build_ijepa(ModelSpec.from_config(cfg))
     assert FlopModel.from_spec(ModelSpec.from_config(cfg)) == FlopModel.from_model(model)

@@ -17,6 +17,7 @@ from fastjepa import train as fj_train
 from fastjepa.checkpoint import CheckpointManager
 from fastjepa.ijepa import IJEPA
 from fastjepa.metrics import read_jsonl
+from fastjepa.spec import ModelSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -168,7 +169,7 @@ def test_official_checkpoint_starts_training_at_its_epoch(tmp_path):
 
     cfg = tiny_cfg(tmp_path / "run", "optimization.epochs=2", "train.max_steps=10")
     torch.manual_seed(7)
-    official = build_ijepa(cfg)
+    official = build_ijepa(ModelSpec.from_config(cfg))
     save_official(tmp_path / "jepa-ep1.pth.tar", official, build_optimizer(official.encoder, official.predictor), 1)
     result = fj_train.run(cfg, official_checkpoint=str(tmp_path / "jepa-ep1.pth.tar"))
     assert sorted(result.losses) == [9, 10]  # epoch 1 of 8 steps done: training resumes at step 9
@@ -189,5 +190,5 @@ def test_official_meta_load_checkpoint_starts_from_the_tagged_file_in_the_run_fo
                    "logging.write_tag=mine")
     with pytest.raises(fj_train.SetupError, match="mine-latest.pth.tar not found"):
         fj_train.run(cfg)
-    save_official(folder / "mine-latest.pth.tar", build_ijepa(cfg), None, 1)
+    save_official(folder / "mine-latest.pth.tar", build_ijepa(ModelSpec.from_config(cfg)), None, 1)
     assert sorted(fj_train.run(cfg).losses) == [9]

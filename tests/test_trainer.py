@@ -28,6 +28,7 @@ from fastjepa.checkpoint import CheckpointManager, RunLock, read_meta, verify
 from fastjepa.ijepa import IJEPA, build_ijepa
 from fastjepa.metrics import read_jsonl
 from fastjepa.optim import build_optimizer
+from fastjepa.spec import ModelSpec
 from fastjepa.step import Stepper
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -52,7 +53,7 @@ def test_resuming_an_older_checkpoint_replaces_the_abandoned_timeline(tmp_path, 
     assert steps_in(tmp_path) == [2, 3, 4, 5]  # step 4 is the new timeline's, written again
     latest = CheckpointManager(tmp_path).latest()
     assert latest.name == "step_00000005" == (tmp_path / "latest").read_text()
-    resumed = build_ijepa(tiny_cfg(tmp_path))
+    resumed = build_ijepa(ModelSpec.from_config(tiny_cfg(tmp_path)))
     CheckpointManager(tmp_path).load(latest, resumed, None)
     for name, p in result.model.encoder.state_dict().items():
         torch.testing.assert_close(resumed.encoder.state_dict()[name], p, rtol=0, atol=0, msg=name)
@@ -82,7 +83,7 @@ def test_after_a_divergence_the_kept_checkpoint_is_healthy_and_metrics_stay_json
     assert latest.name == "step_00000002" and str(latest) in str(info.value)
     assert steps_in(tmp_path) == [1, 2]  # nothing written after the blow-up, nothing healthy pruned
     assert math.isfinite(read_meta(latest)["loss"])
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     CheckpointManager(tmp_path).load(latest, model, None)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
@@ -224,7 +225,7 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path, caplog):
     folder = tmp_path / "run"
     fj_train.run(tiny_cfg(folder, "train.max_steps=2", "train.checkpoint_steps=1", "train.keep_last=5"))
     cfg = tiny_cfg(folder)
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     CheckpointManager(folder).load(folder / "step_00000002", model, None)
     with torch.no_grad():
         next(model.predictor.parameters()).fill_(float("nan"))

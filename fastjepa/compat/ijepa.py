@@ -16,6 +16,7 @@ from torch import nn
 from fastjepa import config
 from fastjepa.config import Config
 from fastjepa.ijepa import IJEPA, build_ijepa
+from fastjepa.spec import ModelSpec
 
 _REQUIRED_KEYS = ("encoder", "predictor", "target_encoder", "epoch")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -73,7 +74,7 @@ def load_official(checkpoint_path: str | os.PathLike, cfg: Config | str | os.Pat
     if missing:
         raise ValueError(f"{checkpoint_path} is not an official I-JEPA checkpoint: it lacks {missing} "
                          f"(has {sorted(ckpt)[:8]})")
-    model = build_ijepa(cfg)
+    model = build_ijepa(ModelSpec.from_config(cfg))
     # a teacher-free model (fastjepa.target_encoder: online) continues from the online encoder; no EMA target
     for what in ("encoder", "predictor") + (() if model.online_target else ("target_encoder",)):
         _load_strict(getattr(model, what), ckpt[what], what, checkpoint_path)
