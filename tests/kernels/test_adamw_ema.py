@@ -215,12 +215,7 @@ def test_parameter_without_grad_gets_the_ema_only_and_predictor_adamw_only(kerne
 
 def test_state_dict_loads_into_torch_adamw_and_continues_identically(kernel_only):
     fused, plain = setup(), setup()
-    for step in range(5):
-        momentum = schedule(fused, step)
-        schedule(plain, step)
-        give_grads([fused, plain], step)
-        fused_step(fused, momentum)
-        reference_step(plain, momentum)
+    step_both(fused, plain, range(5))
     saved, torch_saved = fused.opt.state_dict(), plain.opt.state_dict()
     assert saved["param_groups"] == torch_saved["param_groups"]
     assert saved["state"].keys() == torch_saved["state"].keys()
@@ -350,10 +345,5 @@ def test_dtensor_parameters_update_their_local_shards(kernel_only):
 @pytest.mark.gpu
 def test_bf16_replica_on_gpu(kernel_only):
     fused, ref = setup(torch.bfloat16), setup(torch.bfloat16)
-    for step in range(3):
-        momentum = schedule(fused, step)
-        schedule(ref, step)
-        give_grads([fused, ref], step)
-        fused_step(fused, momentum)
-        reference_step(ref, momentum)
+    step_both(fused, ref, range(3))
     assert_runs_match(fused, ref)
