@@ -41,8 +41,8 @@ NONE = float("nan")  # a probe that was not run (the test split without --test)
 def run_one(config_file: str, overrides: list[str], steps: int, seed: int, folder: Path, test: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config.load(config_file, [*overrides, f"logging.folder={folder}", f"train.max_steps={steps}",
-                                  "train.export=false", "train.resume=none", "train.progress=lines",
-                                  "train.log_every=50", f"fastjepa.seed={seed}"])
+                                    "train.export=false", "train.resume=none", "train.progress=lines",
+                                    "train.log_every=50", f"fastjepa.seed={seed}"])
     tic = time.time()
     result = train.run(cfg)
     train_s = time.time() - tic

@@ -253,8 +253,8 @@ class MultiBlockMaskCollator:
                 index = np.where(np.arange(keep) < counts.reshape(-1, 1), index, -1)
             index = index.reshape(n_enc, n_img, keep)
         enc, pred = torch.from_numpy(index), torch.from_numpy(pred)
-        packed = None if self.truncate_context else PackedContext.from_padded(enc, n_pred, ph * pw,
-                                                                                 self.height * self.width)
+        num_patches = self.height * self.width
+        packed = None if self.truncate_context else PackedContext.from_padded(enc, n_pred, ph * pw, num_patches)
         return Masks(enc, pred, packed, context_counts=torch.from_numpy(counts), pred_size=(ph, pw),
                      enc_size=(eh, ew))
 
